@@ -1,0 +1,567 @@
+"""Training loop for any model that follows the cfsr_head model protocol.
+
+``Trainer(model, split_data, TrainConfig(...)).fit()`` trains with Adam over
+``split_data.train_batches``, evaluates validation NDCG@10 (``config.metric``) every
+``eval_every`` epochs, stops early after ``patience`` evaluations without improvement, restores the
+best weights at the end and returns a :class:`TrainResult`. ``trainer.test()`` evaluates on the
+test split.
+
+Reproducibility: every epoch re-seeds python/numpy/torch and the batch generator from
+``(seed, epoch)``, so a run resumed from ``output_dir/last`` follows exactly the same path as an
+uninterrupted one.
+
+Files (only safetensors and JSON, every write atomic, written by the main process after every
+epoch)::
+
+    output_dir/last/model.safetensors       model state_dict
+    output_dir/last/optimizer.safetensors   optimizer state, flattened to "state.<param>.<key>"
+    output_dir/last/trainer_state.json      epoch, best metric/epoch, patience counter, history,
+                                            param groups, config
+    output_dir/best/model.safetensors       weights of the best validation epoch
+    output_dir/best/info.json               best epoch and metric
+
+Runs under Accelerate: the model (wrapped in a small loss module so that DDP sees the forward
+pass) and the optimizer go through ``accelerator.prepare``; each process takes every
+``num_processes``-th batch; evaluation and checkpoints happen on the main process and the
+validation metric is broadcast to the others.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+
+LOSSES = ("bpr", "bce", "ce", "sampled_softmax")
+# Config fields that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {"epochs", "patience", "output_dir", "resume", "show_progress_bar", "eval_every"}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (every field is JSON-serialisable)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "bpr"  # "bpr" | "bce" | "ce" | "sampled_softmax"
+    n_negatives: int = 1
+    max_len: int = 50
+    patience: int = 20  # evaluations without improvement before stopping (None/0: never stop early)
+    eval_every: int = 1
+    eval_protocol: str = "full"  # "full" | "sampled"
+    metric: str = "NDCG@10"
+    metric_group: str = "overall"
+    seed: int = 42
+    output_dir: str | None = None
+    resume: bool = True
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (used when the Trainer builds the Accelerator)
+    show_progress_bar: bool = True
+    max_grad_norm: float | None = None
+    eval_batch_size: int = 512
+    extra_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("epochs", "batch_size", "max_len", "eval_every", "n_negatives", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"TrainConfig.patience must be >= 0, got {self.patience!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.eval_protocol not in ("full", "sampled"):
+            raise ValueError(f"TrainConfig.eval_protocol must be 'full' or 'sampled', got {self.eval_protocol!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.output_dir is not None:
+            self.output_dir = str(self.output_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.fit`` returns. ``history`` has one dict per epoch: ``epoch``, ``train_loss``,
+    ``valid`` (metric summary, or None on epochs without evaluation), ``metric``, ``epoch_time``,
+    ``train_time``, ``eval_time``."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metric: float
+    metric: str
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int = 0
+    output_dir: str | None = None
+    best_valid: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainBatch:
+    """One training batch as given to ``extra_loss``; ``extras`` holds anything
+    ``train_batches`` yields beyond (input_seq, pos, neg), e.g. user indices."""
+
+    input_seq: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    padding_mask: torch.Tensor
+    extras: tuple = ()
+    epoch: int = 0
+    step: int = 0
+
+
+ExtraLoss = Callable[[nn.Module, TrainBatch], torch.Tensor]
+
+
+class _LossModule(nn.Module):
+    """Wraps the model so that one ``forward`` computes the whole training loss (DDP needs the
+    loss to come out of the prepared module's forward to synchronise gradients)."""
+
+    def __init__(self, model: nn.Module, loss_type: str, n_negatives: int,
+                 extra_loss: ExtraLoss | None, extra_weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_type = loss_type
+        self.n_negatives = n_negatives
+        self.extra_loss = extra_loss
+        self.extra_weight = extra_weight
+
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss = self.model.loss(batch.input_seq, batch.pos, batch.neg,
+                               padding_mask=batch.padding_mask, loss_type=self.loss_type)
+        extra = None
+        if self.extra_loss is not None:
+            extra = self.extra_loss(self.model, batch)
+            loss = loss + self.extra_weight * extra
+        return loss, extra
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed derived from (seed, epoch)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1, 2**32], dtype=np.uint64)) % (2**63))
+
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<param>.<key>``) and a JSON part."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state_dict["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = _to_jsonable(value)
+    meta = {"param_groups": _to_jsonable(state_dict["param_groups"]), "scalars": scalars}
+    return tensors, meta
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(extra)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _find_metric(summary: dict[str, Any], group: str, metric: str) -> float:
+    """Read ``summary[group][metric]`` with case-insensitive keys; clear error if absent."""
+    groups = {str(k).lower(): v for k, v in summary.items()}
+    if group.lower() not in groups:
+        raise KeyError(f"evaluation summary has no group {group!r} (groups: {list(summary)})")
+    values = {str(k).lower(): v for k, v in groups[group.lower()].items()}
+    if metric.lower() not in values:
+        raise KeyError(f"evaluation summary group {group!r} has no metric {metric!r} "
+                       f"(metrics: {list(groups[group.lower()])})")
+    return float(values[metric.lower()])
+
+
+def _metric_k(metric: str) -> int | None:
+    try:
+        return int(metric.split("@", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+class Trainer:
+    """Train a protocol model on a ``SplitData``.
+
+    Args:
+        model: implements ``loss(item_seq, pos, neg, padding_mask=None, loss_type=...)`` and what
+            ``evaluate`` needs (``user_state``, ``full_scores``, ``score``, ``num_items``).
+        split_data: has ``train_batches(batch_size, max_len, rng, ...)`` yielding left-padded
+            ``(input_seq, pos, neg[, extras...])`` numpy arrays or tensors.
+        config: :class:`TrainConfig`.
+        accelerator: an ``accelerate.Accelerator``; built from ``config.mixed_precision`` if None.
+        extra_loss: optional ``f(model, batch: TrainBatch) -> scalar`` added to the loss with
+            weight ``config.extra_loss_weight`` (e.g. LLM-ESR self-distillation).
+        eval_fn: optional replacement for ``cfsr_head.evaluate.evaluate`` with the same signature.
+        callbacks: called as ``cb(trainer, record)`` after each epoch's checkpoint is written
+            (raising ``KeyboardInterrupt`` there simulates an interruption).
+    """
+
+    def __init__(self, model: nn.Module, split_data: Any, config: TrainConfig | None = None,
+                 accelerator: Any = None, extra_loss: ExtraLoss | None = None,
+                 eval_fn: Callable[..., Any] | None = None,
+                 callbacks: Iterable[Callable[["Trainer", dict], None]] = ()) -> None:
+        self.config = config if config is not None else TrainConfig()
+        for name in ("loss", "user_state", "full_scores", "score"):
+            if not callable(getattr(model, name, None)):
+                raise TypeError(f"model lacks the protocol method {name}() (see docs/architecture.md)")
+        if not callable(getattr(split_data, "train_batches", None)):
+            raise TypeError("split_data must have a train_batches(batch_size, max_len, rng) method")
+        self.model = model
+        self.split_data = split_data
+        self.extra_loss = extra_loss
+        self.eval_fn = eval_fn
+        self.callbacks = list(callbacks)
+        if accelerator is None:
+            from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            accelerator = Accelerator(
+                mixed_precision=self.config.mixed_precision,
+                # ablations (e.g. no-semantic) leave some parameters without gradients
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
+        self.accelerator = accelerator
+        self.output_dir = Path(self.config.output_dir) if self.config.output_dir else None
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._prepared = False
+
+    # ------------------------------------------------------------------ setup
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.loss_module = _LossModule(self.model, cfg.loss, cfg.n_negatives, self.extra_loss, cfg.extra_loss_weight)
+        self.prepared_loss, self.prepared_optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+        self._prepared = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    # -------------------------------------------------------------- evaluation
+    def _evaluate(self, split: str, protocol: str, **kwargs: Any) -> Any:
+        fn = self.eval_fn
+        if fn is None:
+            from .evaluate import evaluate as fn
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return fn(model, self.split_data, split=split, protocol=protocol, **kwargs)
+        finally:
+            model.train(was_training)
+
+    def _valid_metric(self) -> tuple[float, dict[str, Any]]:
+        cfg = self.config
+        kwargs: dict[str, Any] = {}
+        k = _metric_k(cfg.metric)
+        if k is not None:
+            kwargs["ks"] = (k,)
+        result = self._evaluate("valid", cfg.eval_protocol, **kwargs)
+        summary = result.summary() if hasattr(result, "summary") else result
+        return _find_metric(summary, cfg.metric_group, cfg.metric), _to_jsonable(summary)
+
+    def test(self, protocol: str = "full", **kwargs: Any) -> Any:
+        """Evaluate the current (after ``fit``: best) weights on the test split."""
+        return self._evaluate("test", protocol, **kwargs)
+
+    def validate(self, protocol: str | None = None, **kwargs: Any) -> Any:
+        """Evaluate the current weights on the validation split."""
+        return self._evaluate("valid", protocol or self.config.eval_protocol, **kwargs)
+
+    # -------------------------------------------------------------- checkpoints
+    def _state_path(self) -> Path | None:
+        return self.output_dir / "last" / "trainer_state.json" if self.output_dir else None
+
+    def _save_last(self, state: dict[str, Any]) -> None:
+        assert self.output_dir is not None
+        last = self.output_dir / "last"
+        opt_tensors, opt_meta = flatten_optimizer_state(self.prepared_optimizer.state_dict())
+        atomic_save_safetensors(last / "model.safetensors", _cpu_state_dict(self.model))
+        atomic_save_safetensors(last / "optimizer.safetensors", opt_tensors)
+        scaler = getattr(self.accelerator, "scaler", None)
+        full = dict(state, optimizer=opt_meta, config=self.config.to_dict(),
+                    scaler=_to_jsonable(scaler.state_dict()) if scaler is not None else None)
+        # the JSON goes last: it is the commit marker of a complete checkpoint
+        atomic_write_json(last / "trainer_state.json", _to_jsonable(full))
+
+    def _save_best(self, epoch: int, metric: float, valid: dict[str, Any]) -> None:
+        assert self.output_dir is not None
+        atomic_save_safetensors(self.output_dir / "best" / "model.safetensors", _cpu_state_dict(self.model))
+        atomic_write_json(self.output_dir / "best" / "info.json",
+                          {"epoch": epoch, "metric": self.config.metric, "value": metric, "valid": valid})
+
+    def _load_model(self, path: Path) -> None:
+        tensors, _ = load_safetensors(path)
+        try:
+            self.model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise ValueError(f"{path} does not match this model's architecture: {exc}") from exc
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        old = saved.get("config", {})
+        new = self.config.to_dict()
+        diff = [k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k]]
+        if diff:
+            details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
+            raise ValueError(f"{self.output_dir} holds a run with a different configuration ({details}); "
+                             "use another output_dir or resume=False")
+
+    def _resume(self) -> dict[str, Any] | None:
+        path = self._state_path()
+        if path is None or not self.config.resume or not path.is_file():
+            return None
+        saved = read_json(path)
+        self._check_resumable(saved)
+        last = path.parent
+        self._load_model(last / "model.safetensors")
+        opt_tensors, _ = load_safetensors(last / "optimizer.safetensors")
+        opt_state = unflatten_optimizer_state(opt_tensors, saved["optimizer"])
+        self.prepared_optimizer.load_state_dict(opt_state)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        return saved
+
+    # -------------------------------------------------------------- training
+    def _batches(self, epoch: int) -> tuple[Iterable, int | None]:
+        """This process's share of the epoch's batches, from a generator seeded by (seed, epoch)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch])
+        kwargs: dict[str, Any] = {}
+        if cfg.n_negatives != 1:
+            kwargs["n_negatives"] = cfg.n_negatives
+        batches = self.split_data.train_batches(cfg.batch_size, cfg.max_len, rng, **kwargs)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world == 1:
+            total = None
+            n_rows = getattr(self.split_data, "num_train_sequences", None)
+            if isinstance(n_rows, int):
+                total = math.ceil(n_rows / cfg.batch_size)
+            return batches, total
+        batches = list(batches)
+        usable = (len(batches) // world) * world  # equal step counts, or DDP would hang
+        return batches[rank:usable:world], usable // world
+
+    def _to_batch(self, raw: Any, epoch: int, step: int) -> TrainBatch:
+        if not isinstance(raw, (tuple, list)) or len(raw) < 3:
+            raise ValueError("train_batches must yield (input_seq, pos, neg[, extras...]) tuples")
+        dev = self.device
+
+        def t(x: Any) -> torch.Tensor:
+            return torch.as_tensor(x).to(dev, non_blocking=True).long()
+
+        seq, pos, neg = t(raw[0]), t(raw[1]), t(raw[2])
+        extras = tuple(torch.as_tensor(x).to(dev) if isinstance(x, (np.ndarray, torch.Tensor)) else x
+                       for x in raw[3:])
+        return TrainBatch(seq, pos, neg, seq == 0, extras, epoch, step)
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg = self.config
+        acc = self.accelerator
+        batches, total = self._batches(epoch)
+        self.prepared_loss.train()
+        show = cfg.show_progress_bar and acc.is_main_process
+        if show:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        loss_sum, n_steps = 0.0, 0
+        for step, raw in enumerate(batches, start=1):
+            batch = self._to_batch(raw, epoch, step)
+            self.prepared_optimizer.zero_grad(set_to_none=True)
+            loss, _ = self.prepared_loss(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if show:
+                    batches.close()
+                where = (f"; the last good checkpoint is {self.output_dir / 'last'}"
+                         if self.output_dir and (self.output_dir / "last" / "trainer_state.json").is_file()
+                         else "")
+                raise FloatingPointError(f"non-finite training loss ({value}) at epoch {epoch}, step {step}{where}")
+            acc.backward(loss)
+            if cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.prepared_optimizer.step()
+            loss_sum += value
+            n_steps += 1
+            if show and (step % 20 == 0 or step == 1):
+                batches.set_postfix(loss=f"{value:.4f}")
+        if show:
+            batches.close()
+        if n_steps == 0:
+            raise ValueError("train_batches yielded no batches: no training sequences?")
+        return loss_sum / n_steps
+
+    def fit(self, max_epochs_this_run: int | None = None) -> TrainResult:
+        """Train until ``epochs`` or early stopping, restore the best weights, return the result.
+
+        With ``output_dir`` set and ``resume`` true, continues from ``output_dir/last`` when it
+        exists (a finished run returns at once). ``max_epochs_this_run`` stops after that many
+        epochs of this call (the run can be resumed later)."""
+        cfg = self.config
+        acc = self.accelerator
+        self._prepare()
+        seed_everything(cfg.seed)
+        saved = self._resume()
+        if saved is not None:
+            start_epoch = int(saved["epoch"]) + 1
+            best_metric = saved["best_metric"]
+            best_metric = -math.inf if best_metric is None else float(best_metric)
+            best_epoch = int(saved["best_epoch"])
+            bad_evals = int(saved["bad_evals"])
+            history = list(saved["history"])
+            stopped_early = bool(saved.get("stopped_early", False))
+            best_valid = saved.get("best_valid")
+        else:
+            start_epoch, best_metric, best_epoch, bad_evals = 1, -math.inf, 0, 0
+            history, stopped_early, best_valid = [], False, None
+        resumed_from = start_epoch - 1
+        main = acc.is_main_process
+        epochs_this_run = 0
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stopped_early:
+                break
+            if max_epochs_this_run is not None and epochs_this_run >= max_epochs_this_run:
+                break
+            seed_everything(_epoch_seed(cfg.seed, epoch))
+            t0 = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            t1 = time.perf_counter()
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "valid": None, "metric": None}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                acc.wait_for_everyone()
+                payload = [None, None]
+                if main:
+                    payload = list(self._valid_metric())
+                if acc.num_processes > 1:
+                    from accelerate.utils import broadcast_object_list
+
+                    payload = broadcast_object_list(payload)
+                value, summary = payload
+                record["metric"], record["valid"] = value, summary
+                if value > best_metric:
+                    best_metric, best_epoch, bad_evals, best_valid = value, epoch, 0, summary
+                    if main:
+                        if self.output_dir:
+                            self._save_best(epoch, value, summary)
+                        else:
+                            self._best_state = _cpu_state_dict(self.model)
+                else:
+                    bad_evals += 1
+                if cfg.patience and bad_evals >= cfg.patience:
+                    stopped_early = True
+            t2 = time.perf_counter()
+            record.update(train_time=t1 - t0, eval_time=t2 - t1, epoch_time=t2 - t0)
+            history.append(record)
+            epochs_this_run += 1
+            if main and self.output_dir:
+                self._save_last({"epoch": epoch, "best_metric": best_metric if best_epoch else None,
+                                 "best_epoch": best_epoch, "bad_evals": bad_evals, "history": history,
+                                 "stopped_early": stopped_early, "best_valid": best_valid})
+            acc.wait_for_everyone()
+            if main and cfg.show_progress_bar:
+                msg = f"epoch {epoch}: loss {train_loss:.4f}"
+                if record["metric"] is not None:
+                    msg += f", valid {cfg.metric} {record['metric']:.4f} (best {best_metric:.4f} @ {best_epoch})"
+                _print(msg)
+            for cb in self.callbacks:
+                cb(self, record)
+        self._restore_best()
+        return TrainResult(history=history, best_epoch=best_epoch,
+                           best_metric=best_metric if best_epoch else float("nan"), metric=cfg.metric,
+                           epochs_run=len(history), stopped_early=stopped_early,
+                           resumed_from_epoch=resumed_from, output_dir=str(self.output_dir) if self.output_dir else None,
+                           best_valid=best_valid)
+
+    def _restore_best(self) -> None:
+        """Load the best weights into the model (from disk when there is an output_dir)."""
+        best_file = self.output_dir / "best" / "model.safetensors" if self.output_dir else None
+        if best_file is not None and best_file.is_file():
+            self._load_model(best_file)
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            # every process loads the same file; without an output_dir, broadcast from the main one
+            if best_file is None or not best_file.is_file():
+                for p in self.model.state_dict().values():
+                    torch.distributed.broadcast(p, src=0)
+
+
+def _print(msg: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+    except Exception:  # pragma: no cover
+        print(msg)
