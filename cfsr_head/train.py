@@ -69,6 +69,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     eval_batch_size: int = 512
     extra_loss_weight: float = 1.0
+    sliding_windows: bool = False  # cut long training sequences into max_len windows (all positions trained)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -236,6 +237,18 @@ def _find_metric(summary: dict[str, Any], group: str, metric: str) -> float:
     return float(values[metric.lower()])
 
 
+def _accepted_kwargs(fn: Callable) -> set[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return {"n_negatives", "sliding", "*"}
+    return {p.name for p in params}
+
+
 def _metric_k(metric: str) -> int | None:
     try:
         return int(metric.split("@", 1)[1])
@@ -265,9 +278,9 @@ class Trainer:
                  eval_fn: Callable[..., Any] | None = None,
                  callbacks: Iterable[Callable[["Trainer", dict], None]] = ()) -> None:
         self.config = config if config is not None else TrainConfig()
-        for name in ("loss", "user_state", "full_scores", "score"):
-            if not callable(getattr(model, name, None)):
-                raise TypeError(f"model lacks the protocol method {name}() (see docs/architecture.md)")
+        lacking = [n for n in ("loss", "user_state", "full_scores", "score") if not callable(getattr(model, n, None))]
+        if lacking:
+            raise TypeError(f"model lacks the protocol method(s) {', '.join(lacking)} (see docs/architecture.md)")
         if not callable(getattr(split_data, "train_batches", None)):
             raise TypeError("split_data must have a train_batches(batch_size, max_len, rng) method")
         self.model = model
@@ -397,16 +410,29 @@ class Trainer:
         """This process's share of the epoch's batches, from a generator seeded by (seed, epoch)."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, epoch])
+        fn = self.split_data.train_batches
+        accepted = _accepted_kwargs(fn)
         kwargs: dict[str, Any] = {}
         if cfg.n_negatives != 1:
+            if "n_negatives" not in accepted:
+                raise ValueError(f"n_negatives={cfg.n_negatives} needs a train_batches(..., n_negatives=) "
+                                 f"that draws several negatives; {type(self.split_data).__name__} has none")
             kwargs["n_negatives"] = cfg.n_negatives
-        batches = self.split_data.train_batches(cfg.batch_size, cfg.max_len, rng, **kwargs)
+        if cfg.sliding_windows:
+            if "sliding" not in accepted:
+                raise ValueError(f"sliding_windows=True needs train_batches(..., sliding=); "
+                                 f"{type(self.split_data).__name__} has none")
+            kwargs["sliding"] = True
+        batches = fn(cfg.batch_size, cfg.max_len, rng, **kwargs)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if world == 1:
             total = None
-            n_rows = getattr(self.split_data, "num_train_sequences", None)
-            if isinstance(n_rows, int):
-                total = math.ceil(n_rows / cfg.batch_size)
+            counter = getattr(self.split_data, "num_train_rows", None)
+            if callable(counter):
+                try:
+                    total = math.ceil(counter(cfg.max_len, sliding=cfg.sliding_windows) / cfg.batch_size)
+                except TypeError:
+                    total = None
             return batches, total
         batches = list(batches)
         usable = (len(batches) // world) * world  # equal step counts, or DDP would hang

@@ -1,0 +1,302 @@
+"""Trainer tests on a tiny synthetic dataset where item i is followed by item i+1 (wrapping)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfsr_head.data import InteractionData, leave_one_out
+from cfsr_head.io import load_safetensors
+from cfsr_head.train import (TrainBatch, TrainConfig, Trainer, TrainResult, flatten_optimizer_state,
+                             unflatten_optimizer_state)
+
+N_ITEMS = 30
+
+
+class TinyModel(nn.Module):
+    """Minimal protocol model: state at t = W e(item_t); scores = state . e(item)."""
+
+    def __init__(self, num_items: int = N_ITEMS, d: int = 16, dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.num_items = num_items
+        self.emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.proj = nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+        self.poison = False  # set by tests to make the loss NaN
+
+    def forward(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.drop(self.emb(item_seq)))
+
+    def user_state(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if padding_mask is None:
+            padding_mask = item_seq == 0
+        out = self(item_seq, padding_mask)
+        pos = torch.arange(item_seq.shape[1], device=item_seq.device)
+        last = torch.where(~padding_mask, pos, -1).max(1).values.clamp(min=0)
+        return out[torch.arange(len(out)), last]
+
+    def full_scores(self, states: torch.Tensor) -> torch.Tensor:
+        s = states @ self.emb.weight.T
+        s[:, 0] = -torch.inf
+        return s
+
+    def score(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return (states.unsqueeze(1) * self.emb(candidates)).sum(-1)
+
+    def loss(self, item_seq, pos, neg, padding_mask=None, loss_type="bpr"):
+        h = self(item_seq, padding_mask)
+        m = pos > 0
+        if loss_type == "ce":
+            logits = h[m] @ self.emb.weight.T
+            logits[:, 0] = -torch.inf
+            out = F.cross_entropy(logits, pos[m])
+        else:
+            ps, ns = (h * self.emb(pos)).sum(-1)[m], (h * self.emb(neg)).sum(-1)[m]
+            out = F.softplus(ns - ps).mean() if loss_type == "bpr" else (F.softplus(-ps) + F.softplus(ns)).mean()
+        return out * math.nan if self.poison else out
+
+
+def ndcg10_eval(model, split_data, split="valid", protocol="full", ks=(10,), **kwargs):
+    """Full-ranking NDCG@10 over all items (history not masked: the pattern never repeats)."""
+    seq, target, _ = split_data.eval_inputs(split, max_len=10)
+    with torch.no_grad():
+        scores = model.full_scores(model.user_state(seq, seq == 0))
+    rank = (scores > scores.gather(1, target[:, None])).sum(1).float()
+    ndcg = torch.where(rank < 10, 1.0 / torch.log2(rank + 2), torch.zeros(())).mean().item()
+
+    class Result:
+        def summary(self):
+            return {"overall": {"NDCG@10": ndcg}}
+
+    return Result()
+
+
+def scripted_eval(values):
+    """An eval_fn returning the given validation metrics, one per call."""
+    it = iter(values)
+
+    def fn(model, split_data, split="valid", protocol="full", **kwargs):
+        v = next(it)
+
+        class Result:
+            def summary(self):
+                return {"Overall": {"NDCG@10": v}}
+
+        return Result()
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def split():
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(120):
+        start, length = rng.integers(0, N_ITEMS), rng.integers(5, 12)
+        for t in range(length):
+            rows.append((f"u{u}", f"i{(start + t) % N_ITEMS}", t))
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    return leave_one_out(InteractionData(df), max_len=10)
+
+
+def cfg(tmp_path: Path | None = None, **kw) -> TrainConfig:
+    base = dict(epochs=6, batch_size=32, lr=1e-2, max_len=10, show_progress_bar=False, patience=20)
+    base.update(kw)
+    if tmp_path is not None:
+        base["output_dir"] = str(tmp_path)
+    return TrainConfig(**base)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("loss", ["bpr", "ce"])
+def test_learns_next_item_pattern(split, loss):
+    model = TinyModel()
+    random_ndcg = ndcg10_eval(model, split).summary()["overall"]["NDCG@10"]
+    result = Trainer(model, split, cfg(epochs=12, loss=loss), eval_fn=ndcg10_eval).fit()
+    assert isinstance(result, TrainResult)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    # chance level for 30 items is about 0.15; the pattern is fully learnable
+    assert result.best_metric > 0.6 and result.best_metric > 3 * random_ndcg
+    assert result.history[result.best_epoch - 1]["metric"] == result.best_metric
+    assert all(h["epoch_time"] >= 0 and "valid" in h for h in result.history)
+    # the restored weights are the best ones
+    assert ndcg10_eval(model, split).summary()["overall"]["NDCG@10"] == pytest.approx(result.best_metric)
+
+
+def test_early_stopping_and_best_restore(split, tmp_path):
+    model = TinyModel()
+    snapshots = {}
+    metrics = [0.1, 0.3, 0.2, 0.25, 0.2, 0.9, 0.9]
+    result = Trainer(model, split, cfg(tmp_path, epochs=7, patience=3), eval_fn=scripted_eval(metrics),
+                     callbacks=[lambda tr, rec: snapshots.setdefault(rec["epoch"], weights(tr.model))]).fit()
+    assert result.stopped_early and result.epochs_run == 5
+    assert result.best_epoch == 2 and result.best_metric == 0.3
+    assert same(weights(model), snapshots[2]) and not same(snapshots[2], snapshots[5])
+    info = json.loads((tmp_path / "best" / "info.json").read_text())
+    assert info["epoch"] == 2
+    best, _ = load_safetensors(tmp_path / "best" / "model.safetensors")
+    assert same(best, snapshots[2])
+    # in memory (no output_dir) too
+    model2 = TinyModel()
+    snaps2 = {}
+    Trainer(model2, split, cfg(epochs=7, patience=3), eval_fn=scripted_eval(metrics),
+            callbacks=[lambda tr, rec: snaps2.setdefault(rec["epoch"], weights(tr.model))]).fit()
+    assert same(weights(model2), snaps2[2]) and same(snaps2[2], snapshots[2])
+
+
+def test_eval_every_counts_patience_in_evaluations(split):
+    result = Trainer(TinyModel(), split, cfg(epochs=9, eval_every=2, patience=2),
+                     eval_fn=scripted_eval([0.5, 0.4, 0.3, 0.9])).fit()
+    assert [h["metric"] for h in result.history] == [None, 0.5, None, 0.4, None, 0.3]
+    assert result.stopped_early and result.best_epoch == 2
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(split, tmp_path):
+    config = dict(epochs=6, patience=20, loss="bpr")
+    ref_model = TinyModel(dropout=0.3)  # dropout: the torch RNG must be replayed too
+    ref = Trainer(ref_model, split, cfg(tmp_path / "ref", **config), eval_fn=ndcg10_eval).fit()
+
+    def stop_at_3(tr, rec):
+        if rec["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(TinyModel(dropout=0.3), split, cfg(tmp_path / "run", **config), eval_fn=ndcg10_eval,
+                callbacks=[stop_at_3]).fit()
+    state = json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())
+    assert state["epoch"] == 3
+    # a second interruption, through the knob, then the final resume from a fresh model object
+    part = Trainer(TinyModel(dropout=0.3, seed=99), split, cfg(tmp_path / "run", **config),
+                   eval_fn=ndcg10_eval).fit(max_epochs_this_run=1)
+    assert part.epochs_run == 4 and part.resumed_from_epoch == 3
+    torch.manual_seed(1234)  # global RNG state must not matter
+    model = TinyModel(dropout=0.3, seed=7)
+    res = Trainer(model, split, cfg(tmp_path / "run", **config), eval_fn=ndcg10_eval).fit()
+    assert res.resumed_from_epoch == 4 and res.epochs_run == 6
+    assert same(weights(model), weights(ref_model))
+    assert [h["metric"] for h in res.history] == [h["metric"] for h in ref.history]
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in ref.history]
+    assert (res.best_epoch, res.best_metric) == (ref.best_epoch, ref.best_metric)
+    last_ref, _ = load_safetensors(tmp_path / "ref" / "last" / "model.safetensors")
+    last_run, _ = load_safetensors(tmp_path / "run" / "last" / "model.safetensors")
+    assert same(last_ref, last_run)
+
+
+def test_finished_run_is_not_repeated(split, tmp_path):
+    first = Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval).fit()
+    calls = []
+    model = TinyModel(seed=5)
+    again = Trainer(model, split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval,
+                    callbacks=[lambda tr, rec: calls.append(rec)]).fit()
+    assert calls == [] and again.best_epoch == first.best_epoch and again.history == first.history
+    best, _ = load_safetensors(tmp_path / "best" / "model.safetensors")
+    assert same(weights(model), best)
+    # more epochs extend the run
+    more = Trainer(TinyModel(seed=5), split, cfg(tmp_path, epochs=4), eval_fn=ndcg10_eval).fit()
+    assert more.epochs_run == 4 and more.resumed_from_epoch == 3
+
+
+def test_resume_refuses_a_different_configuration(split, tmp_path):
+    Trainer(TinyModel(), split, cfg(tmp_path, epochs=2), eval_fn=ndcg10_eval).fit()
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(TinyModel(), split, cfg(tmp_path, epochs=3, lr=0.5), eval_fn=ndcg10_eval).fit()
+    fresh = Trainer(TinyModel(), split, cfg(tmp_path, epochs=1, lr=0.5, resume=False), eval_fn=ndcg10_eval).fit()
+    assert fresh.resumed_from_epoch == 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(split, tmp_path):
+    model = TinyModel()
+    good = {}
+
+    def poison_after_2(tr, rec):
+        good[rec["epoch"]] = weights(tr.model)
+        if rec["epoch"] == 2:
+            tr.model.poison = True
+
+    with pytest.raises(FloatingPointError, match=r"epoch 3, step 1"):
+        Trainer(model, split, cfg(tmp_path, epochs=5), eval_fn=ndcg10_eval, callbacks=[poison_after_2]).fit()
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2
+    last, _ = load_safetensors(tmp_path / "last" / "model.safetensors")
+    assert same(last, good[2])
+    assert all(torch.isfinite(v).all() for v in last.values())
+    # the run resumes from there once the cause is gone
+    res = Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval).fit()
+    assert res.resumed_from_epoch == 2 and res.epochs_run == 3
+
+
+def test_only_safetensors_and_json_on_disk(split, tmp_path):
+    Trainer(TinyModel(), split, cfg(tmp_path, epochs=2), eval_fn=ndcg10_eval).fit()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+    assert {p.relative_to(tmp_path).as_posix() for p in files} == {
+        "last/model.safetensors", "last/optimizer.safetensors", "last/trainer_state.json",
+        "best/model.safetensors", "best/info.json"}
+
+
+def test_optimizer_state_roundtrip():
+    model = TinyModel()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.1)
+    model.loss(torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), torch.tensor([[5, 6]])).backward()
+    opt.step()
+    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    json.dumps(meta)
+    opt2 = torch.optim.Adam(TinyModel().parameters(), lr=5.0)
+    opt2.load_state_dict(unflatten_optimizer_state(tensors, json.loads(json.dumps(meta))))
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 1e-3
+    for pid in a["state"]:
+        for key in a["state"][pid]:
+            assert torch.equal(torch.as_tensor(a["state"][pid][key]), torch.as_tensor(b["state"][pid][key]))
+
+
+def test_extra_loss_is_added_and_receives_the_batch(split):
+    seen = []
+
+    def extra(model, batch: TrainBatch):
+        seen.append((batch.epoch, batch.step, batch.input_seq.shape, bool(batch.padding_mask.any())))
+        assert torch.equal(batch.padding_mask, batch.input_seq == 0)
+        return torch.tensor(5.0)
+
+    base = Trainer(m1 := TinyModel(), split, cfg(epochs=2), eval_fn=ndcg10_eval).fit()
+    plus = Trainer(m2 := TinyModel(), split, cfg(epochs=2), eval_fn=ndcg10_eval, extra_loss=extra).fit()
+    assert seen and seen[0][:2] == (1, 1) and seen[0][2][1] == 10
+    for h0, h1 in zip(base.history, plus.history):
+        assert h1["train_loss"] == pytest.approx(h0["train_loss"] + 5.0)
+    assert same(weights(m1), weights(m2))  # a constant adds no gradient
+
+
+def test_bad_configs_and_inputs(split):
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="hinge")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="eval_protocol"):
+        TrainConfig(eval_protocol="weird")
+    with pytest.raises(TypeError, match="full_scores"):
+        Trainer(nn.Linear(2, 2), split, cfg())
+    with pytest.raises(ValueError, match="n_negatives"):
+        Trainer(TinyModel(), split, cfg(n_negatives=3), eval_fn=ndcg10_eval).fit()
+    with pytest.raises(KeyError, match="NDCG@10"):
+        Trainer(TinyModel(), split, cfg(epochs=1), eval_fn=lambda *a, **k: {"overall": {"HR@10": 1.0}}).fit()
