@@ -1,0 +1,561 @@
+"""DualViewHead: the dual-view (semantic + collaborative) fusion head of LLM-CFSR around any
+sequence encoder, with the paper's ablation switches, cold start and save/load.
+
+Conventions (docs/architecture.md): items are 1..N, index 0 is padding; ``padding_mask`` is True
+where a position is padding (default ``item_seq == 0``); left and right padding both work and the
+user state is read at the last non-padding position.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoders import build_encoder
+from .fusion import CrossViewAttention
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from .pca import PCAProjection
+
+__all__ = ["DualViewConfig", "DualViewHead", "truncate_sequences"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "cfsr_head.DualViewHead"
+LOSSES = ("bpr", "bce", "ce", "sampled_softmax")
+
+
+@dataclass
+class DualViewConfig:
+    """Settings of ``DualViewHead``.
+
+    - ``adapter_activation``: None (the paper's formula, as LLM-ESR), "gelu" or "relu" between
+      the adapter's two linear layers d_llm -> d_llm/2 -> d.
+    - ``use_semantic`` / ``use_collaborative``: switch a view off ("w/o semantic", "w/o
+      collaborative"); with one view the output width is d instead of 2d and there is no
+      cross-attention. "w/o CFT" needs no switch: pass any semantic table.
+    - ``fusion``: "cross" (causal cross-attention both ways, outputs replace the inputs) or
+      "concat" (the paper's "w/o Cro": each view is encoded on its own and the views meet only in
+      the concatenated logits ``[e_se : e_co] . [u_se : u_co]``).
+    - ``shared_encoder``: one encoder for both views; False ("w/o Share") gives the collaborative
+      view a deep copy of the encoder (same initial weights, trained separately).
+    - ``collab_init``: "pca" (centred PCA of the semantic table, top-d components) or "random"
+      (N(0, 0.02^2)). ``collab_init_std``: None keeps the PCA coordinates as they are (the
+      paper's E_co = centred(E_se) W_pca); a float multiplies them by one scalar so that the
+      table's standard deviation equals it (directions unchanged; the same scalar is applied to
+      rows added later by ``add_items``).
+    - ``freeze_collaborative``: keep the ID table fixed (LLM2X-style baselines).
+    - ``missing_item_policy``: "error" (item indices outside 1..N raise, with count and examples)
+      or "fallback" (they get one learned fallback row per view).
+    - ``loss`` / ``n_negatives``: default loss of ``loss()`` and how many negatives it samples
+      per position when none are given.
+    - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
+    """
+
+    d: int = 64
+    adapter_activation: str | None = None
+    use_semantic: bool = True
+    use_collaborative: bool = True
+    fusion: str = "cross"
+    shared_encoder: bool = True
+    collab_init: str = "pca"
+    pca_method: str = "auto"
+    collab_init_std: float | None = None
+    freeze_collaborative: bool = False
+    n_cross_heads: int = 4
+    cross_residual: bool = False
+    dropout: float = 0.2
+    missing_item_policy: str = "error"
+    loss: str = "bpr"
+    n_negatives: int = 1
+    semantic_dim: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        def one_of(name: str, allowed: Sequence[Any]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DualViewConfig.{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
+
+        one_of("adapter_activation", [None, "gelu", "relu"])
+        one_of("fusion", ["cross", "concat"])
+        one_of("collab_init", ["pca", "random"])
+        one_of("pca_method", ["auto", "exact", "randomized"])
+        one_of("missing_item_policy", ["error", "fallback"])
+        one_of("loss", LOSSES)
+        if not (self.use_semantic or self.use_collaborative):
+            raise ValueError("at least one of use_semantic / use_collaborative must be True")
+        if self.d < 1 or self.n_negatives < 1 or self.n_cross_heads < 1:
+            raise ValueError("d, n_negatives and n_cross_heads must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DualViewConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DualViewConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def _semantic_matrix(semantic: Any, what: str = "semantic table") -> tuple[Tensor, list[str] | None]:
+    """Accept an ItemEmbeddings-like object (``.ids``, ``.matrix``), a tensor or an array."""
+    ids = None
+    if hasattr(semantic, "matrix") and not isinstance(semantic, (np.ndarray, Tensor)):
+        ids = list(getattr(semantic, "ids", []) or []) or None
+        semantic = semantic.matrix
+    if isinstance(semantic, Tensor):
+        t = semantic.detach().cpu()
+    else:
+        try:
+            t = torch.from_numpy(np.asarray(semantic))
+        except TypeError as exc:
+            raise TypeError(f"{what} must be an ItemEmbeddings-like object, a tensor or an array; "
+                            f"got {type(semantic).__name__}") from exc
+    if t.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [N, d_llm], got shape {tuple(t.shape)}")
+    if not (t.is_floating_point()):
+        raise ValueError(f"{what} must be floating point, got {t.dtype}")
+    t = t.float()
+    bad = ~torch.isfinite(t).all(dim=1)
+    if bad.any():
+        rows = bad.nonzero().flatten()[:5].tolist()
+        names = f" (ids {[ids[r] for r in rows]})" if ids else ""
+        raise ValueError(f"{what} contains NaN/inf in {int(bad.sum())} of {t.shape[0]} rows, e.g. rows "
+                         f"{rows} (0-based; item index = row + 1){names}")
+    return t, ids
+
+
+def truncate_sequences(item_seq: Tensor, padding_mask: Tensor, max_len: int,
+                       *extras: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Keep, per row, the ``max_len`` positions ending at the last non-padding position (the most
+    recent items). Rows come out left-padded when shorter than ``max_len``. ``extras`` (targets
+    ``[B, L]`` or negatives ``[B, L, n]``) are cut the same way (0 where padded)."""
+    B, L = item_seq.shape
+    if L <= max_len:
+        return item_seq, padding_mask, list(extras)
+    real = ~padding_mask
+    last = (L - 1) - real.flip(1).to(torch.int8).argmax(dim=1)  # all-padding rows: L - 1
+    idx = (last - max_len + 1).unsqueeze(1) + torch.arange(max_len, device=item_seq.device)
+    out_of_range = idx < 0
+    idx = idx.clamp_min(0)
+    seq = item_seq.gather(1, idx).masked_fill(out_of_range, 0)
+    mask = padding_mask.gather(1, idx) | out_of_range
+    cut = []
+    for e in extras:
+        if e is None:
+            cut.append(None)
+            continue
+        ix = idx.view(B, max_len, *([1] * (e.ndim - 2))).expand(B, max_len, *e.shape[2:])
+        oor = out_of_range.view(B, max_len, *([1] * (e.ndim - 2)))
+        cut.append(e.gather(1, ix).masked_fill(oor, 0))
+    return seq, mask, cut
+
+
+class DualViewHead(nn.Module):
+    """Dual-view head: semantic view (frozen table -> adapter) and collaborative view (trainable
+    ID table, PCA-initialised), causal cross-attention both ways, a shared sequence encoder and
+    concatenated scoring ``[e_se : e_co] . [u_se : u_co]``.
+
+    ``semantic``: ItemEmbeddings-like (``.ids``, ``.matrix``), tensor or array ``[N, d_llm]``, one
+    row per item 1..N in index order; stored as a frozen buffer with a zero padding row 0.
+    ``num_items`` is required when ``semantic`` is None (then only the collaborative view with
+    ``collab_init="random"`` is possible: a plain SASRec/GRU4Rec).
+    Sequences longer than the encoder's ``max_len`` are cut to the most recent items
+    (``truncate_sequences``) inside ``forward``, ``user_state`` and ``loss``.
+    """
+
+    def __init__(self, encoder: nn.Module, semantic: Any = None, d: int | None = None,
+                 num_items: int | None = None, config: DualViewConfig | None = None,
+                 _init_weights: bool = True, **overrides: Any) -> None:
+        super().__init__()
+        cfg = dataclasses.replace(config) if config is not None else DualViewConfig()
+        names = {f.name for f in dataclasses.fields(DualViewConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown DualViewHead options {unknown}; DualViewConfig fields: {sorted(names)}")
+        if d is not None:
+            overrides["d"] = d
+        cfg = dataclasses.replace(cfg, **overrides)
+        cfg.validate()
+        d = cfg.d
+        hidden = getattr(encoder, "hidden_size", None)
+        if hidden is None:
+            raise TypeError("encoder must follow the SequenceEncoder protocol (attribute hidden_size)")
+        if int(hidden) != d:
+            raise ValueError(f"encoder hidden_size={hidden} differs from the head's d={d}")
+
+        table = ids = None
+        if semantic is not None:
+            table, ids = _semantic_matrix(semantic)
+            if cfg.semantic_dim is not None and table.shape[1] != cfg.semantic_dim:
+                raise ValueError(f"embedding width mismatch: the config expects semantic_dim="
+                                 f"{cfg.semantic_dim}, the semantic table has width {table.shape[1]}")
+            if num_items is not None and table.shape[0] != num_items:
+                hint = " (it looks like it has a padding row 0; pass rows for items 1..N only)" \
+                    if table.shape[0] == num_items + 1 else ""
+                raise ValueError(f"semantic table has {table.shape[0]} rows but num_items={num_items}; it "
+                                 f"must have one row per item 1..N in index order{hint}")
+            num_items = table.shape[0]
+            cfg.semantic_dim = int(table.shape[1])
+            if table.shape[1] < 2:
+                raise ValueError("semantic table width must be >= 2")
+        else:
+            if num_items is None:
+                raise ValueError("num_items is required when no semantic table is given")
+            if cfg.use_semantic:
+                raise ValueError("use_semantic=True needs a semantic table; pass semantic=... or "
+                                 "use_semantic=False")
+            if cfg.use_collaborative and cfg.collab_init == "pca":
+                raise ValueError("collab_init='pca' needs a semantic table; pass semantic=... or "
+                                 "collab_init='random'")
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.config = cfg
+        self._num_items = int(num_items)
+        self.semantic_ids = ids
+        self._cache: tuple[Any, Tensor] | None = None
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        if table is not None:
+            self.register_buffer("semantic_table", torch.cat([table.new_zeros(1, table.shape[1]), table]))
+        else:
+            self.semantic_table = None
+        self.adapter = None
+        if cfg.use_semantic:
+            d_llm = table.shape[1]
+            act = {None: nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}[cfg.adapter_activation]()
+            self.adapter = nn.Sequential(nn.Linear(d_llm, d_llm // 2), act, nn.Linear(d_llm // 2, d))
+        self.item_embedding = None
+        self.pca = None
+        self.register_buffer("collab_scale", torch.ones(()))
+        if cfg.use_collaborative:
+            self.item_embedding = nn.Embedding(self._num_items + 1, d, padding_idx=0)
+            with torch.no_grad():
+                self.item_embedding.weight.normal_(0.0, 0.02, generator=gen)
+                self.item_embedding.weight[0].zero_()
+            if cfg.collab_init == "pca":
+                if _init_weights:
+                    if d > min(table.shape):
+                        raise ValueError(f"PCA init needs d={d} <= min(N, d_llm)={min(table.shape)}")
+                    self.pca = PCAProjection.fit(table, d, method=cfg.pca_method, seed=cfg.seed)
+                    init = self.pca.transform(table)
+                    if cfg.collab_init_std is not None:
+                        self.collab_scale.fill_(cfg.collab_init_std / float(init.std().clamp_min(1e-12)))
+                    with torch.no_grad():
+                        self.item_embedding.weight[1:] = init * self.collab_scale
+                else:
+                    self.pca = PCAProjection(table.shape[1], d)
+            if cfg.freeze_collaborative:
+                self.item_embedding.weight.requires_grad_(False)
+        self.fallback_se = self.fallback_co = None
+        if cfg.missing_item_policy == "fallback":
+            if cfg.use_semantic:
+                self.fallback_se = nn.Parameter(torch.randn(d, generator=gen) * 0.02)
+            if cfg.use_collaborative:
+                self.fallback_co = nn.Parameter(torch.randn(d, generator=gen) * 0.02)
+
+        both = cfg.use_semantic and cfg.use_collaborative
+        self.cross_to_se = self.cross_to_co = None
+        if both and cfg.fusion == "cross":
+            # paper: S^_co = softmax(S_se W_Q (S_co W_K)^T) S_co W_V, and symmetrically S^_se
+            self.cross_to_co = CrossViewAttention(d, cfg.n_cross_heads, cfg.dropout, cfg.cross_residual)
+            self.cross_to_se = CrossViewAttention(d, cfg.n_cross_heads, cfg.dropout, cfg.cross_residual)
+        self.encoder = encoder
+        self.encoder_co = copy.deepcopy(encoder) if (both and not cfg.shared_encoder) else None
+        self.max_len: int | None = getattr(encoder, "max_len", None)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_items(self) -> int:
+        return self._num_items
+
+    @property
+    def output_dim(self) -> int:
+        """Width D of states and item representations: 2d with both views, d with one."""
+        return self.config.d * (int(self.config.use_semantic) + int(self.config.use_collaborative))
+
+    # ------------------------------------------------------------------ item vectors
+    def _check_ids(self, ids: Tensor, what: str, where: Tensor | None = None) -> Tensor:
+        """Boolean mask of indices outside 0..N (0 is padding); raises under policy 'error'."""
+        invalid = (ids < 0) | (ids > self._num_items)
+        if where is not None:
+            invalid = invalid & where
+        if self.config.missing_item_policy == "error" and bool(invalid.any()):
+            ex = torch.unique(ids[invalid])[:5].tolist()
+            raise ValueError(f"{int(invalid.sum())} {what} item indices are outside 1..{self._num_items} "
+                             f"(0 = padding), e.g. {ex}; the semantic/ID tables have no rows for them. "
+                             "Map them to known items, or build the head with missing_item_policy='fallback' "
+                             "to give them a learned fallback row.")
+        return invalid
+
+    def _rows(self, ids: Tensor, invalid: Tensor) -> Tensor:
+        """Representations ``[..., D]`` of item indices (invalid ones -> fallback rows)."""
+        if not torch.is_grad_enabled():
+            table = self._table(with_fallback=True)
+            return table[ids.masked_fill(invalid, self._num_items + 1)]
+        safe = ids.masked_fill(invalid, 0)
+        parts = []
+        if self.config.use_semantic:
+            uniq, inv = torch.unique(safe, return_inverse=True)
+            se = self.adapter(self.semantic_table[uniq])[inv]
+            se = se.masked_fill((safe == 0).unsqueeze(-1), 0.0)
+            if self.fallback_se is not None:
+                se = torch.where(invalid.unsqueeze(-1), self.fallback_se, se)
+            parts.append(se)
+        if self.config.use_collaborative:
+            co = self.item_embedding(safe)
+            if self.fallback_co is not None:
+                co = torch.where(invalid.unsqueeze(-1), self.fallback_co, co)
+            parts.append(co)
+        return torch.cat(parts, dim=-1)
+
+    def _cache_key(self) -> tuple:
+        ts = [t for t in (self.semantic_table, self.fallback_se, self.fallback_co) if t is not None]
+        if self.adapter is not None:
+            ts += list(self.adapter.parameters())
+        if self.item_embedding is not None:
+            ts.append(self.item_embedding.weight)
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in ts)
+
+    def _table(self, with_fallback: bool = False) -> Tensor:
+        """``[N+1 (+1), D]``: row 0 zeros, rows 1..N items, optional last row = fallback."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = self._cache_key()
+            if self._cache is not None and self._cache[0] == key:
+                full = self._cache[1]
+                return full if with_fallback else full[: self._num_items + 1]
+        parts = []
+        d = self.config.d
+        if self.config.use_semantic:
+            se = self.adapter(self.semantic_table[1:])
+            fb = self.fallback_se if self.fallback_se is not None else se.new_zeros(d)
+            parts.append(torch.cat([se.new_zeros(1, d), se, fb.unsqueeze(0)]))
+        if self.config.use_collaborative:
+            w = self.item_embedding.weight
+            fb = self.fallback_co if self.fallback_co is not None else w.new_zeros(d)
+            parts.append(torch.cat([w.new_zeros(1, d), w[1:], fb.unsqueeze(0)]))
+        full = torch.cat(parts, dim=-1)
+        if key is not None:
+            self._cache = (key, full)
+        return full if with_fallback else full[: self._num_items + 1]
+
+    def item_representations(self) -> Tensor:
+        """``[N+1, D]`` = ``[e_se : e_co]`` for every item index (row 0, padding, is zero).
+        Cached while gradients are off and no weight has changed."""
+        return self._table(with_fallback=False)
+
+    # ------------------------------------------------------------------ sequences
+    def _prepare(self, item_seq: Tensor, padding_mask: Tensor | None,
+                 *extras: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        if item_seq.ndim != 2:
+            raise ValueError(f"item_seq must be [B, L], got shape {tuple(item_seq.shape)}")
+        if item_seq.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"item_seq must hold integer item indices, got {item_seq.dtype}")
+        item_seq = item_seq.long()
+        if padding_mask is None:
+            padding_mask = item_seq == 0
+        elif padding_mask.shape != item_seq.shape or padding_mask.dtype != torch.bool:
+            raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(item_seq.shape)}, "
+                             f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        if self.max_len is not None and item_seq.shape[1] > self.max_len:
+            return truncate_sequences(item_seq, padding_mask, self.max_len, *extras)
+        return item_seq, padding_mask, list(extras)
+
+    def _encode(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        """Cross-attention (if on) and the encoder(s) over the view inputs ``x [B, L, D]``."""
+        cfg, d = self.config, self.config.d
+        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        if not (cfg.use_semantic and cfg.use_collaborative):
+            return self.encoder(x, padding_mask)
+        se, co = x[..., :d], x[..., d:]
+        if self.cross_to_co is not None:
+            se, co = self.cross_to_se(co, se, padding_mask), self.cross_to_co(se, co, padding_mask)
+        if self.encoder_co is None:
+            B = x.shape[0]
+            out = self.encoder(torch.cat([se, co]), torch.cat([padding_mask, padding_mask]))
+            return torch.cat([out[:B], out[B:]], dim=-1)
+        return torch.cat([self.encoder(se, padding_mask), self.encoder_co(co, padding_mask)], dim=-1)
+
+    def forward(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, L, D]`` causal sequence states (``[B, max_len, D]`` when cut to max_len)."""
+        item_seq, padding_mask, _ = self._prepare(item_seq, padding_mask)
+        invalid = self._check_ids(item_seq, "sequence", where=~padding_mask)
+        return self._encode(self._rows(item_seq, invalid), padding_mask)
+
+    @staticmethod
+    def last_positions(padding_mask: Tensor) -> Tensor:
+        """Index of the last non-padding position per row (L-1 for all-padding rows)."""
+        L = padding_mask.shape[1]
+        return (L - 1) - (~padding_mask).flip(1).to(torch.int8).argmax(dim=1)
+
+    def user_state(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, D]`` state at the last non-padding position (finite for all-padding rows)."""
+        item_seq, padding_mask, _ = self._prepare(item_seq, padding_mask)
+        invalid = self._check_ids(item_seq, "sequence", where=~padding_mask)
+        out = self._encode(self._rows(item_seq, invalid), padding_mask)
+        last = self.last_positions(padding_mask)
+        return out[torch.arange(out.shape[0], device=out.device), last]
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """``states [B, D]``, ``candidates [B, C]`` (or ``[C]`` for all users) -> ``[B, C]``."""
+        candidates = candidates.long()
+        invalid = self._check_ids(candidates, "candidate")
+        rows = self._rows(candidates, invalid)
+        if candidates.ndim == 1:
+            return states @ rows.T
+        return torch.einsum("bd,bcd->bc", states, rows)
+
+    def full_scores(self, states: Tensor) -> Tensor:
+        """``[B, N+1]`` scores for every item index; column 0 (padding) is -inf."""
+        scores = states @ self.item_representations().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def loss(self, item_seq: Tensor, pos: Tensor, neg: Tensor | None = None,
+             padding_mask: Tensor | None = None, loss_type: str | None = None) -> Tensor:
+        """Mean loss over every non-padding position with a target (``pos > 0``).
+
+        ``pos [B, L]``: next item per position. ``neg [B, L]`` or ``[B, L, n]``: negatives
+        (sampled uniformly from 1..N, ``config.n_negatives`` per position, when None; unused by
+        "ce"). Types: "bpr" (mean -log sigmoid(s_pos - s_neg)), "bce" (-log sigmoid(s_pos) -
+        mean log sigmoid(-s_neg)), "ce" (full softmax over items 1..N), "sampled_softmax"
+        (softmax over the positive and its negatives; negatives equal to the positive are masked).
+        """
+        loss_type = loss_type or self.config.loss
+        if loss_type not in LOSSES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {list(LOSSES)}")
+        if pos.shape != item_seq.shape:
+            raise ValueError(f"pos must have the shape of item_seq {tuple(item_seq.shape)}, got {tuple(pos.shape)}")
+        if neg is not None and tuple(neg.shape[:2]) != tuple(item_seq.shape):
+            raise ValueError(f"neg must be [B, L] or [B, L, n] with [B, L]={tuple(item_seq.shape)}, "
+                             f"got {tuple(neg.shape)}")
+        item_seq, padding_mask, (pos, neg) = self._prepare(item_seq, padding_mask, pos.long(),
+                                                           None if neg is None else neg.long())
+        valid = (~padding_mask) & (pos != 0)
+        seq_invalid = self._check_ids(item_seq, "sequence", where=~padding_mask)
+        p = pos[valid]
+        p_invalid = self._check_ids(p, "target (pos)")
+        M = p.shape[0]
+        if loss_type != "ce":
+            if neg is None:
+                neg_v = torch.randint(1, self._num_items + 1, (M, self.config.n_negatives), device=p.device)
+            else:
+                neg_v = neg[valid].reshape(M, -1)
+            n_invalid = self._check_ids(neg_v, "negative")
+            ids = torch.cat([item_seq.reshape(-1), p, neg_v.reshape(-1)])
+            bad = torch.cat([seq_invalid.reshape(-1), p_invalid, n_invalid.reshape(-1)])
+        else:
+            ids, bad = torch.cat([item_seq.reshape(-1), p]), torch.cat([seq_invalid.reshape(-1), p_invalid])
+        rows = self._rows(ids, bad)
+        n_seq = item_seq.numel()
+        x = rows[:n_seq].view(*item_seq.shape, -1)
+        out = self._encode(x, padding_mask)
+        if M == 0:
+            return out.sum() * 0.0
+        states = out[valid]  # [M, D]
+        e_pos = rows[n_seq:n_seq + M]
+        s_pos = (states * e_pos).sum(-1)
+        if loss_type == "ce":
+            table = self._table(with_fallback=True)
+            logits = states @ table.T
+            logits[:, 0] = float("-inf")
+            if self.fallback_se is None and self.fallback_co is None:
+                logits[:, -1] = float("-inf")
+            target = p.masked_fill(p_invalid, self._num_items + 1)
+            return F.cross_entropy(logits, target)
+        e_neg = rows[n_seq + M:].view(M, -1, rows.shape[-1])
+        s_neg = torch.einsum("md,mnd->mn", states, e_neg)
+        if loss_type == "bpr":
+            return -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()
+        if loss_type == "bce":
+            return F.softplus(-s_pos).mean() + F.softplus(s_neg).mean()
+        logits = torch.cat([s_pos.unsqueeze(1), s_neg.masked_fill(neg_v == p.unsqueeze(1), float("-inf"))], 1)
+        return F.cross_entropy(logits, torch.zeros(M, dtype=torch.long, device=logits.device))
+
+    # ------------------------------------------------------------------ cold start
+    @torch.no_grad()
+    def add_items(self, new_semantic_rows: Any) -> Tensor:
+        """Append items (cold start) without retraining; returns their indices ``N+1..N+M``.
+
+        The semantic buffer is extended; the collaborative row comes from the stored PCA
+        projection (times the stored init scale), or is zero when the ID table was initialised
+        randomly. The ID table becomes a new Parameter: rebuild optimizers afterwards."""
+        if self.semantic_table is None:
+            raise ValueError("add_items needs a head built with a semantic table")
+        rows, _ = _semantic_matrix(new_semantic_rows, "new semantic rows")
+        if rows.shape[1] != self.semantic_table.shape[1]:
+            raise ValueError(f"embedding width mismatch: new rows have width {rows.shape[1]}, the head's "
+                             f"semantic table has width {self.semantic_table.shape[1]}")
+        M, N = rows.shape[0], self._num_items
+        rows = rows.to(self.semantic_table.device, self.semantic_table.dtype)
+        self.semantic_table = torch.cat([self.semantic_table, rows])
+        if self.item_embedding is not None:
+            w = self.item_embedding.weight
+            if self.pca is not None:
+                new = self.pca.transform(rows).to(w.dtype) * self.collab_scale
+            else:
+                new = w.new_zeros(M, w.shape[1])
+            emb = nn.Embedding(N + M + 1, w.shape[1], padding_idx=0, device=w.device, dtype=w.dtype)
+            emb.weight.copy_(torch.cat([w, new]))
+            emb.weight.requires_grad_(w.requires_grad)
+            self.item_embedding = emb
+        if self.semantic_ids is not None:
+            self.semantic_ids = None  # raw ids of new rows are unknown here
+        self._num_items = N + M
+        self._cache = None
+        return torch.arange(N + 1, N + M + 1, device=self.semantic_table.device)
+
+    # ------------------------------------------------------------------ save / load
+    def _encoder_spec(self) -> dict[str, Any]:
+        fn = getattr(self.encoder, "encoder_config", None)
+        return fn() if callable(fn) else {"type": type(self.encoder).__name__, "args": None}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` (every weight and buffer) and ``config.json`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v for k, v in self.state_dict().items()}
+        atomic_save_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": FORMAT})
+        atomic_write_json(directory / CONFIG_NAME, {
+            "format": FORMAT, "format_version": 1, "config": self.config.to_dict(),
+            "num_items": self._num_items, "encoder": self._encoder_spec(),
+        })
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, encoder: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu") -> "DualViewHead":
+        """Rebuild a head written by ``save_pretrained``. Built-in encoders (SASRec, GRU4Rec) are
+        rebuilt from the config; pass ``encoder=`` for your own (e.g. an adapter-wrapped model)."""
+        directory = Path(directory)
+        meta = read_json(directory / CONFIG_NAME)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} is not a DualViewHead config (format={meta.get('format')!r})")
+        cfg = DualViewConfig.from_dict(meta["config"])
+        tensors, _ = load_safetensors(directory / WEIGHTS_NAME)
+        if encoder is None:
+            encoder = build_encoder(meta["encoder"])
+        semantic = tensors.get("semantic_table")
+        if semantic is not None:
+            if cfg.semantic_dim is not None and semantic.shape[1] != cfg.semantic_dim:
+                raise ValueError(f"embedding width mismatch: {directory / CONFIG_NAME} expects semantic_dim="
+                                 f"{cfg.semantic_dim}, {directory / WEIGHTS_NAME} holds width {semantic.shape[1]}")
+            semantic = semantic[1:]
+        head = cls(encoder, semantic=semantic, num_items=int(meta["num_items"]), config=cfg, _init_weights=False)
+        missing, unexpected = head.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match the model built from its config: "
+                             f"missing {missing[:10]}, unexpected {unexpected[:10]} (wrong encoder=?)")
+        return head.to(map_location)
