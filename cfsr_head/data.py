@@ -562,16 +562,21 @@ class SplitData:
 
     def train_batches(self, batch_size: int, max_len: int | None = None,
                       rng: np.random.Generator | int | None = None, *, shuffle: bool = True,
-                      sliding: bool = False, drop_last: bool = False) -> Iterator[tuple]:
+                      sliding: bool = False, drop_last: bool = False, n_negatives: int = 1,
+                      with_users: bool = False) -> Iterator[tuple]:
         """Yield ``(input_seq, pos, neg)`` int64 LongTensors ``[B, L]`` (``L = max_len``), left-padded:
         input = train_seq[:-1], pos = train_seq[1:], neg = uniform items not in the user's training
         history (0 where pos is padding). Sequences longer than ``max_len + 1`` keep the most recent
         items, or with ``sliding=True`` are cut into consecutive windows so every position is
-        trained once. One call = one epoch; ``rng`` seeds shuffling and negatives."""
+        trained once. One call = one epoch; ``rng`` seeds shuffling and negatives.
+        ``n_negatives > 1``: neg is ``[B, L, n_negatives]``. ``with_users=True`` adds a 4th element,
+        the user rows ``[B]`` (LongTensor, index into ``user_ids``)."""
         import torch
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n_negatives < 1:
+            raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
         L = self._resolve_len(max_len, train=True)
         rng = _as_rng(rng)
         rows, starts, ends = self._train_windows(L, sliding)
@@ -583,11 +588,17 @@ class SplitData:
                 break
             inp = _gather_left_padded(self.items, starts[sel], ends[sel] - 1, L)
             pos = _gather_left_padded(self.items, starts[sel] + 1, ends[sel], L)
-            row_mat = np.broadcast_to(rows[sel][:, None], pos.shape)
             valid = pos > 0
-            neg = np.zeros_like(pos)
-            neg[valid] = _sample_excluding(rng, row_mat[valid], self.num_items, keys)
-            yield torch.from_numpy(inp), torch.from_numpy(pos), torch.from_numpy(neg)
+            row_of = np.broadcast_to(rows[sel][:, None], pos.shape)[valid]
+            if n_negatives == 1:
+                neg = np.zeros_like(pos)
+                neg[valid] = _sample_excluding(rng, row_of, self.num_items, keys)
+            else:
+                neg = np.zeros((*pos.shape, n_negatives), dtype=np.int64)
+                neg[valid] = _sample_excluding(rng, np.repeat(row_of[:, None], n_negatives, axis=1),
+                                               self.num_items, keys)
+            out = (torch.from_numpy(inp), torch.from_numpy(pos), torch.from_numpy(neg))
+            yield out + (torch.from_numpy(rows[sel].copy()),) if with_users else out
 
     # ---- evaluation inputs ------------------------------------------------------------------
     def targets(self, split: Literal["valid", "test"] = "test") -> np.ndarray:
