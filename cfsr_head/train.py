@@ -124,8 +124,10 @@ class TrainResult:
 
 @dataclass
 class TrainBatch:
-    """One training batch as given to ``extra_loss``; ``extras`` holds anything
-    ``train_batches`` yields beyond (input_seq, pos, neg), e.g. user indices."""
+    """One training batch as given to ``extra_loss``: ``neg`` is ``[B, L]`` or ``[B, L, n]``;
+    ``extras`` holds anything ``train_batches`` yields beyond (input_seq, pos, neg); with an
+    ``extra_loss`` the Trainer asks for user rows, so ``users`` (``extras[0]``, LongTensor ``[B]``,
+    index into ``split_data.user_ids``) is set when the split supports it."""
 
     input_seq: torch.Tensor
     pos: torch.Tensor
@@ -134,6 +136,10 @@ class TrainBatch:
     extras: tuple = ()
     epoch: int = 0
     step: int = 0
+
+    @property
+    def users(self) -> torch.Tensor | None:
+        return self.extras[0] if self.extras else None
 
 
 ExtraLoss = Callable[[nn.Module, TrainBatch], torch.Tensor]
@@ -245,7 +251,7 @@ def _accepted_kwargs(fn: Callable) -> set[str]:
     except (TypeError, ValueError):
         return set()
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return {"n_negatives", "sliding", "*"}
+        return {"n_negatives", "sliding", "with_users", "*"}
     return {p.name for p in params}
 
 
@@ -324,6 +330,9 @@ class Trainer:
         fn = self.eval_fn
         if fn is None:
             from .evaluate import evaluate as fn
+        accepted = _accepted_kwargs(fn)
+        if "*" not in accepted:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         model = self.model
         was_training = model.training
         model.eval()
@@ -335,16 +344,21 @@ class Trainer:
 
     def _valid_metric(self) -> tuple[float, dict[str, Any]]:
         cfg = self.config
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "max_len": cfg.max_len, "seed": cfg.seed}
         k = _metric_k(cfg.metric)
         if k is not None:
             kwargs["ks"] = (k,)
+        if cfg.metric_group.lower() == "overall":
+            kwargs["groups"] = None  # only "Overall" is needed: skip the group bookkeeping
         result = self._evaluate("valid", cfg.eval_protocol, **kwargs)
         summary = result.summary() if hasattr(result, "summary") else result
         return _find_metric(summary, cfg.metric_group, cfg.metric), _to_jsonable(summary)
 
     def test(self, protocol: str = "full", **kwargs: Any) -> Any:
-        """Evaluate the current (after ``fit``: best) weights on the test split."""
+        """Evaluate the current (after ``fit``: best) weights on the test split (all groups, K in
+        5/10/20 with the default evaluator); kwargs go to the evaluator."""
+        kwargs.setdefault("max_len", self.config.max_len)
+        kwargs.setdefault("batch_size", self.config.eval_batch_size)
         return self._evaluate("test", protocol, **kwargs)
 
     def validate(self, protocol: str | None = None, **kwargs: Any) -> Any:
@@ -418,6 +432,8 @@ class Trainer:
                 raise ValueError(f"n_negatives={cfg.n_negatives} needs a train_batches(..., n_negatives=) "
                                  f"that draws several negatives; {type(self.split_data).__name__} has none")
             kwargs["n_negatives"] = cfg.n_negatives
+        if self.extra_loss is not None and "with_users" in accepted:
+            kwargs["with_users"] = True  # extra losses (e.g. self-distillation) get batch.users
         if cfg.sliding_windows:
             if "sliding" not in accepted:
                 raise ValueError(f"sliding_windows=True needs train_batches(..., sliding=); "

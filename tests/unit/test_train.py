@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfsr_head.data import InteractionData, leave_one_out
+from cfsr_head.evaluate import RandomModel, evaluate
 from cfsr_head.io import load_safetensors
 from cfsr_head.train import (TrainBatch, TrainConfig, Trainer, TrainResult, flatten_optimizer_state,
                              unflatten_optimizer_state)
@@ -59,7 +60,11 @@ class TinyModel(nn.Module):
             logits[:, 0] = -torch.inf
             out = F.cross_entropy(logits, pos[m])
         else:
-            ps, ns = (h * self.emb(pos)).sum(-1)[m], (h * self.emb(neg)).sum(-1)[m]
+            ps = (h * self.emb(pos)).sum(-1)[m]
+            if neg.dim() == 3:
+                ns, ps = (h.unsqueeze(2) * self.emb(neg)).sum(-1)[m], ps[:, None]
+            else:
+                ns = (h * self.emb(neg)).sum(-1)[m]
             out = F.softplus(ns - ps).mean() if loss_type == "bpr" else (F.softplus(-ps) + F.softplus(ns)).mean()
         return out * math.nan if self.poison else out
 
@@ -123,11 +128,13 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("loss", ["bpr", "ce"])
+@pytest.mark.parametrize("loss", ["bpr", "ce", "bce"])
 def test_learns_next_item_pattern(split, loss):
+    """With the real evaluator (full ranking, history masked)."""
     model = TinyModel()
-    random_ndcg = ndcg10_eval(model, split).summary()["overall"]["NDCG@10"]
-    result = Trainer(model, split, cfg(epochs=12, loss=loss), eval_fn=ndcg10_eval).fit()
+    random_ndcg = evaluate(RandomModel(N_ITEMS), split, split="valid").summary()["Overall"]["NDCG@10"]
+    trainer = Trainer(model, split, cfg(epochs=12, loss=loss))
+    result = trainer.fit()
     assert isinstance(result, TrainResult)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0]
@@ -136,7 +143,11 @@ def test_learns_next_item_pattern(split, loss):
     assert result.history[result.best_epoch - 1]["metric"] == result.best_metric
     assert all(h["epoch_time"] >= 0 and "valid" in h for h in result.history)
     # the restored weights are the best ones
-    assert ndcg10_eval(model, split).summary()["overall"]["NDCG@10"] == pytest.approx(result.best_metric)
+    again = evaluate(model, split, split="valid", max_len=10).summary()["Overall"]["NDCG@10"]
+    assert again == pytest.approx(result.best_metric)
+    test = trainer.test().summary()
+    assert {"Overall", "Tail item"} <= set(test) and test["Overall"]["NDCG@10"] > 0.6
+    assert trainer.test(protocol="sampled").summary()["Overall"]["HR@10"] > 0.9
 
 
 def test_early_stopping_and_best_restore(split, tmp_path):
@@ -277,6 +288,11 @@ def test_extra_loss_is_added_and_receives_the_batch(split):
     def extra(model, batch: TrainBatch):
         seen.append((batch.epoch, batch.step, batch.input_seq.shape, bool(batch.padding_mask.any())))
         assert torch.equal(batch.padding_mask, batch.input_seq == 0)
+        # user rows come with the batch: the user's training sequence ends with the batch's last pos
+        assert batch.users is not None and batch.users.shape == (len(batch.input_seq),)
+        seqs = split.sequences[batch.users.numpy()]
+        train_last = seqs[np.arange(len(seqs)), seqs.shape[1] - 3]
+        assert np.array_equal(train_last, batch.pos[:, -1].numpy())
         return torch.tensor(5.0)
 
     base = Trainer(m1 := TinyModel(), split, cfg(epochs=2), eval_fn=ndcg10_eval).fit()
@@ -285,6 +301,17 @@ def test_extra_loss_is_added_and_receives_the_batch(split):
     for h0, h1 in zip(base.history, plus.history):
         assert h1["train_loss"] == pytest.approx(h0["train_loss"] + 5.0)
     assert same(weights(m1), weights(m2))  # a constant adds no gradient
+
+
+def test_several_negatives_reach_the_model(split):
+    shapes = []
+
+    def probe(model, batch):
+        shapes.append(tuple(batch.neg.shape))
+        return torch.zeros(())
+
+    res = Trainer(TinyModel(), split, cfg(epochs=1, n_negatives=3), eval_fn=ndcg10_eval, extra_loss=probe).fit()
+    assert shapes[0][1:] == (10, 3) and math.isfinite(res.history[0]["train_loss"])
 
 
 def test_bad_configs_and_inputs(split):
@@ -296,7 +323,5 @@ def test_bad_configs_and_inputs(split):
         TrainConfig(eval_protocol="weird")
     with pytest.raises(TypeError, match="full_scores"):
         Trainer(nn.Linear(2, 2), split, cfg())
-    with pytest.raises(ValueError, match="n_negatives"):
-        Trainer(TinyModel(), split, cfg(n_negatives=3), eval_fn=ndcg10_eval).fit()
     with pytest.raises(KeyError, match="NDCG@10"):
         Trainer(TinyModel(), split, cfg(epochs=1), eval_fn=lambda *a, **k: {"overall": {"HR@10": 1.0}}).fit()
