@@ -7,3 +7,4 @@ from .encoders import GRU4RecEncoder, PmixerSASRecAdapter, RecBoleSASRecAdapter,
 from .fusion import CrossViewAttention
 from .head import DualViewConfig, DualViewHead, truncate_sequences
 from .pca import PCAProjection
+from .train import TrainBatch, TrainConfig, Trainer, TrainResult
