@@ -1,0 +1,427 @@
+"""``llm-item-embed``: fine-tune an item embedder, encode item tables, push results to the Hub.
+
+    llm-item-embed fit items.csv --output-dir runs/beauty --field name=title --field brand=brand
+    llm-item-embed encode items.csv --embedder runs/beauty -o beauty.safetensors --recbole beauty.itememb
+    llm-item-embed push runs/beauty user/beauty-embedder        # token: HF_TOKEN or --token
+
+Errors print one line (``llm-item-embed <command>: error: ...``) and exit with status 1; ``--debug``
+shows the traceback instead. Usage errors exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+PROG = "llm-item-embed"
+EXIT_ERROR = 1
+logger = logging.getLogger("llm_item_embed.cli")
+
+_READERS = {
+    ".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------------- input tables
+def read_items(path: str | os.PathLike, id_column: str) -> Any:
+    """Read an items table (CSV, TSV, parquet, JSON / JSON lines) with ids as strings, and check the
+    id column before any model work: present, no missing and no duplicate ids, at least one row."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"items file {path} does not exist")
+    if path.is_dir():
+        raise CLIError(f"items file {path} is a folder")
+    kind = _READERS.get(path.suffix.lower())
+    if kind is None:
+        raise CLIError(f"items file {path}: unknown extension {path.suffix!r}; use one of {sorted(_READERS)}")
+    dtype = {id_column: str}
+    try:
+        if kind == "csv":
+            df = pd.read_csv(path, dtype=dtype)
+        elif kind == "tsv":
+            df = pd.read_csv(path, sep="\t", dtype=dtype)
+        elif kind == "parquet":
+            df = pd.read_parquet(path)
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=dtype)
+        else:
+            try:
+                df = pd.read_json(path, dtype=dtype)
+            except ValueError:
+                df = pd.read_json(path, lines=True, dtype=dtype)
+    except ImportError as exc:
+        raise CLIError(f"cannot read {path}: {exc} (parquet needs 'pip install pyarrow')") from exc
+    except Exception as exc:
+        raise CLIError(f"cannot read items file {path}: {_one_line(exc)}") from exc
+    if id_column not in df.columns:
+        raise CLIError(f"items file {path} has no id column {id_column!r}; its columns are {[str(c) for c in df.columns]} "
+                       f"(choose one with --id-column)")
+    if len(df) == 0:
+        raise CLIError(f"items file {path} has no rows")
+    ids = df[id_column]
+    missing = ids.isna() | (ids.astype(str).str.strip() == "")
+    if missing.any():
+        rows = [int(i) for i in missing.to_numpy().nonzero()[0][:5]]
+        raise CLIError(f"items file {path}: {int(missing.sum())} row(s) have an empty {id_column!r}, e.g. rows {rows}")
+    df[id_column] = ids.astype(str)
+    dup = df[id_column][df[id_column].duplicated(keep=False)]
+    if len(dup):
+        raise CLIError(f"items file {path}: {dup.nunique()} id(s) in {id_column!r} appear more than once, "
+                       f"e.g. {sorted(set(dup.tolist()))[:5]}")
+    if len(df.columns) < 2:
+        raise CLIError(f"items file {path} has only the id column {id_column!r}; prompts need attribute columns")
+    return df
+
+
+def build_template(args: argparse.Namespace) -> Any:
+    """A ``PromptTemplate`` from --template-json / --instruction / --field, or ``None`` if none given."""
+    from .prompts import PromptTemplate
+
+    spec: dict[str, Any] = {}
+    if args.template_json:
+        text = args.template_json
+        source = "--template-json"
+        if not text.lstrip().startswith("{"):
+            p = Path(text)
+            if not p.is_file():
+                raise CLIError(f"--template-json: {text} is neither a JSON object nor an existing file")
+            text, source = p.read_text(encoding="utf-8"), str(p)
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{source} is not valid JSON: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise CLIError(f"{source} must hold a JSON object like {{\"instruction\": ..., \"fields\": {{column: name}}}}")
+    if args.instruction is not None:
+        spec["instruction"] = args.instruction
+    if args.field:
+        fields: dict[str, str] = {}
+        for item in args.field:
+            name, sep, column = item.partition("=")
+            if not sep or not name.strip() or not column.strip():
+                raise CLIError(f"--field {item!r}: expected NAME=COLUMN, e.g. --field name=title")
+            if column.strip() in fields:
+                raise CLIError(f"--field {item!r}: column {column.strip()!r} is used twice")
+            fields[column.strip()] = name.strip()
+        spec["fields"] = fields
+    if not spec:
+        return None
+    try:
+        return PromptTemplate.from_dict(spec)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"bad prompt template: {_one_line(exc)}") from exc
+
+
+def _template_for_check(template: Any) -> Any:
+    from .prompts import PromptTemplate
+
+    return template if template is not None else PromptTemplate()
+
+
+def check_table(df: Any, template: Any, id_column: str, items: str) -> None:
+    """Run the template's checks on the table (missing columns, all-empty items) before model work."""
+    try:
+        _template_for_check(template).validate(df, id_column=id_column)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CLIError(f"items file {items}: {_one_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------------------- embedder construction
+def _embedder_class() -> Any:
+    from .embedder import ItemEmbedder
+
+    return ItemEmbedder
+
+
+def _lora(args: argparse.Namespace) -> Any:
+    from .backbone import LoraSettings
+
+    targets: Any = args.lora_target_modules
+    if targets != "auto":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"bad LoRA settings: {_one_line(exc)}") from exc
+
+
+def _supported(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keep the keyword arguments ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    dropped = [k for k in kwargs if k not in params]
+    if dropped:
+        logger.debug("ignoring options not supported by %s: %s", getattr(fn, "__qualname__", fn), dropped)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def new_embedder(args: argparse.Namespace, template: Any) -> Any:
+    """``ItemEmbedder(...)`` from the model options of ``fit`` / ``encode --model``."""
+    cls = _embedder_class()
+    kwargs: dict[str, Any] = dict(
+        template=template, drop_prob=args.drop_prob, n_views=args.n_views, pooling=args.pooling,
+        lora=_lora(args), bidirectional=args.bidirectional, max_length=args.max_length,
+        similarity=args.similarity,
+    )
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return cls(args.model, **_supported(cls.__init__, kwargs))
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_fit(args: argparse.Namespace) -> int:
+    template = build_template(args)
+    if not 0.0 <= args.drop_prob < 1.0:
+        raise CLIError(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
+    if args.n_views < 2:
+        raise CLIError(f"--n-views must be at least 2, got {args.n_views}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.resume_from and not Path(args.resume_from).exists():
+        raise CLIError(f"--resume-from {args.resume_from} does not exist")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {out} exists and is not a folder")
+    df = read_items(args.items, args.id_column)
+    check_table(df, template, args.id_column, args.items)
+    emb = new_embedder(args, template)
+    fit_kwargs = dict(
+        id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        max_steps=args.max_steps, output_dir=str(out), resume_from=args.resume_from, seed=args.seed,
+    )
+    optional = dict(mini_batch_size=args.mini_batch_size, save_every=args.save_every,
+                    mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
+    fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
+    logger.info("fine-tuning on %d items from %s", len(df), args.items)
+    emb.fit(df, **fit_kwargs)
+    save_dir = Path(args.save_dir) if args.save_dir else out
+    emb.save_pretrained(str(save_dir))
+    print(f"saved the fine-tuned embedder to {save_dir}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    template = build_template(args)
+    if args.embedder and (template is not None or args.model):
+        raise CLIError("--embedder uses its saved model and template; do not combine it with --model, "
+                       "--template-json, --instruction or --field")
+    out = Path(args.output)
+    if out.is_dir():
+        raise CLIError(f"--output {out} is a folder; give a file name such as {out / 'embeddings.safetensors'}")
+    if args.recbole and Path(args.recbole).is_dir():
+        raise CLIError(f"--recbole {args.recbole} is a folder; give a file name such as dataset.itememb")
+    df = read_items(args.items, args.id_column)
+    if args.embedder:
+        src = args.embedder
+        if not Path(src).exists() and "/" not in src:
+            raise CLIError(f"--embedder {src} does not exist")
+        emb = _embedder_class().from_pretrained(src)
+        check_table(df, getattr(emb, "template", None), args.id_column, args.items)
+    else:
+        check_table(df, template, args.id_column, args.items)
+        emb = new_embedder(args, template)
+    kwargs = _supported(emb.encode, dict(id_column=args.id_column, batch_size=args.batch_size,
+                                         show_progress_bar=False if args.no_progress else None,
+                                         shard_dir=args.shard_dir))
+    E = emb.encode(df, **kwargs)
+    E.save(out)
+    print(f"saved {len(E)} item embeddings (dim {E.dim}) to {out}")
+    if args.recbole:
+        E.to_recbole(args.recbole, field=args.recbole_field)
+        print(f"wrote the RecBole file {args.recbole}")
+    return 0
+
+
+def _is_embeddings_folder(folder: Path, filename: str) -> bool:
+    return (folder / filename).is_file() and not any(
+        (folder / n).exists() for n in ("adapter_config.json", "config.json", "embedder_config.json", "item_embedder.json")
+    )
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    token = args.token or os.environ.get("HF_TOKEN") or None
+    path = Path(args.path)
+    if not path.exists():
+        raise CLIError(f"{path} does not exist (give a saved embedder folder or an embeddings .safetensors file)")
+    common = dict(token=token, private=args.private)
+    if args.commit_message:
+        common["commit_message"] = args.commit_message
+    if path.is_file() or _is_embeddings_folder(path, args.filename):
+        from .embeddings import ItemEmbeddings
+
+        E = ItemEmbeddings.load(path if path.is_file() else path / args.filename)
+        url = E.push_to_hub(args.repo_id, filename=path.name if path.is_file() else args.filename, **common)
+    else:
+        emb = _embedder_class().from_pretrained(str(path))
+        kwargs = _supported(emb.push_to_hub, common)
+        if args.private and "private" not in kwargs:
+            raise CLIError("this ItemEmbedder.push_to_hub does not support --private")
+        url = emb.push_to_hub(args.repo_id, **kwargs)
+    print(f"pushed {path} to {url if url else args.repo_id}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def _add_template_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt template (default: every non-id column, named after the column)")
+    g.add_argument("--template-json", metavar="JSON_OR_FILE",
+                   help='template as JSON or a JSON file: {"instruction": "...", "fields": {"column": "name"}}')
+    g.add_argument("--instruction", help="text before the attributes, e.g. 'This beauty product has the following attributes:'")
+    g.add_argument("--field", action="append", metavar="NAME=COLUMN",
+                   help="an attribute 'NAME is <value of COLUMN>'; repeat in prompt order (replaces the JSON fields)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="Hugging Face model id, local folder or .gguf file (default: the bundled all-MiniLM-L6-v2)")
+    g.add_argument("--pooling", choices=["mean", "last"], default="mean", help="pooling of the last layer (default: mean)")
+    g.add_argument("--max-length", type=int, default=256, help="truncate prompts to this many tokens (default: 256)")
+    bi = g.add_mutually_exclusive_group()
+    bi.add_argument("--bidirectional", dest="bidirectional", action="store_const", const=True, default=None,
+                    help="let a decoder LLM attend in both directions")
+    bi.add_argument("--causal", dest="bidirectional", action="store_const", const=False, help="keep causal attention")
+    g.add_argument("--similarity", choices=["dot", "cosine"], default="dot", help="contrastive similarity (default: dot)")
+    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a Hub model (off by default)")
+    g.add_argument("--drop-prob", type=float, default=0.2, help="probability of dropping each attribute in a view (default: 0.2)")
+    g.add_argument("--n-views", type=int, default=2, help="views per item (default: 2)")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    g.add_argument("--lora-target-modules", default="auto", metavar="auto|NAMES",
+                   help="comma-separated module names, or 'auto' (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Recommendation-aware item embeddings from item attribute tables: fine-tune a language "
+                    "model with masked-prompt contrastive LoRA, encode items, push to the Hugging Face Hub.",
+        epilog="Run '%(prog)s COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    common.add_argument("-q", "--quiet", action="store_true", help="only print warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = sub.add_parser("fit", parents=[common], help="fine-tune an item embedder on an items table",
+                         description="Fine-tune a language model (LoRA) so that masked views of the same item's "
+                                     "attribute prompt embed close together; saves the embedder folder.")
+    fit.add_argument("items", help="items table: .csv, .tsv, .parquet, .jsonl or .json")
+    fit.add_argument("--id-column", default="item_id", help="column with the item ids (default: item_id)")
+    fit.add_argument("--output-dir", required=True, help="folder for checkpoints and the fine-tuned embedder")
+    fit.add_argument("--save-dir", help="where to save the fine-tuned embedder (default: --output-dir)")
+    _add_template_options(fit)
+    _add_model_options(fit)
+    t = fit.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=1, help="passes over the items (default: 1)")
+    t.add_argument("--batch-size", type=int, default=64, help="items per contrastive batch (default: 64)")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: 2e-4)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    t.add_argument("--resume-from", help="checkpoint folder to continue an interrupted run from")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--mini-batch-size", type=int, default=None, help="GradCache chunk size (saves memory, same gradients)")
+    t.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="Accelerate mixed precision")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    fit.set_defaults(func=cmd_fit)
+
+    enc = sub.add_parser("encode", parents=[common], help="encode an items table into an embeddings file",
+                         description="Encode every item of a table with a fine-tuned embedder (--embedder) or an "
+                                     "untuned model (--model); writes one .safetensors file (and a RecBole file).")
+    enc.add_argument("items", help="items table: .csv, .tsv, .parquet, .jsonl or .json")
+    enc.add_argument("-o", "--output", required=True, help="embeddings file to write (.safetensors)")
+    enc.add_argument("--embedder", help="a saved embedder folder (from 'fit') or its Hub repo id")
+    enc.add_argument("--id-column", default="item_id", help="column with the item ids (default: item_id)")
+    enc.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    enc.add_argument("--shard-dir", help="encode in shards written here (bounded memory for huge catalogues)")
+    enc.add_argument("--recbole", metavar="FILE", help="also write RecBole's pre-trained embedding file (e.g. beauty.itememb)")
+    enc.add_argument("--recbole-field", default="iid", help="id field name in the RecBole file (default: iid)")
+    enc.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_template_options(enc)
+    _add_model_options(enc)
+    enc.set_defaults(func=cmd_encode)
+
+    push = sub.add_parser("push", parents=[common], help="upload an embedder folder or an embeddings file to the Hub",
+                          description="Upload a saved embedder folder or an embeddings .safetensors file, with a "
+                                      "generated model card. The token comes from --token or HF_TOKEN (or a stored "
+                                      "login) and is never printed or saved.")
+    push.add_argument("path", help="saved embedder folder or embeddings .safetensors file")
+    push.add_argument("repo_id", help="Hub repo id, e.g. user/beauty-item-embeddings")
+    push.add_argument("--token", help="Hub token (prefer the HF_TOKEN environment variable)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--commit-message", help="commit message")
+    push.add_argument("--filename", default="embeddings.safetensors",
+                      help="embeddings file name inside a folder (default: embeddings.safetensors)")
+    push.set_defaults(func=cmd_push)
+    return parser
+
+
+# ---------------------------------------------------------------------------- entry point
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    msg = " ".join(str(msg).split())
+    return msg or type(exc).__name__
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("llm_item_embed")
+    if not any(getattr(h, "_llm_item_embed_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._llm_item_embed_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 1 error, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    token = getattr(args, "token", None) or os.environ.get("HF_TOKEN")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug and not (token and token in f"{exc!r}"):
+            raise
+        msg = _one_line(exc)
+        if token:
+            msg = msg.replace(token, "***")
+        kind = "" if isinstance(exc, CLIError) else f"{type(exc).__name__}: "
+        print(f"{PROG} {args.command}: error: {kind}{msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
