@@ -156,6 +156,12 @@ class GRU4RecEncoder(nn.Module):
         return self.out_dropout(out) * (~padding_mask).unsqueeze(-1).to(out.dtype)
 
 
+def _require(model: nn.Module, who: str, what: str, names: tuple[str, ...]) -> None:
+    missing = [n for n in names if not hasattr(model, n)]
+    if missing:
+        raise TypeError(f"{who}: the model ({type(model).__name__}) lacks attributes {missing}; expected {what}")
+
+
 class RecBoleSASRecAdapter(nn.Module):
     """Expose a RecBole-style SASRec (``position_embedding``, ``LayerNorm``, ``dropout``,
     ``trm_encoder``) as a ``SequenceEncoder``, reusing its trained layers.
@@ -168,10 +174,8 @@ class RecBoleSASRecAdapter(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        for name in ("position_embedding", "LayerNorm", "dropout", "trm_encoder"):
-            if not hasattr(model, name):
-                raise TypeError(f"RecBoleSASRecAdapter: the model has no attribute {name!r}; "
-                                "expected a RecBole-style SASRec")
+        _require(model, "RecBoleSASRecAdapter", "a RecBole-style SASRec",
+                 ("position_embedding", "LayerNorm", "dropout", "trm_encoder"))
         self.model = model
         self.hidden_size = int(model.position_embedding.embedding_dim)
         self.max_len = int(model.position_embedding.num_embeddings)
@@ -208,11 +212,9 @@ class PmixerSASRecAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, scale_input: bool = True) -> None:
         super().__init__()
-        for name in ("pos_emb", "emb_dropout", "attention_layernorms", "attention_layers",
-                     "forward_layernorms", "forward_layers", "last_layernorm"):
-            if not hasattr(model, name):
-                raise TypeError(f"PmixerSASRecAdapter: the model has no attribute {name!r}; "
-                                "expected a pmixer SASRec.pytorch-style model")
+        _require(model, "PmixerSASRecAdapter", "a pmixer SASRec.pytorch-style model",
+                 ("pos_emb", "emb_dropout", "attention_layernorms", "attention_layers",
+                  "forward_layernorms", "forward_layers", "last_layernorm"))
         self.model = model
         self.scale_input = scale_input
         self.hidden_size = int(model.pos_emb.embedding_dim)
