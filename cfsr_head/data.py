@@ -517,6 +517,18 @@ class SplitData:
             self._cache[("keys", part)] = np.unique(rows * (self.num_items + 1) + self.items[mask])
         return self._cache[("keys", part)]
 
+    def _users_without_negatives(self, part: Literal["train", "valid", "test", "all"]) -> np.ndarray:
+        """Rows of users whose ``part`` history already holds every item (no negative exists)."""
+        counts = np.bincount(self._keys(part) // (self.num_items + 1), minlength=self.num_users)
+        return np.flatnonzero(counts >= self.num_items)
+
+    def check_negatives(self, part: Literal["train", "valid", "test", "all"]) -> None:
+        """Raise a clear error if some user has interacted with every item (nothing to sample)."""
+        full = self._users_without_negatives(part)
+        if len(full):
+            raise ValueError(f"{len(full)} user(s) have interacted with all {self.num_items} items, so no "
+                             f"negative item can be sampled for them (e.g. {self.user_ids[full[:5]].tolist()})")
+
     def history(self, split: Literal["valid", "test", "all"] = "test"):
         """``scipy.sparse.csr_matrix`` [U, N+1] (bool) of the items in each user's evaluation input
         (valid: train items; test: train + valid item; all: every interacted item)."""
@@ -582,6 +594,7 @@ class SplitData:
         rows, starts, ends = self._train_windows(L, sliding)
         order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
         keys = self._keys("train")
+        self.check_negatives("train")
         for b in range(0, len(order), batch_size):
             sel = order[b:b + batch_size]
             if drop_last and len(sel) < batch_size:

@@ -235,6 +235,7 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
     if protocol == "sampled":
         if n_negatives < 1:
             raise ValueError("n_negatives must be >= 1")
+        split_data.check_negatives("all")
         rows = np.repeat(np.arange(U), n_negatives).reshape(U, n_negatives)
         negs = _sample_excluding(_as_rng(seed), rows, n_items, split_data._keys("all"))
         cands_all = torch.from_numpy(np.concatenate([targets_np[:, None], negs], axis=1))
