@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PCAProjection"]
+__all__ = ["PCAProjection", "choose_method"]
 
 
 def _as_tensor(matrix: Any) -> Tensor:
@@ -17,6 +17,11 @@ def _as_tensor(matrix: Any) -> Tensor:
     if t.ndim != 2:
         raise ValueError(f"PCA needs a 2-D matrix, got shape {tuple(t.shape)}")
     return t.detach().float()
+
+
+def choose_method(n_rows: int, d_in: int, d: int) -> str:
+    """What ``method="auto"`` picks: randomized for large inputs with ``d < min(N, d_in) / 2``."""
+    return "randomized" if (n_rows * d_in > 2e7 and d < min(n_rows, d_in) / 2) else "exact"
 
 
 def _fix_signs(components: Tensor) -> Tensor:
@@ -63,7 +68,7 @@ class PCAProjection(nn.Module):
         if not torch.isfinite(X).all():
             raise ValueError("PCA input contains NaN or inf")
         if method == "auto":
-            method = "randomized" if (N * d_in > 2e7 and d < min(N, d_in) / 2) else "exact"
+            method = choose_method(N, d_in, d)
         mu = X.double().mean(dim=0).float() if N * d_in <= 5e8 else X.mean(dim=0)
         if method == "exact":
             Xd = X.double()
