@@ -1,5 +1,20 @@
 """llm_item_embed: attribute tables -> recommendation-aware item embeddings.
 
 Masked-prompt contrastive LoRA tuning of any Hugging Face language model (stage 1 of LLM-CFSR).
+
+>>> from llm_item_embed import ItemEmbedder, PromptTemplate, ItemEmbeddings
 """
 __version__ = "0.1.0"
+
+from .backbone import BackboneSettings, LoraSettings, TextEncoder, default_model_path, load_text_encoder
+from .embedder import ItemEmbedder
+from .embeddings import ItemEmbeddings
+from .losses import ContrastiveLoss
+from .prompts import PromptTemplate
+from .training import ContrastiveTrainer, FitConfig
+
+__all__ = [
+    "__version__", "ItemEmbedder", "PromptTemplate", "LoraSettings", "BackboneSettings", "TextEncoder",
+    "ItemEmbeddings", "ContrastiveLoss", "FitConfig", "ContrastiveTrainer", "load_text_encoder",
+    "default_model_path",
+]

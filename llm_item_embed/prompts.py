@@ -187,13 +187,20 @@ class PromptTemplate:
         fields = self.fields
         if fields is None and self._columns is not None:
             fields = {c: c for c in self._columns}
-        return {"instruction": self.instruction, "fields": dict(fields) if fields is not None else None,
+        # fields as [column, name] pairs: JSON writers may sort object keys, and order matters here
+        return {"instruction": self.instruction,
+                "fields": [[c, n] for c, n in fields.items()] if fields is not None else None,
                 "separator": self.separator, "end": self.end, "list_separator": self.list_separator}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PromptTemplate":
+        """Inverse of :meth:`to_dict` (``fields`` may be ``[[column, name], ...]`` or a mapping)."""
         known = {"instruction", "fields", "separator", "end", "list_separator"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown PromptTemplate keys {sorted(unknown)}")
-        return cls(**dict(d))
+        d = dict(d)
+        fields = d.get("fields")
+        if fields is not None and not isinstance(fields, Mapping):
+            d["fields"] = {str(c): str(n) for c, n in fields}
+        return cls(**d)
