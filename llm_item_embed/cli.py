@@ -177,7 +177,7 @@ def new_embedder(args: argparse.Namespace, template: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         template=template, drop_prob=args.drop_prob, n_views=args.n_views, pooling=args.pooling,
         lora=_lora(args), bidirectional=args.bidirectional, max_length=args.max_length,
-        similarity=args.similarity,
+        similarity="cos" if args.similarity == "cosine" else args.similarity,
     )
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
@@ -191,12 +191,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
     if args.n_views < 2:
         raise CLIError(f"--n-views must be at least 2, got {args.n_views}")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch_size < 2:
+        raise CLIError(f"--batch-size must be at least 2 (in-batch negatives), got {args.batch_size}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CLIError(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.lr <= 0:
         raise CLIError(f"--lr must be positive, got {args.lr}")
-    if args.resume_from and not Path(args.resume_from).exists():
+    if args.resume_from and args.resume_from != "latest" and not Path(args.resume_from).exists():
         raise CLIError(f"--resume-from {args.resume_from} does not exist")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -206,9 +209,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        max_steps=args.max_steps, output_dir=str(out), resume_from=args.resume_from, seed=args.seed,
+        max_steps=args.max_steps, output_dir=str(out), resume_from=args.resume_from,
     )
-    optional = dict(mini_batch_size=args.mini_batch_size, save_every=args.save_every,
+    optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
     logger.info("fine-tuning on %d items from %s", len(df), args.items)
@@ -252,9 +255,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _is_embeddings_folder(folder: Path, filename: str) -> bool:
-    return (folder / filename).is_file() and not any(
-        (folder / n).exists() for n in ("adapter_config.json", "config.json", "embedder_config.json", "item_embedder.json")
-    )
+    """A folder holding an embeddings file and no saved embedder (``item_embedder_config.json``)."""
+    return (folder / filename).is_file() and not (folder / "item_embedder_config.json").exists()
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -275,7 +277,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         from .embeddings import ItemEmbeddings
 
         E = ItemEmbeddings.load(path if path.is_file() else path / args.filename)
-        url = E.push_to_hub(args.repo_id, filename=path.name if path.is_file() else args.filename, **common)
+        url = E.push_to_hub(args.repo_id, filename=args.filename, **common)
     else:
         emb = _embedder_class().from_pretrained(str(path))
         kwargs = _supported(emb.push_to_hub, common)
@@ -305,7 +307,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     bi.add_argument("--bidirectional", dest="bidirectional", action="store_const", const=True, default=None,
                     help="let a decoder LLM attend in both directions")
     bi.add_argument("--causal", dest="bidirectional", action="store_const", const=False, help="keep causal attention")
-    g.add_argument("--similarity", choices=["dot", "cosine"], default="dot", help="contrastive similarity (default: dot)")
+    g.add_argument("--similarity", choices=["dot", "cos", "cosine"], default="dot",
+                   help="contrastive similarity: inner product or cosine (default: dot)")
     g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a Hub model (off by default)")
     g.add_argument("--drop-prob", type=float, default=0.2, help="probability of dropping each attribute in a view (default: 0.2)")
     g.add_argument("--n-views", type=int, default=2, help="views per item (default: 2)")
@@ -345,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64, help="items per contrastive batch (default: 64)")
     t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: 2e-4)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    t.add_argument("--resume-from", help="checkpoint folder to continue an interrupted run from")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--resume-from", help="checkpoint folder to continue an interrupted run from, or 'latest'")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: the library's)")
     t.add_argument("--mini-batch-size", type=int, default=None, help="GradCache chunk size (saves memory, same gradients)")
     t.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="Accelerate mixed precision")
@@ -379,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--commit-message", help="commit message")
     push.add_argument("--filename", default="embeddings.safetensors",
-                      help="embeddings file name inside a folder (default: embeddings.safetensors)")
+                      help="embeddings file name in the repo, and inside PATH when it is a folder "
+                           "(default: embeddings.safetensors, what from_pretrained looks for)")
     push.set_defaults(func=cmd_push)
     return parser
 
@@ -391,12 +395,23 @@ def _one_line(exc: BaseException) -> str:
     return msg or type(exc).__name__
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (safe under redirection)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     log = logging.getLogger("llm_item_embed")
-    if not any(getattr(h, "_llm_item_embed_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._llm_item_embed_cli = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 

@@ -90,8 +90,9 @@ def render_model_card(
     if kind == "embeddings":
         tags.append("embeddings")
     front = ["---", f"library_name: {LIBRARY_NAME}", "tags:"] + [f"- {t}" for t in tags]
-    if _looks_like_hub_id(base):
-        front.append(f"base_model: {json.dumps(base)}")
+    hub_base = base[: -len(" (bundled)")] if isinstance(base, str) and base.endswith(" (bundled)") else base
+    if _looks_like_hub_id(hub_base):
+        front.append(f"base_model: {json.dumps(hub_base)}")
     if kind == "embedder":
         front.append("pipeline_tag: feature-extraction")
     front.append("---")
