@@ -41,6 +41,10 @@ class PCAProjection(nn.Module):
     implicit (the centred copy of the matrix is never built), cost ~ N * d_in * (d + 10) * 10.
     ``"auto"``: randomized when ``N * d_in > 2e7`` and ``d < min(N, d_in) / 2``.
     ``mean``, ``components`` and ``explained_variance`` are buffers (state_dict-able).
+
+    Measured (randomized, d=64, n_iter=4, 2 shared CPU threads): 20,000 x 4096 in 12 s; the cost
+    is linear in N, so 1,000,000 x 4096 (16 GB of float32) takes roughly 10 minutes on such a CPU
+    and seconds on a GPU (pass a CUDA tensor). Memory: the input plus O((N + d_in) * (d + 10)).
     """
 
     def __init__(self, d_in: int = 0, d: int = 0) -> None:
@@ -58,7 +62,7 @@ class PCAProjection(nn.Module):
         return int(self.components.shape[1])
 
     @classmethod
-    def fit(cls, matrix: Any, d: int, method: str = "auto", seed: int = 0, n_iter: int = 6,
+    def fit(cls, matrix: Any, d: int, method: str = "auto", seed: int = 0, n_iter: int = 4,
             n_oversamples: int = 10) -> "PCAProjection":
         """Fit on ``matrix [N, d_in]`` (tensor, array or ItemEmbeddings-like) and return the projection."""
         X = _as_tensor(matrix)
