@@ -1,0 +1,338 @@
+"""``cfsr`` command line: train a DualViewHead (or a plain SASRec/GRU4Rec) on a dataset folder and
+evaluate a trained model.
+
+    cfsr train --data ml-100k --embeddings items.safetensors --output-dir runs/ml100k
+    cfsr evaluate --data ml-100k --model runs/ml100k --protocol sampled --json out.json
+
+``train`` writes into ``--output-dir``: ``config.json`` + ``model.safetensors`` (the head, with
+``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
+settings), ``metrics.json`` (training history, best epoch, test metrics under both protocols) and
+``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run).
+
+Embeddings file: the ``llm_item_embed`` safetensors format (tensor ``embeddings`` float [N, d],
+``ids_utf8`` uint8 bytes and ``ids_offsets`` int64 [N + 1]), or any safetensors file holding one
+2-D float tensor plus either that id pair or a JSON list of ids under the header key ``ids``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+VARIANTS = ("full", "no-semantic", "no-collaborative", "concat", "unshared", "sasrec")
+NEEDS_EMBEDDINGS = ("full", "no-collaborative", "concat", "unshared")
+# settings that may differ when a run is resumed with the same command
+_RESUME_FREE = {"epochs", "patience", "no_progress", "quiet"}
+
+
+class CLIError(Exception):
+    """A bad input: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------- embeddings
+class SemanticTable:
+    """Raw ids + float32 matrix (duck-types ``ItemEmbeddings`` for ``align_semantic``)."""
+
+    def __init__(self, ids: list[str], matrix: np.ndarray) -> None:
+        self.ids = ids
+        self.matrix = matrix
+
+
+def read_embeddings(path: str | Path) -> SemanticTable:
+    """Read an item-embeddings safetensors file (see the module docstring) without importing
+    ``llm_item_embed``."""
+    from .io import load_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "embeddings.safetensors"
+        if not candidate.is_file():
+            raise CLIError(f"--embeddings {path} is a folder without embeddings.safetensors")
+        path = candidate
+    if not path.is_file():
+        raise CLIError(f"--embeddings file {path} does not exist")
+    try:
+        tensors, header = load_safetensors(path)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    import torch
+
+    ids: list[str] | None = None
+    if "ids_utf8" in tensors and "ids_offsets" in tensors:
+        blob = tensors.pop("ids_utf8").numpy().tobytes()
+        offsets = tensors.pop("ids_offsets").numpy().astype(np.int64)
+        if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
+            raise CLIError(f"{path}: ids_offsets do not match the {len(blob)} id bytes (corrupted file?)")
+        try:
+            ids = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"{path}: item ids are not valid UTF-8 ({exc})") from exc
+    elif "ids" in header:
+        try:
+            ids = [str(x) for x in json.loads(header["ids"])]
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CLIError(f"{path}: header 'ids' is not a JSON list of ids ({exc})") from exc
+    if "embeddings" in tensors:
+        matrix = tensors["embeddings"]
+    else:
+        floats = {k: v for k, v in tensors.items() if v.ndim == 2 and v.is_floating_point()}
+        if len(floats) != 1:
+            raise CLIError(f"{path}: expected one 2-D float tensor (or one named 'embeddings'), found "
+                           f"{sorted(floats) or 'none'} among {sorted(tensors)}")
+        matrix = next(iter(floats.values()))
+    if matrix.ndim != 2 or not matrix.is_floating_point():
+        raise CLIError(f"{path}: 'embeddings' must be a 2-D float tensor, got {matrix.dtype} {tuple(matrix.shape)}")
+    if ids is None:
+        raise CLIError(f"{path} has no item ids (need tensors ids_utf8 + ids_offsets, or a JSON list "
+                       "under the header key 'ids')")
+    if len(ids) != matrix.shape[0]:
+        raise CLIError(f"{path}: {len(ids)} ids but the matrix has {matrix.shape[0]} rows")
+    return SemanticTable(ids, matrix.to(torch.float32).numpy())
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.ndarray | None, *, d: int,
+                max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int):
+    """The DualViewHead of one CLI variant ("sasrec": ID-only with a random table)."""
+    import torch
+
+    from .encoders import GRU4RecEncoder, SASRecEncoder
+    from .head import DualViewHead
+
+    torch.manual_seed(seed)
+    if encoder_name == "sasrec":
+        encoder = SASRecEncoder(d=d, n_layers=n_layers, n_heads=n_heads, max_len=max_len, dropout=dropout)
+    else:
+        encoder = GRU4RecEncoder(d=d, n_layers=1, dropout=dropout)
+    opts: dict[str, Any] = dict(d=d, dropout=dropout, loss=loss, seed=seed)
+    if variant == "sasrec" or (variant == "no-semantic" and semantic is None):
+        return DualViewHead(encoder, semantic=None, num_items=num_items, use_semantic=False,
+                            collab_init="random", **opts)
+    if variant == "no-semantic":  # ID view only, table initialised by PCA of the semantic table
+        opts["use_semantic"] = False
+    elif variant == "no-collaborative":
+        opts["use_collaborative"] = False
+    elif variant == "concat":
+        opts["fusion"] = "concat"
+    elif variant == "unshared":
+        opts["shared_encoder"] = False
+    return DualViewHead(encoder, semantic=semantic, num_items=num_items, **opts)
+
+
+# ---------------------------------------------------------------------------------- printing
+def format_summary(result: Any) -> str:
+    """A table: one row per group, columns users and HR/NDCG@K."""
+    summary, counts = result.summary(), result.counts()
+    cols = [f"{m}@{k}" for k in result.ks for m in ("HR", "NDCG")]
+    width = max(12, *(len(g) + 2 for g in summary))
+    lines = [f"{'group':<{width}}{'users':>7}" + "".join(f"{c:>10}" for c in cols)]
+    for g, row in summary.items():
+        lines.append(f"{g:<{width}}{counts.get(g, 0):>7}" + "".join(f"{row[c]:>10.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def _load_split(data: str, max_len: int | None, item_index: Any = None):
+    from .data import leave_one_out, load_dataset
+
+    dataset = load_dataset(data)
+    return leave_one_out(dataset, max_len=max_len, item_index=item_index)
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import align_semantic
+    from .io import atomic_write_json, read_json
+    from .train import TrainConfig, Trainer
+
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {out} exists and is not a folder")
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    run_file = out / "run.json"
+    if run_file.is_file():
+        old = read_json(run_file).get("settings", {})
+        diff = sorted(k for k in settings if k not in _RESUME_FREE and k in old and old[k] != settings[k])
+        if diff:
+            raise CLIError(f"--output-dir {out} holds a run with other settings ("
+                           + ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
+                           + "); use a new --output-dir")
+    if args.variant in NEEDS_EMBEDDINGS and not args.embeddings:
+        raise CLIError(f"--variant {args.variant} needs --embeddings (a semantic item table)")
+    if args.variant == "sasrec" and args.embeddings:
+        raise CLIError("--variant sasrec uses no semantic table; drop --embeddings or use --variant no-semantic")
+
+    split = _load_split(args.data, args.max_len)
+    semantic = None
+    if args.embeddings:
+        table = read_embeddings(args.embeddings)
+        semantic = align_semantic(table, split.item_index, missing=args.missing_embeddings)
+        if args.d > min(semantic.shape) and args.variant != "no-collaborative":
+            raise CLIError(f"--d {args.d} is larger than the embeddings allow for PCA "
+                           f"(min(items, width) = {min(semantic.shape)})")
+    model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
+                        n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout, loss=args.loss,
+                        seed=args.seed)
+    atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
+    split.item_index.save(out / "item_index.json")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         loss=args.loss, max_len=args.max_len, patience=args.patience, seed=args.seed,
+                         output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
+                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol)
+    trainer = Trainer(model, split, config)
+    result = trainer.fit()
+    if not result.history or result.best_epoch == 0:
+        raise CLIError("training produced no evaluated epoch")
+    model.save_pretrained(out)
+    tests = {p: trainer.test(protocol=p) for p in ("full", "sampled")}
+    metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,
+               "train": result.to_dict(), "train_config": config.to_dict(),
+               "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
+    atomic_write_json(out / "metrics.json", metrics)
+    if not args.quiet:
+        print(f"best epoch {result.best_epoch}: valid {config.metric} {result.best_metric:.4f}"
+              f"{' (stopped early)' if result.stopped_early else ''}")
+        for p, r in tests.items():
+            print(f"\ntest, {p} ranking:")
+            print(format_summary(r))
+        print(f"\nsaved model and metrics to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import ItemIndex
+    from .evaluate import evaluate
+    from .head import DualViewHead
+    from .io import atomic_write_json
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
+                       "expected; write one with `cfsr train`)")
+    item_index = None
+    if (model_dir / "item_index.json").is_file():
+        item_index = ItemIndex.load(model_dir / "item_index.json")
+    model = DualViewHead.from_pretrained(model_dir)
+    max_len = args.max_len or getattr(model, "max_len", None) or 50
+    try:
+        split = _load_split(args.data, max_len, item_index)
+    except KeyError as exc:
+        raise CLIError(f"--data {args.data} has items the model at {model_dir} does not know: "
+                       f"{exc.args[0] if exc.args else exc}") from exc
+    if split.num_items != model.num_items:
+        raise CLIError(f"--model {model_dir} scores {model.num_items} items but --data {args.data} has "
+                       f"{split.num_items}; evaluate on the dataset the model was trained on")
+    result = evaluate(model, split, split=args.split, protocol=args.protocol, max_len=max_len, seed=args.seed)
+    print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking")
+    print(format_summary(result))
+    if args.json:
+        atomic_write_json(args.json, {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data),
+                                      "split": args.split, "protocol": args.protocol,
+                                      "summary": result.summary(), "counts": result.counts()})
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfsr", description="Train and evaluate LLM-CFSR dual-view heads.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a head on a dataset folder; save it with metrics",
+                       description="Train a DualViewHead (or plain SASRec/GRU4Rec) with early stopping on "
+                                   "validation NDCG@10; rerun the same command to resume an interrupted run.")
+    t.add_argument("--data", required=True, help="dataset folder (items.csv + interactions.csv) or a name "
+                                                 "under the data folder (e.g. ml-100k)")
+    t.add_argument("--embeddings", help="item embeddings (safetensors, llm_item_embed format)")
+    t.add_argument("--encoder", choices=("sasrec", "gru4rec"), default="sasrec")
+    t.add_argument("--variant", choices=VARIANTS, default="full",
+                   help="full: LLM-CFSR head; no-semantic / no-collaborative / concat / unshared: the "
+                        "paper's ablations; sasrec: ID-only baseline (random table)")
+    t.add_argument("--loss", choices=("bpr", "ce", "bce", "sampled_softmax"), default="bpr")
+    t.add_argument("--d", type=_positive_int, default=64, help="hidden size per view")
+    t.add_argument("--max-len", type=_positive_int, default=50)
+    t.add_argument("--n-layers", type=_positive_int, default=2)
+    t.add_argument("--n-heads", type=_positive_int, default=4)
+    t.add_argument("--epochs", type=_positive_int, default=200)
+    t.add_argument("--patience", type=int, default=20, help="evaluations without improvement before stopping")
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--dropout", type=_fraction, default=0.2)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--sliding", action="store_true", help="train on every max_len window of long sequences")
+    t.add_argument("--eval-protocol", choices=("full", "sampled"), default="full",
+                   help="protocol of the validation metric used for early stopping")
+    t.add_argument("--missing-embeddings", choices=("error", "zeros", "mean"), default="error",
+                   help="what to do with dataset items that the embeddings file lacks")
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--quiet", action="store_true", help="print nothing on success")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained model; print HR/NDCG@5/10/20 per group",
+                       description="Evaluate a model folder written by `cfsr train` (leave-one-out test split).")
+    e.add_argument("--data", required=True, help="dataset folder or name (the one the model was trained on)")
+    e.add_argument("--model", required=True, help="folder written by `cfsr train`")
+    e.add_argument("--protocol", choices=("full", "sampled"), default="full",
+                   help="full ranking over all items, or the target plus 100 sampled negatives")
+    e.add_argument("--split", choices=("test", "valid"), default="test")
+    e.add_argument("--max-len", type=_positive_int, default=None, help="input window (default: the model's)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    e.add_argument("--json", help="also write the summary to this JSON file")
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cfsr`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"cfsr {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"cfsr {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"cfsr {args.command}: error: {msg}".splitlines()[0], file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

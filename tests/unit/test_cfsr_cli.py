@@ -1,0 +1,217 @@
+"""`cfsr train | evaluate` on a tiny dataset folder written here (item i is followed by i+1)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cfsr_head.cli import main, read_embeddings
+
+N_ITEMS = 24
+
+
+def write_dataset(folder: Path, n_items: int = N_ITEMS, n_users: int = 80, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start, length = rng.integers(0, n_items), rng.integers(5, 11)
+        rows += [(f"u{u}", f"it{(start + t) % n_items}", 1000 + t) for t in range(length)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(folder / "interactions.csv", index=False)
+    pd.DataFrame({"item_id": [f"it{i}" for i in range(n_items)],
+                  "title": [f"item number {i}" for i in range(n_items)]}).to_csv(folder / "items.csv", index=False)
+    return folder
+
+
+def semantic_matrix(n_items: int = N_ITEMS, width: int = 16) -> np.ndarray:
+    """Item i's vector encodes its position on a circle, so neighbours are similar."""
+    ang = 2 * np.pi * np.arange(n_items) / n_items
+    cols = [f(ang * k) for k in range(1, width // 2 + 1) for f in (np.cos, np.sin)]
+    return np.stack(cols, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def embeddings_file(tmp_path_factory) -> Path:
+    """Written with llm_item_embed's own writer (the format the CLI must read), ids shuffled."""
+    from llm_item_embed.embeddings import ItemEmbeddings
+
+    order = np.random.default_rng(1).permutation(N_ITEMS)
+    path = tmp_path_factory.mktemp("emb") / "items.safetensors"
+    ItemEmbeddings([f"it{i}" for i in order], semantic_matrix()[order], {"base_model": "test"}).save(path)
+    return path
+
+
+def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset), "--output-dir", str(out), "--d", "8", "--max-len", "10",
+            "--n-layers", "1", "--n-heads", "2", "--epochs", "3", "--lr", "5e-3", "--batch-size", "32",
+            "--no-progress", *extra]
+
+
+def test_train_then_evaluate_with_embeddings(dataset, embeddings_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--loss", "ce")) == 0
+    printed = capsys.readouterr().out
+    assert "best epoch" in printed and "Overall" in printed and "NDCG@10" in printed
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert all(p.suffix in (".json", ".safetensors") for p in files), files
+    for name in ("config.json", "model.safetensors", "item_index.json", "metrics.json", "run.json",
+                 "checkpoints/last/trainer_state.json", "checkpoints/best/model.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["variant"] == "full" and metrics["train"]["epochs_run"] == 3
+    assert metrics["train_config"]["loss"] == "ce"
+    assert set(metrics["test"]) == {"full", "sampled"}
+    full = metrics["test"]["full"]["summary"]["Overall"]
+    assert 0 <= full["NDCG@10"] <= 1 and full["HR@20"] >= full["HR@10"] >= full["HR@5"]
+
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    for col in ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "Tail item", "Head user"):
+        assert col in printed
+    saved = json.loads(report.read_text())
+    # the saved model reproduces the numbers measured right after training
+    assert saved["summary"]["Overall"] == pytest.approx(full)
+    assert saved["counts"]["Overall"] == 80
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--protocol", "sampled"]) == 0
+    assert "sampled" in capsys.readouterr().out
+
+
+def test_semantic_view_beats_chance_on_the_pattern(dataset, embeddings_file, tmp_path):
+    """Item i+1 follows i and the embeddings place neighbours together: the head must learn it."""
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--loss", "ce",
+                           "--epochs", "8", "--lr", "1e-2", "--quiet")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # chance NDCG@10 with 24 items (history masked) is about 0.25
+    assert metrics["test"]["full"]["summary"]["Overall"]["NDCG@10"] > 0.5
+
+
+@pytest.mark.parametrize("variant", ["sasrec", "no-semantic", "concat"])
+def test_variants(dataset, embeddings_file, tmp_path, variant, capsys):
+    extra = [] if variant == "sasrec" else ["--embeddings", str(embeddings_file)]
+    out = tmp_path / variant
+    assert main(train_args(dataset, out, "--variant", variant, "--epochs", "1", "--quiet", *extra)) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    if variant in ("sasrec", "no-semantic"):
+        assert config["use_semantic"] is False
+    if variant == "concat":
+        assert config["fusion"] == "concat"
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out)]) == 0
+    assert "Overall" in capsys.readouterr().out
+
+
+def test_gru4rec_encoder(dataset, tmp_path):
+    out = tmp_path / "gru"
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--encoder", "gru4rec", "--epochs", "1",
+                           "--quiet")) == 0
+    assert json.loads((out / "config.json").read_text())["encoder"]["type"] == "GRU4RecEncoder"
+
+
+def test_rerun_resumes_and_extends(dataset, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--epochs", "2", "--quiet")) == 0
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--epochs", "3", "--quiet")) == 0
+    train = json.loads((out / "metrics.json").read_text())["train"]
+    assert train["resumed_from_epoch"] == 2 and train["epochs_run"] == 3
+    # a different setting in the same folder is refused, naming it
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--lr", "0.1", "--quiet")) == 2
+
+
+def test_generic_safetensors_with_header_ids(tmp_path, dataset):
+    path = tmp_path / "plain.safetensors"
+    mat = semantic_matrix()
+    save_file({"vectors": torch.from_numpy(mat)}, str(path),
+              metadata={"ids": json.dumps([f"it{i}" for i in range(N_ITEMS)])})
+    table = read_embeddings(path)
+    assert table.ids[3] == "it3" and np.array_equal(table.matrix, mat)
+    assert main(train_args(dataset, tmp_path / "run", "--embeddings", str(path), "--epochs", "1", "--quiet")) == 0
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_exit_nonzero_naming_the_culprit(dataset, embeddings_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    # full variant without embeddings
+    assert main(train_args(dataset, tmp_path / "a", "--variant", "full")) != 0
+    assert "--embeddings" in one_line_error(capsys)
+    # dataset that does not exist
+    assert main(train_args(tmp_path / "nowhere", tmp_path / "b", "--variant", "sasrec")) != 0
+    assert "nowhere" in one_line_error(capsys)
+    # dataset folder missing a file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "items.csv").write_text("item_id,title\nit0,x\n")
+    assert main(train_args(broken, tmp_path / "c", "--variant", "sasrec")) != 0
+    assert "interactions.csv" in one_line_error(capsys)
+    # dataset folder missing a column
+    nocol = tmp_path / "nocol"
+    nocol.mkdir()
+    (nocol / "items.csv").write_text("item_id,title\nit0,x\n")
+    (nocol / "interactions.csv").write_text("user_id,item_id\nu1,it0\n")
+    assert main(train_args(nocol, tmp_path / "c2", "--variant", "sasrec")) != 0
+    assert "timestamp" in one_line_error(capsys)
+    # embeddings file that does not exist / is not safetensors
+    assert main(train_args(dataset, tmp_path / "d", "--embeddings", str(tmp_path / "none.safetensors"))) != 0
+    assert "none.safetensors" in one_line_error(capsys)
+    assert main(train_args(dataset, tmp_path / "e", "--embeddings", str(dataset / "items.csv"))) != 0
+    assert "items.csv" in one_line_error(capsys)
+    # embeddings lacking some of the dataset's items: count and examples
+    from llm_item_embed.embeddings import ItemEmbeddings
+
+    partial = tmp_path / "partial.safetensors"
+    ItemEmbeddings([f"it{i}" for i in range(N_ITEMS - 3)], semantic_matrix()[: N_ITEMS - 3]).save(partial)
+    assert main(train_args(dataset, tmp_path / "f", "--embeddings", str(partial))) != 0
+    err = one_line_error(capsys)
+    assert "3 of 24" in err and "it23" in err
+    # ... unless told how to fill them
+    assert main(train_args(dataset, tmp_path / "f2", "--embeddings", str(partial), "--missing-embeddings",
+                           "mean", "--epochs", "1", "--quiet")) == 0
+    capsys.readouterr()
+    # NaN in the semantic table
+    nan = semantic_matrix()
+    nan[5, 0] = np.nan
+    bad = tmp_path / "nan.safetensors"
+    save_file({"embeddings": torch.from_numpy(nan)}, str(bad), metadata={"ids": json.dumps([f"it{i}" for i in range(N_ITEMS)])})
+    assert main(train_args(dataset, tmp_path / "g", "--embeddings", str(bad))) != 0
+    assert "NaN" in one_line_error(capsys)
+    # a number that is not one
+    with pytest.raises(SystemExit) as exc:
+        main(train_args(dataset, out, "--lr", "-1"))
+    assert exc.value.code != 0 and "--lr" in capsys.readouterr().err
+    # evaluate: a folder that is not a model, and a dataset the model was not trained on
+    assert main(["evaluate", "--data", str(dataset), "--model", str(tmp_path)]) != 0
+    assert str(tmp_path) in one_line_error(capsys)
+    model_dir = tmp_path / "m"
+    assert main(train_args(dataset, model_dir, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
+    other = write_dataset(tmp_path / "other", n_items=N_ITEMS + 6)
+    assert main(["evaluate", "--data", str(other), "--model", str(model_dir)]) != 0
+    err = one_line_error(capsys)
+    assert "it2" in err and "not know" in err
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("cfsr")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfsr_head.cli"]
+    res = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0 and "--embeddings" in res.stdout and "--variant" in res.stdout
+    res = subprocess.run([*cmd, "frobnicate"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "frobnicate" in res.stderr
