@@ -477,6 +477,11 @@ class SplitData:
         return len(self.user_ids)
 
     @property
+    def users(self) -> np.ndarray:
+        """Alias of ``user_ids``."""
+        return self.user_ids
+
+    @property
     def lengths(self) -> np.ndarray:
         """Full sequence length per user (train + 2)."""
         return np.diff(self.offsets)

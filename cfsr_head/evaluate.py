@@ -323,6 +323,11 @@ class PopularityModel(nn.Module):
         self.register_buffer("popularity", pop)
         self.num_items = len(pop) - 1
 
+    @classmethod
+    def from_split(cls, split_data: SplitData) -> "PopularityModel":
+        """Popularity from ``split_data``'s training sequences."""
+        return cls(split_data)
+
     def user_state(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros(item_seq.shape[0], 1, device=item_seq.device)
 

@@ -142,7 +142,7 @@ def test_constant_model_does_not_score_well():
 def test_popularity_model_tiny_case(toy):
     # training popularity: a 3, b 3, c 2, d 0, e 0
     assert toy.item_popularity.tolist() == [0, 3, 3, 2, 0, 0]
-    res = evaluate(PopularityModel(toy), toy, split="test", groups=None)
+    res = evaluate(PopularityModel.from_split(toy), toy, split="test", groups=None)
     # u1: only e unmasked -> 0; u2: target a (3) vs d, e -> 0; u3: target e (0) vs b (3) and d (tie) -> 2;
     # u4: target d (0) vs c (2) and e (tie) -> 2; u5: target b (3) vs d, e -> 0
     assert res.ranks.tolist() == [0, 0, 2, 2, 0]
