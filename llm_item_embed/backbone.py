@@ -374,11 +374,21 @@ class TextEncoder(nn.Module):
     # ------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant activation checkpointing (works with frozen embeddings and LoRA)."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.base_model.config.use_cache = False
+        model = self.base_model
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    enable_gradient_checkpointing = gradient_checkpointing_enable
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+        model = self.base_model
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
