@@ -134,6 +134,8 @@ def render_model_card(
     if isinstance(template, Mapping):
         instr = template.get("instruction")
         fields = template.get("fields")
+        if isinstance(fields, list) and all(isinstance(f, (list, tuple)) and len(f) == 2 for f in fields):
+            fields = {str(c): str(n) for c, n in fields}  # [[column, name], ...] keeps prompt order
         body.append(f"- Instruction: {_code(instr) if instr else 'none'}")
         if isinstance(fields, Mapping) and fields:
             body.append("- Fields (column -> attribute name): " + ", ".join(f"{_code(k)} -> {_code(v)}" for k, v in fields.items()))

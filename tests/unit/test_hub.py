@@ -96,6 +96,11 @@ def test_embedder_card_and_no_lora_tag_when_absent():
     assert "not fine-tuned" in card
 
 
+def test_card_fields_as_ordered_pairs():
+    card = render_model_card("embeddings", {"template": {"instruction": "I:", "fields": [["title", "name"], ["brand", "maker"]]}})
+    assert "`title` -> `name`, `brand` -> `maker`" in card
+
+
 def test_card_never_renders_secret_keys():
     card = render_model_card("embeddings", {"hf_token": TOKEN, "training": {"token": TOKEN, "lr": 0.1}})
     assert TOKEN not in card and "lr: `0.1`" in card

@@ -1,0 +1,285 @@
+"""``llm-item-embed`` CLI: help, exit codes, one-line errors naming the culprit, and
+fit -> encode -> push end to end on a tiny BERT with Hub recorders (no network)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+from llm_item_embed.cli import main
+from llm_item_embed.embeddings import ItemEmbeddings
+
+TOKEN = "hf_CLItokenMustNotLeak9876543210zyxw"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("llm-item-embed")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def items_csv(tmp_path) -> Path:
+    df = pd.DataFrame({
+        "item_id": [f"it{i:02d}" for i in range(12)],
+        "title": [f"product {i} {c}" for i, c in enumerate(["red lipstick", "blue shampoo", "nail polish"] * 4)],
+        "brand": ["OPI", "Dove", None] * 4,
+        "price": [9.99, 4.5, 12.0] * 4,
+    })
+    path = tmp_path / "items.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+class Recorder:
+    def __init__(self, monkeypatch) -> None:
+        self.created: list[dict] = []
+        self.uploads: list[dict] = []
+        rec = self
+
+        def create_repo(self, repo_id, **kw):
+            rec.created.append({"repo_id": repo_id, **kw})
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, **kw):
+            folder = Path(folder_path)
+            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            rec.uploads.append({"repo_id": repo_id, "files": files, **kw})
+            return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'1' * 40}",
+                              commit_message="", commit_description="", oid="1" * 40)
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+# ------------------------------------------------------------------ help
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("fit", "encode", "push"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd, options", [
+    ("fit", ["--id-column", "--model", "--template-json", "--instruction", "--field", "--drop-prob", "--n-views",
+             "--epochs", "--batch-size", "--lr", "--max-steps", "--output-dir", "--resume-from", "--seed", "--debug"]),
+    ("encode", ["--embedder", "--model", "--output", "--recbole", "--batch-size", "--shard-dir"]),
+    ("push", ["--token", "HF_TOKEN", "--private", "--commit-message"]),
+])
+def test_command_help(capsys, cmd, options):
+    with pytest.raises(SystemExit) as info:
+        main([cmd, "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for opt in options:
+        assert opt in out, opt
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in ([], ["fit"], ["bogus"], ["encode", "x.csv"], ["fit", "x.csv", "--output-dir", "o", "--epochs", "two"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2, argv
+    capsys.readouterr()
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed entry point: non-zero exit, one line on stderr, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "llm_item_embed.cli", "encode", str(tmp_path / "absent.csv"),
+                           "-o", str(tmp_path / "e.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"llm-item-embed encode: error: items file {tmp_path / 'absent.csv'} does not exist"
+
+
+# ------------------------------------------------------------------ bad input (fails before any model work)
+def _write(tmp_path: Path, name: str, df: pd.DataFrame) -> str:
+    path = tmp_path / name
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+def test_bad_items_files(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path / "run")]
+    cases = []
+    cases.append((["fit", str(tmp_path / "nope.csv"), *out], "nope.csv does not exist"))
+    (tmp_path / "items.xlsx").write_text("x")
+    cases.append((["fit", str(tmp_path / "items.xlsx"), *out], "unknown extension '.xlsx'"))
+    no_id = _write(tmp_path, "noid.csv", pd.DataFrame({"id": ["a"], "title": ["x"]}))
+    cases.append((["fit", no_id, *out], "has no id column 'item_id'; its columns are ['id', 'title']"))
+    dup = _write(tmp_path, "dup.csv", pd.DataFrame({"item_id": ["a", "b", "a"], "title": ["x", "y", "z"]}))
+    cases.append((["fit", dup, *out], "1 id(s) in 'item_id' appear more than once, e.g. ['a']"))
+    (tmp_path / "empty.csv").write_text("item_id,title\n")
+    cases.append((["fit", str(tmp_path / "empty.csv"), *out], "empty.csv has no rows"))
+    blank = _write(tmp_path, "blank.csv", pd.DataFrame({"item_id": ["a", None], "title": ["x", "y"]}))
+    cases.append((["fit", blank, *out], "1 row(s) have an empty 'item_id'"))
+    allempty = _write(tmp_path, "allempty.csv", pd.DataFrame({"item_id": ["a", "ghost"], "title": ["x", "  "],
+                                                              "brand": ["b", None]}))
+    cases.append((["fit", allempty, *out], "'ghost'"))
+    ok = _write(tmp_path, "ok.csv", pd.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"]}))
+    cases.append((["fit", ok, *out, "--field", "name=colour"], "'colour'"))
+    cases.append((["fit", ok, *out, "--field", "namecolour"], "--field 'namecolour': expected NAME=COLUMN"))
+    cases.append((["fit", ok, *out, "--template-json", "{not json"], "not valid JSON"))
+    cases.append((["fit", ok, *out, "--template-json", str(tmp_path / "t.json")], "t.json is neither"))
+    cases.append((["fit", ok, *out, "--drop-prob", "1.5"], "--drop-prob must be in [0, 1), got 1.5"))
+    cases.append((["fit", ok, *out, "--batch-size", "1"], "--batch-size must be at least 2"))
+    cases.append((["fit", ok, *out, "--n-views", "1"], "--n-views must be at least 2"))
+    cases.append((["fit", ok, *out, "--resume-from", str(tmp_path / "ckpt")], "ckpt does not exist"))
+    cases.append((["fit", ok, *out, "--model", str(tmp_path / "no-such-model")], "no-such-model"))
+    cases.append((["encode", ok, "-o", str(tmp_path / "e.safetensors"), "--embedder", str(tmp_path / "run"),
+                   "--field", "name=title"], "do not combine it with --model"))
+    cases.append((["encode", ok, "-o", str(tmp_path)], "is a folder"))
+    for argv, expected in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 1, argv
+        line = error_line(err)
+        assert line.startswith(f"llm-item-embed {argv[0]}: error: "), line
+        assert expected in line, (argv, line)
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+def test_unknown_model_offline_names_it(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    ok = _write(tmp_path, "ok.csv", pd.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"]}))
+    code, _, err = run(capsys, "encode", ok, "-o", str(tmp_path / "e.safetensors"), "--model", "someone/not-cached-model")
+    assert code == 1
+    line = error_line(err)
+    assert "'someone/not-cached-model'" in line and "offline" in line
+
+
+def test_debug_shows_traceback(tmp_path):
+    with pytest.raises(Exception, match="nope.csv"):
+        main(["fit", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o"), "--debug"])
+
+
+def test_push_bad_inputs(tmp_path, capsys, monkeypatch):
+    rec = Recorder(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    for argv, expected in [
+        (["push", str(tmp_path / "absent"), "user/x"], "absent does not exist"),
+        (["push", str(bad), "user/x"], "broken.safetensors"),
+        (["push", str(bad), "not a repo"], "'not a repo' is not a valid Hub repo id"),
+        (["push", str(tmp_path), "user/x"], "item_embedder_config.json"),  # a folder that is neither
+    ]:
+        code, out, err = run(capsys, *argv)
+        assert code == 1, argv
+        line = error_line(err)
+        assert expected in line, (argv, line)
+        assert TOKEN not in out + err
+    assert rec.uploads == []
+
+
+def test_push_error_redacts_token(tmp_path, capsys, monkeypatch):
+    def create_repo(self, repo_id, **kw):
+        raise RuntimeError(f"bad credentials {kw.get('token')}")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    rng = np.random.default_rng(0)
+    ItemEmbeddings(["a", "b"], rng.standard_normal((2, 3)), {}).save(tmp_path / "e.safetensors")
+    code, out, err = run(capsys, "push", str(tmp_path / "e.safetensors"), "user/x", "--token", TOKEN)
+    assert code == 1
+    assert TOKEN not in out + err and "***" in error_line(err)
+    # --debug re-raises, and the full traceback is free of the token too
+    import traceback
+
+    with pytest.raises(RuntimeError) as info:
+        main(["push", str(tmp_path / "e.safetensors"), "user/x", "--token", TOKEN, "--debug"])
+    assert TOKEN not in "".join(traceback.format_exception(info.value))
+
+
+# ------------------------------------------------------------------ end to end
+def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"instruction": "This beauty product has the following attributes:",
+                                    "fields": {"title": "name", "brand": "brand"}}))
+    code, out, err = run(
+        capsys, "fit", str(items_csv), "--model", tiny_bert_dir, "--template-json", str(template),
+        "--output-dir", str(run_dir), "--batch-size", "4", "--max-steps", "2", "--seed", "3",
+        "--lora-r", "4", "--no-progress", "-q",
+    )
+    assert code == 0, err
+    assert f"saved the fine-tuned embedder to {run_dir}" in out
+    cfg = json.loads((run_dir / "item_embedder_config.json").read_text())
+    from llm_item_embed.prompts import PromptTemplate
+
+    assert PromptTemplate.from_dict(cfg["template"]).fields == {"title": "name", "brand": "brand"}
+    assert cfg["lora"]["r"] == 4
+
+    emb_file = tmp_path / "out" / "beauty.safetensors"
+    rec_file = tmp_path / "out" / "beauty.itememb"
+    code, out, err = run(capsys, "encode", str(items_csv), "--embedder", str(run_dir), "-o", str(emb_file),
+                         "--recbole", str(rec_file), "--batch-size", "5", "--no-progress", "-q")
+    assert code == 0, err
+    E = ItemEmbeddings.load(emb_file)
+    df = pd.read_csv(items_csv, dtype={"item_id": str})
+    assert E.ids == df["item_id"].tolist()
+    assert E.dim == 32 and E.matrix.dtype == np.float32
+    assert E.metadata["template"]["instruction"].startswith("This beauty product")
+    assert E.metadata["lora"]["r"] == 4
+    lines = rec_file.read_text().splitlines()
+    assert lines[0] == "iid:token\titem_emb:float_seq" and len(lines) == 13
+    first = np.array(lines[1].split("\t")[1].split(), dtype=np.float32)
+    np.testing.assert_array_equal(first, E.matrix[0])
+
+    # the same items through the untuned base model with the CLI template flags
+    base_file = tmp_path / "out" / "base.safetensors"
+    code, _, err = run(capsys, "encode", str(items_csv), "--model", tiny_bert_dir, "--field", "name=title",
+                       "--instruction", "Item:", "-o", str(base_file), "--no-progress", "-q")
+    assert code == 0, err
+    B = ItemEmbeddings.load(base_file)
+    assert B.ids == E.ids and PromptTemplate.from_dict(B.metadata["template"]).fields == {"title": "name"}
+    assert PromptTemplate.from_dict(B.metadata["template"]).instruction == "Item:"
+
+    # push both, with the token from HF_TOKEN; recorders stand in for the Hub
+    rec = Recorder(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code, out, err = run(capsys, "push", str(emb_file), "user/beauty-emb", "--private", "--commit-message", "v1")
+    assert code == 0, err
+    assert "https://huggingface.co/user/beauty-emb" in out
+    code, out, err = run(capsys, "push", str(run_dir), "user/beauty-embedder")
+    assert code == 0, err
+    assert [c["repo_id"] for c in rec.created] == ["user/beauty-emb", "user/beauty-embedder"]
+    assert [c["private"] for c in rec.created] == [True, False]
+    assert all(c["token"] == TOKEN for c in rec.created)
+    emb_up, model_up = rec.uploads
+    assert sorted(emb_up["files"]) == ["README.md", "embeddings.safetensors"]
+    assert emb_up["commit_message"] == "v1"
+    assert "item_embedder_config.json" in model_up["files"] and "README.md" in model_up["files"]
+    assert any(name.endswith(".safetensors") and "adapter" in name for name in model_up["files"])
+    card = model_up["files"]["README.md"].decode()
+    assert "library_name: llm-item-embed" in card and "This beauty product" in card
+    assert "`title` -> `name`, `brand` -> `brand`" in card and "Dataset size: 12 items" in card
+    for up in rec.uploads:
+        for name, content in up["files"].items():
+            assert TOKEN.encode() not in content, name
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert TOKEN.encode() not in p.read_bytes(), p
+    assert TOKEN not in out + err
+    # what was uploaded loads back
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "embeddings.safetensors").write_bytes(emb_up["files"]["embeddings.safetensors"])
+    back = ItemEmbeddings.from_pretrained(tmp_path / "hub")
+    np.testing.assert_array_equal(back.matrix, E.matrix)
