@@ -32,12 +32,11 @@ GROUP_NAMES = ("Overall", "Tail item", "Head item", "Tail user", "Head user")
 # --------------------------------------------------------------------------------------------
 def ranks_from_scores(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
     """0-based pessimistic rank of column ``target_col[b]`` in each row of ``scores`` [B, C]:
-    #(score > target) + #(other columns with score == target)."""
-    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    #(score > target) + #(other columns with score == target). NaN scores never count; a NaN
+    target gets the worst rank ``C - 1``. One pass over ``scores``."""
     t = scores.gather(1, target_col.view(-1, 1))
-    greater = (scores > t).sum(1)
-    ties = (scores == t).sum(1) - 1
-    return (greater + ties).long()
+    ge = (scores >= t).sum(1) - 1  # the target itself is >= itself (unless NaN)
+    return torch.where(t.view(-1).isnan(), torch.full_like(ge, scores.shape[1] - 1), ge).long()
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> tuple[dict, dict]:
@@ -250,19 +249,11 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
             states = model.user_state(seq, seq == 0)
             tgt = target_all[sl].to(dev)
             if protocol == "full":
-                scores = model.full_scores(states).float()
+                scores = model.full_scores(states)
                 if scores.shape != (seq.shape[0], n_items + 1):
                     raise ValueError(f"full_scores returned shape {tuple(scores.shape)}, expected "
                                      f"({seq.shape[0]}, {n_items + 1})")
-                scores = scores.clone()
-                ar = torch.arange(scores.shape[0], device=scores.device)
-                t = scores[ar, tgt].clone()
-                h = history[sl].tocoo()
-                scores[torch.as_tensor(h.row, device=scores.device, dtype=torch.long),
-                       torch.as_tensor(h.col, device=scores.device, dtype=torch.long)] = float("-inf")
-                scores[:, 0] = float("-inf")
-                scores[ar, tgt] = t
-                r = ranks_from_scores(scores, tgt)
+                r = _full_ranks(scores, tgt, history[sl], n_items)
             else:
                 cands = cands_all[sl].to(dev)
                 scores = model.score(states, cands).float()
@@ -282,6 +273,23 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
     else:
         flags = {"Overall": np.ones(U, bool)}
     return EvalResult(user_ids, ranks, tuple(ks), flags, protocol, split, info)
+
+
+def _full_ranks(scores: torch.Tensor, tgt: torch.Tensor, history, n_items: int) -> torch.Tensor:
+    """Pessimistic ranks over items 1..N with the history items (CSR rows) and column 0 left out,
+    the target always kept. Equivalent to setting them to -inf, without copying ``scores``."""
+    dev = scores.device
+    ar = torch.arange(scores.shape[0], device=dev)
+    t = scores[ar, tgt]
+    ge = (scores >= t[:, None]).sum(1) - 1
+    ge = ge - (scores[:, 0] >= t).long()
+    h = history.tocoo()
+    if h.nnz:
+        rows = torch.as_tensor(h.row, dtype=torch.long, device=dev)
+        cols = torch.as_tensor(h.col, dtype=torch.long, device=dev)
+        above = (scores[rows, cols] >= t[rows]) & (cols != tgt[rows])
+        ge = ge - torch.bincount(rows[above], minlength=scores.shape[0])
+    return torch.where(t.isnan(), torch.full_like(ge, n_items - 1), ge).long()
 
 
 def paired_ttest(run_a: EvalResult, run_b: EvalResult, metric: str = "NDCG@10",
