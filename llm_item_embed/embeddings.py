@@ -415,8 +415,11 @@ class ItemEmbeddings:
         name = os.fspath(repo_id_or_path)
         if not _REPO_ID_RE.match(name) or name.endswith(".safetensors"):
             raise FileNotFoundError(f"{name} is neither an existing file or folder nor a Hub repo id ('user/name')")
-        local = download_from_hub(name, filename, revision=revision, token=token, cache_dir=cache_dir,
-                                  local_files_only=local_files_only)
+        try:
+            local = download_from_hub(name, filename, revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=local_files_only)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} (and there is no local file or folder {name!r})") from exc.__cause__
         return cls.load(local)
 
 

@@ -253,6 +253,8 @@ def test_from_pretrained_offline_hf_cache(offline_cache):
 def test_from_pretrained_offline_not_cached(offline_cache):
     with pytest.raises(FileNotFoundError, match=r"'embeddings.safetensors' in Hub repo 'user/absent'.*not in the local Hugging Face cache"):
         ItemEmbeddings.from_pretrained("user/absent", token=TOKEN)
+    with pytest.raises(FileNotFoundError, match="no local file or folder 'user/absent'"):
+        ItemEmbeddings.from_pretrained("user/absent")
     build_hf_cache(offline_cache, "user/present", make_embeddings())
     with pytest.raises(FileNotFoundError, match="other.safetensors"):
         ItemEmbeddings.from_pretrained("user/present", filename="other.safetensors")
@@ -276,3 +278,40 @@ def test_from_pretrained_offline_cache_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["OK", "5", "4", "i0"]
+
+
+# ------------------------------------------------------------------ the embedder through the Hub
+def test_embedder_push_and_load_from_offline_cache(tiny_bert_dir, items_df, hub, offline_cache, caplog):
+    """ItemEmbedder.push_to_hub uploads adapter + config + card; the uploaded files, laid out as an
+    offline HF cache snapshot, load back by repo id and encode identically."""
+    from llm_item_embed import ItemEmbedder, LoraSettings, PromptTemplate
+
+    caplog.set_level(logging.DEBUG)
+    tmpl = PromptTemplate("This product has the following attributes:", {"title": "name", "brand": "brand"})
+    emb = ItemEmbedder(tiny_bert_dir, template=tmpl, lora=LoraSettings(r=4, alpha=8))
+    emb.fit(items_df, batch_size=4, max_steps=1, seed=0, show_progress_bar=False)
+    url = emb.push_to_hub("user/tiny-embedder", token=TOKEN, private=True)
+    assert url == "https://huggingface.co/user/tiny-embedder"
+    assert hub.created[0]["private"] is True and hub.uploads[0]["token"] == TOKEN
+    files = hub.uploads[0]["files"]
+    assert {"README.md", "item_embedder_config.json"} <= set(files)
+    assert any(n.endswith(".safetensors") for n in files)
+    assert not any(n.endswith((".bin", ".pt", ".pkl", ".pickle")) for n in files)
+    card = files["README.md"].decode()
+    assert "library_name: llm-item-embed" in card and "- lora" in card
+    assert "This product has the following attributes:" in card and "Dataset size: 8 items" in card
+    for name, content in files.items():
+        assert TOKEN.encode() not in content, name
+    assert TOKEN not in caplog.text
+
+    snap = offline_cache / "models--user--tiny-embedder" / "snapshots" / COMMIT
+    for name, content in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_bytes(content)
+    (offline_cache / "models--user--tiny-embedder" / "refs").mkdir()
+    (offline_cache / "models--user--tiny-embedder" / "refs" / "main").write_text(COMMIT)
+    loaded = ItemEmbedder.from_pretrained("user/tiny-embedder")
+    a = emb.encode(items_df, show_progress_bar=False)
+    b = loaded.encode(items_df, show_progress_bar=False)
+    assert a.ids == b.ids
+    np.testing.assert_allclose(b.matrix, a.matrix, rtol=1e-5, atol=1e-6)
