@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -808,6 +809,9 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) -> P
             mode = "ab" if have and getattr(resp, "status", 200) == 206 else "wb"
             with open(part, mode) as fh:
                 shutil.copyfileobj(resp, fh, 1 << 20)
+    except urllib.error.HTTPError as exc:
+        if not (exc.code == 416 and have):  # 416: the partial file is already complete
+            raise ConnectionError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
     except OSError as exc:
         raise ConnectionError(f"download of {url} failed: {exc} (partial data kept in {part}; rerun to resume)") from exc
     if sha256 is not None:

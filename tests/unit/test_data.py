@@ -439,3 +439,61 @@ def test_download_restarts_stale_partial_and_multi_file_registry(tmp_path, http_
     assert data.items["title"].tolist() == ["one"]
     with pytest.raises(KeyError, match="unknown dataset"):
         download_dataset("nope", cache)
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one payload with HTTP Range support and records the bytes it sent."""
+
+    payload = b""
+    sent: list[int] = []
+
+    def do_GET(self):  # noqa: N802
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        if start >= len(self.payload):
+            self.send_response(416)
+            self.end_headers()
+            return
+        body = self.payload[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.sent.append(len(body))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("already", ["half", "all"])
+def test_download_resumes_partial_file_with_range(tmp_path, already):
+    zpath = tmp_path / "ml.zip"
+    sha = make_ml_zip(zpath, tmp_path)
+    payload = zpath.read_bytes()
+    handler = type("H", (_RangeHandler,), {"payload": payload, "sent": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cache = tmp_path / "cache"
+        (cache / "ml-100k").mkdir(parents=True)
+        cut = len(payload) // 2 if already == "half" else len(payload)
+        (cache / "ml-100k" / "ml-100k.zip.part").write_bytes(payload[:cut])
+        data = download_dataset("ml-100k", cache, url=f"http://127.0.0.1:{server.server_address[1]}/x.zip",
+                                sha256=sha, expected={"users": 4, "items": 3, "interactions": 12})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert data.num_interactions == 12
+    assert handler.sent == ([len(payload) - cut] if already == "half" else [])  # only the rest was sent
+    assert (cache / "ml-100k" / "ml-100k.zip").read_bytes() == payload
+
+
+def test_default_data_dir_falls_back_to_cwd_then_repo(tmp_path, monkeypatch):
+    monkeypatch.delenv("CFSR_DATA_DIR", raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "proj")
+    assert default_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")  # no ../shared/data from here
+    assert default_data_dir() == Path(__file__).resolve().parents[3] / "shared" / "data"
