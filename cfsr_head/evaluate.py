@@ -50,7 +50,7 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> tu
 # --------------------------------------------------------------------------------------------
 # groups
 # --------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class GroupSpec:
     """Head/tail groups, computed from TRAINING data.
 
