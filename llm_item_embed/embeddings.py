@@ -93,6 +93,14 @@ def _normalise_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _nonfinite_rows(matrix: np.ndarray, chunk_bytes: int = 1 << 24) -> np.ndarray:
+    """Row indices holding NaN/inf, checked in blocks so a memory-mapped matrix is never copied whole."""
+    step = max(1, chunk_bytes // max(1, matrix.shape[1]))
+    bad = [start + np.flatnonzero(~np.isfinite(matrix[start:start + step]).all(axis=1))
+           for start in range(0, matrix.shape[0], step)]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
 class MissingIdsError(KeyError):
     """Raised when requested ids are not in an ``ItemEmbeddings``; ``.missing`` lists them all."""
 
@@ -132,9 +140,8 @@ class ItemEmbeddings:
         if matrix.shape[1] == 0:
             raise ValueError("matrix has 0 columns; embeddings need d >= 1")
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        bad = ~np.isfinite(matrix).all(axis=1)
-        if bad.any():
-            rows = np.flatnonzero(bad)
+        rows = _nonfinite_rows(matrix)
+        if len(rows):
             raise ValueError(
                 f"{len(rows)} of {len(ids)} embedding rows contain NaN or inf values "
                 f"(NaN/inf embeddings cannot be used), e.g. item ids {_examples([ids[i] for i in rows])}"

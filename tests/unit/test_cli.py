@@ -102,11 +102,42 @@ def test_usage_errors_exit_2(capsys):
 def test_console_script_exit_codes(tmp_path):
     """The installed entry point: non-zero exit, one line on stderr, no traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "llm_item_embed.cli", "encode", str(tmp_path / "absent.csv"),
+    script = Path(sys.executable).parent / "llm-item-embed"  # the pyproject entry point
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "llm_item_embed.cli"]
+    proc = subprocess.run([*cmd, "encode", str(tmp_path / "absent.csv"),
                            "-o", str(tmp_path / "e.safetensors")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"llm-item-embed encode: error: items file {tmp_path / 'absent.csv'} does not exist"
+
+
+# ------------------------------------------------------------------ reading tables
+def test_read_items_formats_keep_string_ids(tmp_path):
+    from llm_item_embed.cli import read_items
+
+    df = pd.DataFrame({"item_id": ["007", "010", "1e3"], "title": ["a", "b", "c"], "price": [1.5, None, 3.0]})
+    df.to_csv(tmp_path / "i.csv", index=False)
+    df.to_csv(tmp_path / "i.tsv", index=False, sep="\t")
+    df.to_json(tmp_path / "i.jsonl", orient="records", lines=True)
+    df.to_json(tmp_path / "i.json", orient="records")
+    for name in ("i.csv", "i.tsv", "i.jsonl", "i.json"):
+        got = read_items(tmp_path / name, "item_id")
+        assert got["item_id"].tolist() == ["007", "010", "1e3"], name
+        assert got["title"].tolist() == ["a", "b", "c"], name
+
+
+def test_read_items_parquet_or_clear_error(tmp_path):
+    from llm_item_embed.cli import CLIError, read_items
+
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        (tmp_path / "i.parquet").write_bytes(b"PAR1")
+        with pytest.raises(CLIError, match="i.parquet.*pyarrow"):
+            read_items(tmp_path / "i.parquet", "item_id")
+    else:
+        pd.DataFrame({"item_id": ["1", "2"], "title": ["a", "b"]}).to_parquet(tmp_path / "i.parquet")
+        assert read_items(tmp_path / "i.parquet", "item_id")["item_id"].tolist() == ["1", "2"]
 
 
 # ------------------------------------------------------------------ bad input (fails before any model work)

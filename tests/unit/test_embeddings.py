@@ -91,6 +91,18 @@ def test_nan_inf_rejected_with_count_and_examples(bad):
     assert "'id0'" not in msg
 
 
+def test_nan_check_in_blocks_and_memmap_not_copied(tmp_path):
+    from llm_item_embed.embeddings import _nonfinite_rows
+
+    m = np.ones((1000, 3), dtype=np.float32)
+    m[[0, 499, 999], 1] = np.nan
+    np.testing.assert_array_equal(_nonfinite_rows(m, chunk_bytes=7), [0, 499, 999])
+    mm = np.memmap(tmp_path / "m.f32", mode="w+", dtype=np.float32, shape=(50, 4))
+    mm[:] = 1.0
+    e = ItemEmbeddings([str(i) for i in range(50)], mm, {})
+    assert np.shares_memory(e.matrix, mm)
+
+
 def test_metadata_must_be_json():
     with pytest.raises(TypeError, match=r"metadata\['obj'\]"):
         ItemEmbeddings(["a"], np.zeros((1, 2)), {"obj": object()})
