@@ -24,7 +24,7 @@ import torch
 
 from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
                        load_text_encoder)
-from .io import atomic_path, atomic_save_safetensors, atomic_write_json, read_json
+from .io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from .prompts import PromptTemplate
 
 __all__ = ["ItemEmbedder", "CONFIG_NAME"]
@@ -144,8 +144,8 @@ class ItemEmbedder:
     def base_model(self) -> str:
         """Name of the base model (Hub id, folder or GGUF file)."""
         name = self.settings.model_name_or_path
-        if name is None:
-            return "sentence-transformers/all-MiniLM-L6-v2 (bundled)"
+        if name is None:  # the bundled copy of this Hub model
+            return "sentence-transformers/all-MiniLM-L6-v2"
         return f"{name}/{self.settings.gguf_file}" if self.settings.gguf_file else name
 
     @property
@@ -479,6 +479,9 @@ class ItemEmbedder:
                     dst = out / src.relative_to(tmp_path)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
+        from .hub import CARD_FILENAME
+
+        atomic_write_text(out / CARD_FILENAME, self.model_card())  # replaces peft's generic card
         atomic_write_json(out / CONFIG_NAME, self._config())
         return out
 
