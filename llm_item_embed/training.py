@@ -421,10 +421,12 @@ class ContrastiveTrainer:
                 fn()
                 return
         inner = getattr(self.encoder, "model", None)
-        fn = getattr(inner, "gradient_checkpointing_enable", None)
-        if callable(fn):
-            fn(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return
+        for name, kw in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+            fn = getattr(inner, name, None)
+            if callable(fn):
+                fn(**{kw: {"use_reentrant": False}})
+                return
         raise ValueError(f"gradient_checkpointing=True but {type(self.encoder).__name__} has no "
                          "enable_gradient_checkpointing() / gradient_checkpointing_enable()")
 

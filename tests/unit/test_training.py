@@ -244,3 +244,93 @@ def test_bf16_autocast_runs(tok_path: str) -> None:
     hist = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(max_steps=2, mixed_precision="bf16")).train(
         make_views_fn(items), len(items))
     assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+# ------------------------------------------------------------------ with the real TextEncoder (backbone.py)
+def _text_encoder(path: str):
+    from llm_item_embed.backbone import BackboneSettings, LoraSettings, load_text_encoder
+
+    torch.manual_seed(0)
+    return load_text_encoder(BackboneSettings(model_name_or_path=path, max_length=32),
+                             LoraSettings(r=4, alpha=8, dropout=0.1))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_text_encoder_fit_checkpoint_resume(fixture: str, request, tmp_path: Path) -> None:
+    path = request.getfixturevalue(fixture)
+    items = make_items(12)
+    kw = dict(batch_size=4, max_steps=4, save_every=2, lr=1e-2)
+    enc = _text_encoder(path)
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    hist_a = ContrastiveTrainer(enc, ContrastiveLoss(), _cfg(output_dir=str(tmp_path / "a"), **kw)).train(
+        make_views_fn(items), len(items))
+    assert all(np.isfinite(h["loss"]) for h in hist_a)
+    for n, p in enc.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    adapter, _ = load_safetensors(tmp_path / "a" / "checkpoint-4" / "adapter.safetensors")
+    enc_keys = [k for k in adapter if k.startswith("encoder.")]
+    assert enc_keys and all("lora_" in k for k in enc_keys)  # adapter-only
+    trained = {f"encoder.{n}": p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    enc_b = _text_encoder(path)
+    hist_b = ContrastiveTrainer(enc_b, ContrastiveLoss(), _cfg(
+        output_dir=str(tmp_path / "a"), resume_from=str(tmp_path / "a" / "checkpoint-2"), **kw)).train(
+        make_views_fn(items), len(items))
+    for ha, hb in zip(hist_a, hist_b, strict=True):
+        assert hb["loss"] == pytest.approx(ha["loss"], abs=1e-5)
+    for n, p in enc_b.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), trained[f"encoder.{n}"], rtol=1e-4, atol=1e-6)
+
+
+def test_text_encoder_grad_cache_and_checkpointing_match_plain(tiny_bert_dir: str) -> None:
+    """Real BERT + LoRA with dropout on: GradCache (+ gradient checkpointing) gives the plain grads."""
+    from llm_item_embed.losses import grad_cache_backward
+
+    enc = _text_encoder(tiny_bert_dir)
+    enc.train()
+    lf = ContrastiveLoss()
+    items = make_items(6)
+    texts = [" ".join(a) for a in items] + [" ".join(a[:3]) for a in items]
+    mini = 4
+    chunks = [enc.tokenize(texts[i:i + mini]) for i in range(0, len(texts), mini)]
+
+    def loss_fn(r: torch.Tensor) -> torch.Tensor:
+        return lf(r.view(2, 6, -1))
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+        out["t"] = lf.log_scale.grad.clone()
+        enc.zero_grad(set_to_none=True)
+        lf.zero_grad(set_to_none=True)
+        return out
+
+    torch.manual_seed(1)
+    loss_fn(torch.cat([enc(**c) for c in chunks])).backward()
+    ref = grads()
+    torch.manual_seed(1)
+    grad_cache_backward(enc, chunks, loss_fn)
+    got = grads()
+    enc.gradient_checkpointing_enable()
+    torch.manual_seed(1)
+    grad_cache_backward(enc, chunks, loss_fn)
+    got_ckpt = grads()
+    assert any(v.abs().sum() > 0 for v in ref.values())
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, k=name: f"{k}: {m}")
+        torch.testing.assert_close(got_ckpt[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, k=name: f"{k}: {m}")
+
+
+def test_gradient_checkpointing_flag(tiny_bert_dir: str) -> None:
+    enc = _text_encoder(tiny_bert_dir)
+    hist = ContrastiveTrainer(enc, ContrastiveLoss(), _cfg(batch_size=4, max_steps=2, gradient_checkpointing=True)).train(
+        make_views_fn(make_items(8)), 8)
+    bm = enc.base_model
+    on = bm.is_activation_checkpointing if hasattr(bm, "is_activation_checkpointing") else bm.is_gradient_checkpointing
+    assert len(hist) == 2 and on
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        ContrastiveTrainer(TinyEncoder(tiny_bert_dir), ContrastiveLoss(),
+                           _cfg(max_steps=1, gradient_checkpointing=True)).train(make_views_fn(make_items(8)), 8)
