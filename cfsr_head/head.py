@@ -369,6 +369,7 @@ class DualViewHead(nn.Module):
         elif padding_mask.shape != item_seq.shape or padding_mask.dtype != torch.bool:
             raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(item_seq.shape)}, "
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        item_seq = item_seq.masked_fill(padding_mask, 0)  # ids under the padding mask are ignored
         if self.max_len is not None and item_seq.shape[1] > self.max_len:
             return truncate_sequences(item_seq, padding_mask, self.max_len, *extras)
         return item_seq, padding_mask, list(extras)

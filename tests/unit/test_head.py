@@ -1,0 +1,482 @@
+"""DualViewHead: causality in every configuration, padding invariance, PCA init, cold start,
+save/load, losses, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cfsr_head import (
+    DualViewConfig,
+    DualViewHead,
+    GRU4RecEncoder,
+    PCAProjection,
+    PmixerSASRecAdapter,
+    RecBoleSASRecAdapter,
+    SASRecEncoder,
+    truncate_sequences,
+)
+
+N, D_LLM, D, L = 25, 24, 8, 10
+
+CONFIGS = {
+    "default": {},
+    "concat": {"fusion": "concat"},
+    "unshared": {"shared_encoder": False},
+    "no_semantic": {"use_semantic": False},
+    "no_collaborative": {"use_collaborative": False},
+    "random_init": {"collab_init": "random"},
+    "gelu_residual": {"adapter_activation": "gelu", "cross_residual": True},
+    "fallback_frozen": {"missing_item_policy": "fallback", "freeze_collaborative": True},
+}
+
+
+def semantic_table(n: int = N, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_LLM, generator=g)
+
+
+def make_encoder(kind: str, max_len: int = L) -> torch.nn.Module:
+    if kind == "sasrec":
+        return SASRecEncoder(d=D, n_layers=2, n_heads=2, max_len=max_len, dropout=0.2)
+    return GRU4RecEncoder(d=D, n_layers=1, dropout=0.2)
+
+
+def make_head(kind: str = "sasrec", seed: int = 0, **cfg) -> DualViewHead:
+    torch.manual_seed(seed)
+    return DualViewHead(make_encoder(kind), semantic_table(), d=D, n_cross_heads=2, **cfg)
+
+
+def pad_batch(rows: list[list[int]], side: str, length: int = L) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            if side == "left":
+                out[b, length - len(r):] = torch.tensor(r)
+            else:
+                out[b, : len(r)] = torch.tensor(r)
+    return out
+
+
+def random_rows(n_rows: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, N + 1, (n,), generator=g).tolist() for n in lengths[:n_rows]]
+
+
+# ---------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["sasrec", "gru"])
+def test_causal_in_every_configuration(kind: str, config: str, side: str) -> None:
+    head = make_head(kind, **CONFIGS[config]).eval()
+    n = 8
+    rows = random_rows(3, [n, n, n])
+    first = L - n if side == "left" else 0
+    seq = pad_batch(rows, side)
+    with torch.no_grad():
+        base = head(seq)
+        for t in (0, 3, n - 2):
+            changed = seq.clone()
+            changed[:, first + t + 1: first + n] = (changed[:, first + t + 1: first + n] + 7) % N + 1
+            out = head(changed)
+            torch.testing.assert_close(out[:, : first + t + 1], base[:, : first + t + 1], atol=1e-5, rtol=0)
+            assert not torch.allclose(out[:, first + n - 1], base[:, first + n - 1], atol=1e-4)
+
+
+def test_causality_check_catches_a_leak() -> None:
+    """The causality check above fails for a head whose cross-attention sees the future."""
+    head = make_head().eval()
+    import cfsr_head.fusion as fusion
+
+    orig = fusion.causal_allowed
+    fusion.causal_allowed = lambda m: (~m)[:, None, None, :].expand(-1, 1, m.shape[1], -1) | torch.eye(
+        m.shape[1], dtype=torch.bool)
+    try:
+        seq = pad_batch(random_rows(2, [L, L]), "left")
+        changed = seq.clone()
+        changed[:, -1] = changed[:, -1] % N + 1
+        with torch.no_grad():
+            assert not torch.allclose(head(seq)[:, 0], head(changed)[:, 0], atol=1e-5)
+    finally:
+        fusion.causal_allowed = orig
+
+
+# ---------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["sasrec", "gru"])
+def test_left_and_right_padding_give_the_same_user_state(kind: str, config: str) -> None:
+    head = make_head(kind, **CONFIGS[config]).eval()
+    rows = random_rows(4, [1, 3, 9, L], seed=5)
+    with torch.no_grad():
+        left = head.user_state(pad_batch(rows, "left"))
+        right = head.user_state(pad_batch(rows, "right"))
+        alone = torch.cat([head.user_state(torch.tensor([r])) for r in rows])
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    assert left.shape == (4, head.output_dim)
+
+
+@given(lengths=st.lists(st.integers(0, L), min_size=1, max_size=5), seed=st.integers(0, 99))
+@settings(max_examples=10, deadline=None)
+def test_padding_invariance_property(lengths: list[int], seed: int) -> None:
+    head = make_head().eval()
+    rows = random_rows(len(lengths), lengths, seed=seed)
+    with torch.no_grad():
+        left = head.user_state(pad_batch(rows, "left"))
+        right = head.user_state(pad_batch(rows, "right"))
+    assert torch.isfinite(left).all()
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "gru"])
+def test_empty_sequences_give_finite_states_and_losses(kind: str) -> None:
+    head = make_head(kind)
+    seq = pad_batch([[], [3, 4]], "left")
+    for mode in (True, False):
+        head.train(mode)
+        state = head.user_state(seq)
+        assert torch.isfinite(state).all()
+    scores = head.full_scores(state)
+    assert torch.isfinite(scores[:, 1:]).all() and (scores[:, 0] == float("-inf")).all()
+    head.train()
+    empty = torch.zeros(2, L, dtype=torch.long)
+    loss = head.loss(empty, empty)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+
+
+def test_explicit_padding_mask_and_item_embeddings_duck_typing() -> None:
+    class Emb:
+        ids = [f"item{k}" for k in range(N)]
+        matrix = semantic_table().numpy()
+
+    torch.manual_seed(0)
+    head = DualViewHead(make_encoder("sasrec"), Emb(), d=D, n_cross_heads=2).eval()
+    seq = pad_batch(random_rows(2, [5, 6]), "right")
+    with torch.no_grad():
+        a = head.user_state(seq)
+        b = head.user_state(seq, seq == 0)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="bool tensor"):
+        head.user_state(seq, (seq == 0).long())
+
+
+# ---------------------------------------------------------------------------- long sequences
+def test_long_sequences_are_cut_to_the_most_recent_items() -> None:
+    head = make_head().eval()
+    rows = random_rows(2, [L + 7, 4], seed=2)
+    for side in ("left", "right"):
+        long = pad_batch(rows, side, length=L + 9)
+        with torch.no_grad():
+            state = head.user_state(long)
+            recent = head.user_state(pad_batch([r[-L:] for r in rows], "left"))
+            out = head(long)
+        torch.testing.assert_close(state, recent, atol=1e-5, rtol=1e-5)
+        assert out.shape == (2, L, head.output_dim)
+    # the loss cuts targets the same way and stays finite
+    head.train()
+    long = pad_batch(rows, "right", length=L + 9)
+    assert torch.isfinite(head.loss(long, (long % N) + (long > 0).long())).item()
+
+
+def test_truncate_sequences_aligns_extras() -> None:
+    seq = torch.tensor([[1, 2, 3, 4, 5, 0, 0], [0, 0, 0, 0, 6, 7, 8]])
+    pos = seq * 10
+    neg = torch.stack([seq * 100, seq * 1000], dim=-1)
+    s, m, (p, n) = truncate_sequences(seq, seq == 0, 3, pos, neg)
+    assert s.tolist() == [[3, 4, 5], [6, 7, 8]]
+    assert not m.any()
+    assert p.tolist() == [[30, 40, 50], [60, 70, 80]]
+    assert n[0, :, 1].tolist() == [3000, 4000, 5000]
+    s, m, _ = truncate_sequences(torch.tensor([[0, 0, 0, 0, 9]]), torch.tensor([[1, 1, 1, 1, 0]]).bool(), 3)
+    assert s.tolist() == [[0, 0, 9]] and m.tolist() == [[True, True, False]]
+
+
+# ---------------------------------------------------------------------------- items and scores
+def test_pca_init_equals_centred_table_times_components() -> None:
+    torch.manual_seed(0)
+    E = semantic_table()
+    head = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, pca_method="exact")
+    expected = (E - E.mean(0)) @ head.pca.components
+    torch.testing.assert_close(head.item_embedding.weight[1:].detach(), expected, atol=1e-4, rtol=1e-4)
+    assert (head.item_embedding.weight[0] == 0).all()
+    # the components are the top-d principal directions (sign-invariant comparison to numpy)
+    Ec = (E - E.mean(0)).double().numpy()
+    vt = np.linalg.svd(Ec, full_matrices=False)[2][:D].T
+    ours = head.pca.components.double().numpy()
+    np.testing.assert_allclose(np.abs((ours * vt).sum(0)), 1.0, atol=1e-4)
+    scaled = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, collab_init_std=0.05)
+    assert abs(float(scaled.item_embedding.weight[1:].detach().std()) - 0.05) < 1e-4
+
+
+def test_item_representations_score_and_full_scores_agree() -> None:
+    head = make_head().eval()
+    seq = pad_batch(random_rows(3, [4, 7, 2]), "left")
+    with torch.no_grad():
+        states = head.user_state(seq)
+        reps = head.item_representations()
+        full = head.full_scores(states)
+        cand = torch.randint(1, N + 1, (3, 6))
+        sc = head.score(states, cand)
+        shared = head.score(states, torch.tensor([1, 5, 9]))
+    assert reps.shape == (N + 1, 2 * D) and (reps[0] == 0).all()
+    torch.testing.assert_close(sc, full.gather(1, cand))
+    torch.testing.assert_close(shared, full[:, [1, 5, 9]])
+    # semantic half = adapter(table), collaborative half = the ID table
+    torch.testing.assert_close(reps[1:, :D], head.adapter(head.semantic_table[1:]).detach())
+    torch.testing.assert_close(reps[1:, D:], head.item_embedding.weight[1:].detach())
+    # the same with gradients on (no cache) and per-candidate computation
+    sc_grad = head.score(states, cand)
+    torch.testing.assert_close(sc_grad.detach(), sc, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_item_table_follows_weight_updates() -> None:
+    head = make_head()
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    with torch.no_grad():
+        before = head.item_representations().clone()
+        assert head.item_representations().data_ptr() == head.item_representations().data_ptr()  # cached
+    seq = pad_batch(random_rows(2, [5, 5]), "left")
+    head.loss(seq, (seq % N) + (seq > 0).long()).backward()
+    opt.step()
+    with torch.no_grad():
+        after = head.item_representations()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after[1:, D:], head.item_embedding.weight[1:].detach())
+
+
+@pytest.mark.parametrize("config", ["default", "random_init", "no_semantic"])
+def test_cold_start_add_items(config: str) -> None:
+    head = make_head(**CONFIGS[config]).eval()
+    seq = pad_batch(random_rows(3, [4, 7, 2]), "left")
+    with torch.no_grad():
+        states = head.user_state(seq)
+        old = head.full_scores(states)
+    new_rows = semantic_table(3, seed=9)
+    idx = head.add_items(new_rows)
+    assert idx.tolist() == [N + 1, N + 2, N + 3] and head.num_items == N + 3
+    with torch.no_grad():
+        states2 = head.user_state(seq)
+        new = head.full_scores(states2)
+        torch.testing.assert_close(states2, states)
+        assert new.shape == (3, N + 4)
+        torch.testing.assert_close(new[:, : N + 1], old)
+        assert torch.isfinite(new[:, N + 1:]).all()
+        reps = head.item_representations()[N + 1:]
+        parts = []
+        if head.config.use_semantic:
+            parts.append(head.adapter(new_rows))
+        if head.config.collab_init == "pca":
+            parts.append(head.pca.transform(new_rows))
+        else:
+            parts.append(torch.zeros(3, D))
+        torch.testing.assert_close(reps, torch.cat(parts, -1), atol=1e-5, rtol=1e-5)
+        # new items can appear in sequences now
+        assert torch.isfinite(head.user_state(torch.tensor([[0, 1, N + 2]]))).all()
+    # and training still works after the table grew
+    head.train()
+    head.loss(seq, (seq % N) + (seq > 0).long()).backward()
+    if head.item_embedding is not None:
+        assert head.item_embedding.weight.grad.shape[0] == N + 4
+    with pytest.raises(ValueError, match="width mismatch"):
+        head.add_items(torch.randn(1, D_LLM + 1))
+
+
+def test_add_items_needs_a_semantic_table() -> None:
+    head = DualViewHead(make_encoder("sasrec"), None, d=D, num_items=N, use_semantic=False, collab_init="random")
+    with pytest.raises(ValueError, match="semantic table"):
+        head.add_items(torch.randn(2, D_LLM))
+
+
+# ---------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("kind,config", [("sasrec", "default"), ("gru", "unshared"),
+                                         ("sasrec", "fallback_frozen"), ("gru", "no_collaborative")])
+def test_save_load_round_trip(tmp_path, kind: str, config: str) -> None:
+    head = make_head(kind, **CONFIGS[config])
+    head.add_items(semantic_table(2, seed=3))
+    head.eval()
+    head.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DualViewHead.from_pretrained(tmp_path).eval()
+    assert loaded.config == head.config and loaded.num_items == head.num_items == N + 2
+    sd1, sd2 = head.state_dict(), loaded.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    seq = pad_batch(random_rows(2, [5, 3]), "right")
+    with torch.no_grad():
+        assert torch.equal(head(seq), loaded(seq))
+        assert torch.equal(head.full_scores(head.user_state(seq)), loaded.full_scores(loaded.user_state(seq)))
+    # cold start on the loaded head uses the stored PCA projection
+    if head.pca is not None:
+        r = semantic_table(1, seed=11)
+        assert torch.equal(head.add_items(r), loaded.add_items(r))
+        assert torch.equal(head.item_embedding.weight, loaded.item_embedding.weight)
+
+
+def test_save_load_with_user_encoder(tmp_path) -> None:
+    from tests.unit.test_encoders import RecBoleStyleSASRec
+
+    torch.manual_seed(0)
+    user_model = RecBoleStyleSASRec(N, hidden=D, max_len=L)
+    head = DualViewHead(RecBoleSASRecAdapter(user_model), semantic_table(), d=D, n_cross_heads=2).eval()
+    head.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="encoder="):
+        DualViewHead.from_pretrained(tmp_path)
+    torch.manual_seed(1)
+    loaded = DualViewHead.from_pretrained(tmp_path, encoder=RecBoleSASRecAdapter(RecBoleStyleSASRec(N, hidden=D, max_len=L)))
+    seq = pad_batch(random_rows(2, [5, 3]), "right")
+    with torch.no_grad():
+        assert torch.equal(head(seq), loaded.eval()(seq))
+    with pytest.raises(ValueError, match="does not match"):
+        DualViewHead.from_pretrained(tmp_path, encoder=SASRecEncoder(d=D, n_heads=2, max_len=L))
+
+
+def test_from_pretrained_width_mismatch(tmp_path) -> None:
+    make_head().save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["config"]["semantic_dim"] = D_LLM * 2
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="embedding width mismatch"):
+        DualViewHead.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("kind,loss_type", [("sasrec", "bpr"), ("sasrec", "bce"), ("sasrec", "ce"),
+                                            ("sasrec", "sampled_softmax"), ("gru", "bpr")])
+def test_every_loss_is_finite_and_decreases(kind: str, loss_type: str) -> None:
+    head = make_head(kind, dropout=0.0)
+    head.encoder.emb_dropout.p = 0.0
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, N + 1, (L + 1,), generator=g).tolist() for _ in range(6)]
+    full = torch.tensor(rows)
+    seq, pos = full[:, :-1].clone(), full[:, 1:].clone()
+    seq[:2, :3] = 0  # some left padding
+    pos[:2, :3] = 0
+    neg = torch.randint(1, N + 1, (6, L, 3), generator=g)
+    neg_arg = None if loss_type == "ce" else neg
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = head.loss(seq, pos, neg_arg, loss_type=loss_type)
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_loss_definitions() -> None:
+    """BPR on hand-computed scores; negatives default to the configured count."""
+    head = make_head(dropout=0.0).eval()
+    seq = pad_batch([[1, 2, 3]], "left")
+    pos = pad_batch([[2, 3, 4]], "left")
+    neg = pad_batch([[5, 6, 7]], "left")
+    with torch.no_grad():
+        out = head(seq)[0, -3:]
+        reps = head.item_representations()
+        sp = (out * reps[[2, 3, 4]]).sum(-1)
+        sn = (out * reps[[5, 6, 7]]).sum(-1)
+        expected = -torch.nn.functional.logsigmoid(sp - sn).mean()
+        torch.testing.assert_close(head.loss(seq, pos, neg), expected, atol=1e-5, rtol=1e-5)
+        bce = torch.nn.functional.softplus(-sp).mean() + torch.nn.functional.softplus(sn).mean()
+        torch.testing.assert_close(head.loss(seq, pos, neg, loss_type="bce"), bce, atol=1e-5, rtol=1e-5)
+        full = out @ reps.T
+        full[:, 0] = float("-inf")
+        ce = torch.nn.functional.cross_entropy(full, torch.tensor([2, 3, 4]))
+        torch.testing.assert_close(head.loss(seq, pos, loss_type="ce"), ce, atol=1e-5, rtol=1e-5)
+        # a sampled negative equal to the positive is masked out
+        same = pad_batch([[2, 3, 4]], "left").unsqueeze(-1)
+        assert head.loss(seq, pos, torch.cat([same, neg.unsqueeze(-1)], -1), loss_type="sampled_softmax") < 50
+    with pytest.raises(ValueError, match="loss_type"):
+        head.loss(seq, pos, neg, loss_type="hinge")
+
+
+# ---------------------------------------------------------------------------- ablation shapes
+def test_ablation_shapes_and_plain_sasrec() -> None:
+    seq = pad_batch(random_rows(2, [4, 6]), "left")
+    for name, cfg in CONFIGS.items():
+        head = make_head(**cfg).eval()
+        with torch.no_grad():
+            out = head(seq)
+        single = cfg.get("use_semantic", True) is False or cfg.get("use_collaborative", True) is False
+        assert out.shape == (2, L, D if single else 2 * D), name
+        assert (head.cross_to_co is None) == (single or cfg.get("fusion") == "concat"), name
+        assert (head.encoder_co is not None) == (name == "unshared"), name
+    plain = DualViewHead(make_encoder("sasrec"), None, d=D, num_items=N, use_semantic=False, collab_init="random")
+    assert plain.user_state(seq).shape == (2, D) and plain.semantic_table is None
+    frozen = make_head(freeze_collaborative=True)
+    assert not frozen.item_embedding.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_semantic_tables() -> None:
+    enc = make_encoder("sasrec")
+    bad = semantic_table()
+    bad[[3, 7, 8]] = float("nan")
+    bad[10, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN/inf in 4 of 25 rows, e.g. rows \[3, 7, 8, 10\]"):
+        DualViewHead(enc, bad, d=D, n_cross_heads=2)
+    with pytest.raises(ValueError, match="embedding width mismatch"):
+        DualViewHead(enc, semantic_table(), d=D, n_cross_heads=2, semantic_dim=D_LLM + 1)
+    with pytest.raises(ValueError, match="25 rows but num_items=24"):
+        DualViewHead(enc, semantic_table(), d=D, num_items=24, n_cross_heads=2)
+    with pytest.raises(ValueError, match="padding row 0"):
+        DualViewHead(enc, semantic_table(), d=D, num_items=24 - 0 if False else 24, n_cross_heads=2) \
+            if False else DualViewHead(enc, semantic_table(N + 1), d=D, num_items=N, n_cross_heads=2)
+    with pytest.raises(ValueError, match="hidden_size=8 differs"):
+        DualViewHead(enc, semantic_table(), d=16)
+    with pytest.raises(ValueError, match="needs a semantic table"):
+        DualViewHead(enc, None, d=D, num_items=N)
+    with pytest.raises(ValueError, match="collab_init='pca' needs"):
+        DualViewHead(enc, None, d=D, num_items=N, use_semantic=False)
+    with pytest.raises(TypeError, match="unknown DualViewHead options"):
+        DualViewHead(enc, semantic_table(), d=D, fusoin="concat")
+    with pytest.raises(ValueError, match="fusion"):
+        DualViewConfig(fusion="sum").validate()
+
+
+def test_unknown_item_ids_error_or_fallback() -> None:
+    head = make_head()
+    seq = torch.tensor([[0, 0, 3, N + 1, N + 5], [1, 2, N + 5, -1, 4]])
+    with pytest.raises(ValueError, match=rf"4 sequence item indices are outside 1..{N}.*e.g. \[-1, {N + 1}, {N + 5}\]"):
+        head.user_state(seq)
+    with pytest.raises(ValueError, match="candidate"):
+        head.score(torch.zeros(1, 2 * D), torch.tensor([[1, N + 1]]))
+    ok = torch.tensor([[0, 0, 3, 4, 5]])
+    with pytest.raises(ValueError, match="target"):
+        head.loss(ok, torch.tensor([[0, 0, 4, 5, N + 9]]))
+    fb = make_head(missing_item_policy="fallback")
+    state = fb.user_state(seq)
+    assert torch.isfinite(state).all()
+    fb.loss(seq, torch.tensor([[0, 0, N + 1, 2, 3], [2, N + 3, 4, 5, 6]])).backward()
+    assert fb.fallback_co.grad is not None and fb.fallback_co.grad.abs().sum() > 0
+    assert fb.fallback_se.grad is not None and fb.fallback_se.grad.abs().sum() > 0
+    fb.eval()
+    with torch.no_grad():  # cached table path: unknown ids share one fallback row
+        a = fb.user_state(torch.tensor([[0, 3, N + 1]]))
+        b = fb.user_state(torch.tensor([[0, 3, N + 7]]))
+    torch.testing.assert_close(a, b)
+    # ids at padded positions are ignored
+    with torch.no_grad():
+        masked = torch.tensor([[N + 9, 3, 4]])
+        head.eval().user_state(masked, torch.tensor([[True, False, False]]))
+
+
+def test_pmixer_adapter_inside_the_head_is_causal() -> None:
+    from tests.unit.test_encoders import PmixerStyleSASRec
+
+    torch.manual_seed(0)
+    head = DualViewHead(PmixerSASRecAdapter(PmixerStyleSASRec(N, hidden=D, maxlen=L)), semantic_table(), d=D,
+                        n_cross_heads=2).eval()
+    seq = pad_batch(random_rows(2, [L, L]), "left")
+    changed = seq.clone()
+    changed[:, 6:] = changed[:, 6:] % N + 1
+    with torch.no_grad():
+        torch.testing.assert_close(head(seq)[:, :6], head(changed)[:, :6], atol=1e-5, rtol=0)
+    head.train()
+    assert torch.isfinite(head.loss(seq, (seq % N) + 1))
