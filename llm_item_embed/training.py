@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -324,15 +325,19 @@ class ContrastiveTrainer:
 
         was_training = self.encoder.training
         self.loss.to(acc.device)
-        model, acc_opt = acc.prepare(self.encoder, optimizer)
-        # the scheduler is stepped by hand: accelerate's wrapper would step it once per process
-        param_keys = list(trainable)
-
         start = 0
         self.history = []
         ckpt = self._resolve_resume()
+        if ckpt is not None:  # parameters go in before prepare() (FSDP/ZeRO shard them there)
+            self._check_resume_state(ckpt, n_items=int(n_items), b=b, spe=spe, total=total)
+            self._load_params(ckpt)
+        model, acc_opt = acc.prepare(self.encoder, optimizer)
+        self._model = model
+        # the scheduler is stepped by hand: accelerate's wrapper would step it once per process
+        param_keys = list(trainable)
+        self._sharded = _is_sharded(acc)
         if ckpt is not None:
-            start = self._load_checkpoint(ckpt, optimizer, scheduler, n_items=int(n_items), b=b, spe=spe, total=total)
+            start = self._load_state(ckpt, optimizer, scheduler)
             logger.info("resumed from %s at step %d", ckpt, start)
         self.last_checkpoint = str(ckpt) if ckpt is not None else None
 
@@ -462,11 +467,16 @@ class ContrastiveTrainer:
                          step: int, epoch: int, *, n_items: int, b: int, spe: int, total: int) -> None:
         cfg = self.config
         final = Path(cfg.output_dir) / f"checkpoint-{step}"  # type: ignore[arg-type]
+        trainable = self._trainable()
+        if self._sharded:  # gather full weights (a collective: every process calls it)
+            full_sd = acc.get_state_dict(self._model)
+            params = {f"encoder.{n}": t for n, t in full_sd.items() if f"encoder.{n}" in trainable}
+            params.update({k: p.detach() for k, p in trainable.items() if k.startswith("loss.")})
+        else:
+            params = {k: p.detach() for k, p in trainable.items()}
+        params = {k: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for k, t in params.items()}
         if acc.is_main_process:
-            trainable = self._trainable()
-            params = {k: p.detach().float() if p.dtype in (torch.float16, torch.bfloat16) else p.detach()
-                      for k, p in trainable.items()}
-            opt_state = optimizer.state_dict()
+            opt_state = optimizer.state_dict() if not self._sharded else {"state": {}, "param_groups": []}
             pid_to_key = {}
             groups_json = []
             flat_index = 0
@@ -495,7 +505,7 @@ class ContrastiveTrainer:
                 "rng": {"recipe": "views: np.random.default_rng([seed, step]); torch: seed from (seed, step, rank); "
                                   "order: np.random.default_rng([seed, epoch]).permutation(n_items)",
                         "seed": cfg.seed},
-                "trainable": sorted(params),
+                "trainable": sorted(params), "optimizer_state": not self._sharded,
             }
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -513,8 +523,7 @@ class ContrastiveTrainer:
         acc.wait_for_everyone()
         self.last_checkpoint = str(final)
 
-    def _load_checkpoint(self, path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-                         n_items: int, b: int, spe: int, total: int) -> int:
+    def _check_resume_state(self, path: Path, *, n_items: int, b: int, spe: int, total: int) -> None:
         state = read_json(path / "trainer_state.json")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
@@ -523,6 +532,8 @@ class ContrastiveTrainer:
             if state.get(field) != now:
                 raise ValueError(f"cannot resume from {path}: {field} was {state.get(field)!r}, now {now!r} "
                                  "(the data order would differ)")
+
+    def _load_params(self, path: Path) -> None:
         trainable = self._trainable()
         params, _ = load_safetensors(path / "adapter.safetensors")
         missing = sorted(set(trainable) - set(params))
@@ -536,6 +547,23 @@ class ContrastiveTrainer:
                     raise ValueError(f"{path}: {k} has shape {tuple(params[k].shape)}, expected {tuple(p.shape)}")
                 p.copy_(params[k].to(device=p.device, dtype=p.dtype))
 
+    def _load_state(self, path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+        """Optimizer moments, scheduler and history; returns the step to continue from."""
+        state = read_json(path / "trainer_state.json")
+        if state.get("optimizer_state", True) and not self._sharded:
+            self._load_optimizer(path, optimizer)
+        else:
+            warnings.warn(f"{path}: optimizer moments not restored (sharded DeepSpeed/FSDP run or checkpoint); "
+                          "the resumed run will not match an uninterrupted one exactly", stacklevel=3)
+        sched = {k: v for k, v in state["scheduler"].items() if v is not None or k == "lr_lambdas"}
+        sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
+        scheduler.load_state_dict(sched)
+        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            g["lr"] = lr
+        self.history = list(state.get("history", []))
+        return int(state["step"])
+
+    def _load_optimizer(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
         opt_json = read_json(path / "optimizer.json")
         tensors, _ = load_safetensors(path / "optimizer.safetensors")
         key_to_pid: dict[str, int] = {}
@@ -545,6 +573,9 @@ class ContrastiveTrainer:
         if len(cur_groups) != len(opt_json["param_groups"]):
             raise ValueError(f"{path}: optimizer has {len(opt_json['param_groups'])} groups, expected {len(cur_groups)}")
         for saved, cur in zip(opt_json["param_groups"], cur_groups):
+            if len(saved["params"]) != len(cur["params"]):
+                raise ValueError(f"{path}: optimizer group has {len(saved['params'])} parameters, "
+                                 f"expected {len(cur['params'])}")
             ids = []
             for name in saved["params"]:
                 key_to_pid[name] = pid
@@ -565,8 +596,9 @@ class ContrastiveTrainer:
         for key, vals in opt_json.get("scalars", {}).items():
             opt_state.setdefault(key_to_pid[key], {}).update(vals)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        sched = {k: v for k, v in state["scheduler"].items() if v is not None or k == "lr_lambdas"}
-        sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
-        scheduler.load_state_dict(sched)
-        self.history = list(state.get("history", []))
-        return int(state["step"])
+
+
+def _is_sharded(acc: Any) -> bool:
+    """DeepSpeed or FSDP: parameters / optimizer state are sharded across processes."""
+    kind = str(getattr(acc, "distributed_type", "")).upper()
+    return "DEEPSPEED" in kind or "FSDP" in kind
