@@ -1,0 +1,142 @@
+"""Cost of the dual-view head against a plain SASRec, on one dataset, in one run.
+
+    python -m benchmarks.bench_head                                  # amazon_beauty, random [N, 384] table
+    python -m benchmarks.bench_head --embeddings emb.safetensors     # a real semantic table
+    python -m benchmarks.bench_head --max-steps 20 --eval-users 2000 # a smoke run
+
+Both models: ``SASRecEncoder(d, n_layers=2, n_heads, max_len)`` with the same d and max_len; the
+plain one is ``DualViewHead(use_semantic=False, collab_init="random")`` (one ID table), the dual
+one is the full head (adapter, PCA-initialised table, cross-attention both ways, shared encoder).
+
+Measured:
+- training time per epoch (BPR, Adam, one negative per position, batches built once up front so
+  that only model work is timed; epochs of the two models alternate to share machine noise);
+- full-ranking throughput in users/s on the test inputs: ``user_state`` + ``full_scores`` +
+  top-10, under ``torch.no_grad`` in eval mode.
+Goals (issue 3): training-time ratio dual/plain <= 1.6; throughput ratio dual/plain >= 0.8.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfsr_head import DualViewHead, SASRecEncoder, align_semantic, default_data_dir, leave_one_out, load_dataset
+
+
+def build(kind: str, semantic: np.ndarray | None, num_items: int, args: argparse.Namespace) -> DualViewHead:
+    torch.manual_seed(args.seed)
+    enc = SASRecEncoder(d=args.d, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len,
+                        dropout=args.dropout)
+    if kind == "plain":
+        return DualViewHead(enc, None, d=args.d, num_items=num_items, use_semantic=False,
+                            collab_init="random", dropout=args.dropout, seed=args.seed)
+    return DualViewHead(enc, semantic, d=args.d, n_cross_heads=args.heads, dropout=args.dropout, seed=args.seed)
+
+
+def train_epoch(model: DualViewHead, opt: torch.optim.Optimizer, batches: list) -> float:
+    model.train()
+    t0 = time.perf_counter()
+    for seq, pos, neg in batches:
+        opt.zero_grad(set_to_none=True)
+        model.loss(seq, pos, neg, loss_type="bpr").backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def throughput(model: DualViewHead, inputs: torch.Tensor, batch: int) -> float:
+    model.eval()
+    model.full_scores(model.user_state(inputs[:batch])).topk(10, dim=1)  # warm-up (and table cache)
+    t0 = time.perf_counter()
+    for b in range(0, len(inputs), batch):
+        model.full_scores(model.user_state(inputs[b:b + batch])).topk(10, dim=1)
+    return len(inputs) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="dataset folder (default: <data dir>/amazon_beauty)")
+    p.add_argument("--embeddings", default=None, help="item-embeddings safetensors (default: random [N, 384])")
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per model (alternating)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on batches per epoch (smoke runs)")
+    p.add_argument("--eval-users", type=int, default=None, help="cap on users for the throughput test")
+    p.add_argument("--eval-batch", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    folder = Path(args.data) if args.data else default_data_dir() / "amazon_beauty"
+    split = leave_one_out(load_dataset(folder), max_len=args.max_len)
+    N = split.num_items
+    if args.embeddings:
+        from cfsr_head.cli import read_embeddings
+
+        semantic = align_semantic(read_embeddings(args.embeddings), split.item_index)
+    else:
+        semantic = np.random.default_rng(args.seed).standard_normal((N, 384)).astype(np.float32)
+    dev = torch.device(args.device)
+
+    batches = []
+    for i, (seq, pos, neg) in enumerate(split.train_batches(args.batch_size, args.max_len, rng=args.seed)):
+        if args.max_steps is not None and i >= args.max_steps:
+            break
+        batches.append((seq.to(dev), pos.to(dev), neg.to(dev)))
+    inputs, _, _ = split.eval_inputs("test", args.max_len)
+    if args.eval_users is not None:
+        inputs = inputs[: args.eval_users]
+    inputs = inputs.to(dev)
+
+    t_build = time.perf_counter()
+    models = {"plain": build("plain", None, N, args).to(dev)}
+    t_build = time.perf_counter()
+    models["dual"] = build("dual", semantic, N, args).to(dev)
+    build_dual_s = time.perf_counter() - t_build
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+    for k, m in models.items():  # warm-up steps, not timed
+        train_epoch(m, opts[k], batches[:2])
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.epochs):
+        for k, m in models.items():
+            times[k].append(train_epoch(m, opts[k], batches))
+    thr = {k: throughput(m, inputs, args.eval_batch) for k, m in models.items()}
+    epoch = {k: float(np.median(v)) for k, v in times.items()}
+    ratio_t = epoch["dual"] / epoch["plain"]
+    ratio_s = thr["dual"] / thr["plain"]
+
+    print(f"dataset {folder.name}: {split.num_users} users, {N} items; d={args.d}, max_len={args.max_len}, "
+          f"batch {args.batch_size}, {len(batches)} batches/epoch, semantic width {semantic.shape[1]}, "
+          f"threads {torch.get_num_threads()}, device {dev}")
+    print(f"dual head build (incl. PCA init): {build_dual_s:.2f} s")
+    print(f"{'model':<8}{'s/epoch (median)':>18}{'users/s':>12}")
+    for k in models:
+        print(f"{k:<8}{epoch[k]:>18.2f}{thr[k]:>12.0f}")
+    print(f"train time ratio dual/plain: {ratio_t:.2f} (goal <= 1.6: {'met' if ratio_t <= 1.6 else 'NOT met'})")
+    print(f"throughput ratio dual/plain: {ratio_s:.2f} (goal >= 0.8: {'met' if ratio_s >= 0.8 else 'NOT met'})")
+    if args.json:
+        from cfsr_head.io import atomic_write_json
+
+        atomic_write_json(args.json, {"epoch_s": epoch, "epoch_s_all": times, "users_per_s": thr,
+                                      "train_ratio": ratio_t, "throughput_ratio": ratio_s, "args": vars(args),
+                                      "batches_per_epoch": len(batches), "eval_users": len(inputs)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
