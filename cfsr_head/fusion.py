@@ -17,6 +17,8 @@ class CrossViewAttention(nn.Module):
     (causal mask AND key padding mask; LLM-ESR's cross-attention masks only padding). Following
     the paper (and LLM-ESR) the output *replaces* the input sequence; ``residual=True`` returns
     ``query + output`` instead. Padded positions of the output are zero. One module per direction.
+    ``dropout`` is applied to the output projection (not to the attention probabilities, which
+    would force PyTorch's slow unfused attention kernel).
     """
 
     def __init__(self, d: int, n_heads: int = 4, dropout: float = 0.2, residual: bool = False) -> None:
@@ -24,6 +26,7 @@ class CrossViewAttention(nn.Module):
         if d % n_heads:
             raise ValueError(f"d={d} must be divisible by n_heads={n_heads}")
         self.d, self.n_heads, self.dropout, self.residual = d, n_heads, dropout, residual
+        self.out_dropout = nn.Dropout(dropout)
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
@@ -43,9 +46,9 @@ class CrossViewAttention(nn.Module):
 
         a = F.scaled_dot_product_attention(
             split(self.q_proj(query)), split(self.k_proj(context)), split(self.v_proj(context)),
-            attn_mask=causal_allowed(padding_mask), dropout_p=self.dropout if self.training else 0.0,
+            attn_mask=causal_allowed(padding_mask),
         )
-        out = self.out_proj(a.transpose(1, 2).reshape(B, L, d))
+        out = self.out_dropout(self.out_proj(a.transpose(1, 2).reshape(B, L, d)))
         if self.residual:
             out = query + out
         return out * (~padding_mask).unsqueeze(-1).to(out.dtype)

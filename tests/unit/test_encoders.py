@@ -21,6 +21,15 @@ from cfsr_head.encoders import (
 D = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run much faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(kind: str) -> nn.Module:
     torch.manual_seed(0)
     enc = SASRecEncoder(d=D, n_layers=2, n_heads=4, max_len=12, dropout=0.3) if kind == "sasrec" \

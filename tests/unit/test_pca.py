@@ -10,6 +10,15 @@ from hypothesis import strategies as st
 from cfsr_head.pca import PCAProjection, choose_method
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run much faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def low_rank(N: int, d_in: int, rank: int, seed: int = 0) -> np.ndarray:
     """Spectrum with a clear gap after ``rank`` (plus small noise) and a non-zero mean."""
     rng = np.random.default_rng(seed)
