@@ -195,9 +195,9 @@ class DualViewHead(nn.Module):
         if int(hidden) != d:
             raise ValueError(f"encoder hidden_size={hidden} differs from the head's d={d}")
 
-        table = ids = None
+        table = None
         if semantic is not None:
-            table, ids = _semantic_matrix(semantic)
+            table, _ = _semantic_matrix(semantic)
             if cfg.semantic_dim is not None and table.shape[1] != cfg.semantic_dim:
                 raise ValueError(f"embedding width mismatch: the config expects semantic_dim="
                                  f"{cfg.semantic_dim}, the semantic table has width {table.shape[1]}")
@@ -223,7 +223,6 @@ class DualViewHead(nn.Module):
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         self.config = cfg
         self._num_items = int(num_items)
-        self.semantic_ids = ids
         self._cache: tuple[Any, Tensor] | None = None
         gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -522,8 +521,6 @@ class DualViewHead(nn.Module):
             emb.weight.copy_(torch.cat([w, new]))
             emb.weight.requires_grad_(w.requires_grad)
             self.item_embedding = emb
-        if self.semantic_ids is not None:
-            self.semantic_ids = None  # raw ids of new rows are unknown here
         self._num_items = N + M
         self._cache = None
         return torch.arange(N + 1, N + M + 1, device=self.semantic_table.device)

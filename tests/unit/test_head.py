@@ -489,3 +489,17 @@ def test_pmixer_adapter_inside_the_head_is_causal() -> None:
         torch.testing.assert_close(head(seq)[:, :6], head(changed)[:, :6], atol=1e-5, rtol=0)
     head.train()
     assert torch.isfinite(head.loss(seq, (seq % N) + 1))
+
+
+def test_plain_sasrec_round_trip_and_sampled_negatives(tmp_path) -> None:
+    torch.manual_seed(0)
+    plain = DualViewHead(make_encoder("gru"), None, d=D, num_items=N, use_semantic=False, collab_init="random",
+                         n_negatives=3)
+    seq = pad_batch(random_rows(2, [5, 3]), "right")
+    loss = plain.loss(seq, (seq % N) + (seq > 0).long())  # negatives sampled inside
+    assert torch.isfinite(loss)
+    plain.save_pretrained(tmp_path)
+    loaded = DualViewHead.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.eval().user_state(seq), loaded.user_state(seq))
+    assert loaded.semantic_table is None and loaded.num_items == N
