@@ -173,6 +173,13 @@ class DualViewHead(nn.Module):
     ``collab_init="random"`` is possible: a plain SASRec/GRU4Rec).
     Sequences longer than the encoder's ``max_len`` are cut to the most recent items
     (``truncate_sequences``) inside ``forward``, ``user_state`` and ``loss``.
+
+    Cross-attention follows the paper: the new collaborative sequence is attention with semantic
+    queries over collaborative keys/values (``cross_to_co``), the new semantic sequence the reverse
+    (``cross_to_se``); both replace their inputs. Outputs, states and item representations are
+    ordered ``[semantic : collaborative]``. With a shared encoder both views go through it in one
+    call (batch concatenation); unshared, the semantic view uses ``encoder`` and the
+    collaborative view ``encoder_co``.
     """
 
     def __init__(self, encoder: nn.Module, semantic: Any = None, d: int | None = None,
