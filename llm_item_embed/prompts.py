@@ -177,9 +177,11 @@ class PromptTemplate:
             if not self._columns:
                 raise ValueError(f"the table has no attribute column besides the id column {id_column!r}")
         used = [c for c, _ in self.columns()]
-        for item_id, row in zip(ids.tolist(), df[used].to_dict("records")):
-            if not self.atoms(row):
-                raise ValueError(f"item {item_id!r} has no non-empty attribute among {used}")
+        for start in range(0, len(df), 8192):  # in chunks: bounded memory on large catalogues
+            part = df.iloc[start:start + 8192]
+            for item_id, row in zip(ids.iloc[start:start + 8192].tolist(), part[used].to_dict("records")):
+                if not self.atoms(row):
+                    raise ValueError(f"item {item_id!r} has no non-empty attribute among {used}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
