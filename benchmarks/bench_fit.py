@@ -1,0 +1,219 @@
+"""Fine-tuning throughput and peak memory: our ContrastiveTrainer vs sentence-transformers' own
+contrastive training (MultipleNegativesRankingLoss), plus GradCache's overhead.
+
+Same bundled MiniLM, same LoRA (r, alpha, dropout and target modules; applied to the ST model's
+underlying transformer with ``peft.get_peft_model``), same batch size, max length, lr, clipping and
+the *same texts*: pairs of two attribute-dropped views of the prompts of
+``<data>/amazon_scientific/items.csv`` (``CFSR_DATA_DIR``, default ``../shared/data``).
+
+The sentence-transformers side runs ``SentenceTransformer.old_fit`` (its classic fit loop: its
+collate, MultipleNegativesRankingLoss, AdamW, warm-up schedule, clipping); the Trainer-based
+``fit`` needs the ``datasets`` package, which is not installed here. Each measurement runs in its
+own child process so peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is
+per method; each times ``--steps`` optimizer steps after ``--warmup`` untimed steps.
+
+    python benchmarks/bench_fit.py --batch-size 32 --steps 10            # full comparison
+    python benchmarks/bench_fit.py --batch-size 8 --steps 2 --warmup 1 --items 64   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("CFSR_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def make_pairs(n_items: int, drop_prob: float, seed: int) -> list[tuple[str, str]]:
+    """Two dropped views of each item's prompt (amazon_scientific), fixed by ``seed``."""
+    import pandas as pd
+
+    from llm_item_embed.prompts import PromptTemplate
+
+    path = data_dir() / "amazon_scientific" / "items.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found; set CFSR_DATA_DIR to the datasets folder")
+    df = pd.read_csv(path).head(n_items)
+    tmpl = PromptTemplate(instruction="This scientific product has the following attributes:",
+                          fields={"title": "name", "brand": "brand", "categories": "category",
+                                  "description": "description"})
+    rows = df.to_dict("records")
+    v1, v2 = tmpl.render_views(rows, n_views=2, drop_prob=drop_prob, rng=np.random.default_rng(seed))
+    return list(zip(v1, v2))
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _lora(args: argparse.Namespace):
+    from llm_item_embed.backbone import LoraSettings
+
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+
+
+# --------------------------------------------------------------------------------------------- phases
+def run_ours(args: argparse.Namespace, mini_batch_size: int | None) -> dict:
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    from llm_item_embed.backbone import BackboneSettings, default_model_path, load_text_encoder
+    from llm_item_embed.losses import ContrastiveLoss
+    from llm_item_embed.training import ContrastiveTrainer, FitConfig
+
+    pairs = make_pairs(args.items, args.drop_prob, args.seed)
+    enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
+                                             max_length=args.max_length), _lora(args))
+    loss = ContrastiveLoss(similarity="cosine", temperature=0.05)  # = MNRL's scale 20
+
+    def make_views(idx: np.ndarray, rng: np.random.Generator):
+        return [[pairs[i][0] for i in idx], [pairs[i][1] for i in idx]], None
+
+    def fit(steps: int) -> float:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = FitConfig(batch_size=args.batch_size, max_steps=steps, lr=args.lr, warmup_ratio=0.1,
+                        mini_batch_size=mini_batch_size, mixed_precision=args.mixed_precision,
+                        show_progress_bar=False, seed=args.seed)
+        t0 = time.perf_counter()
+        ContrastiveTrainer(enc, loss, cfg).train(make_views, len(pairs))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if args.warmup:
+        fit(args.warmup)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    secs = fit(args.steps)
+    return {"seconds": secs, "pairs_per_s": args.steps * args.batch_size / secs,
+            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device)}
+
+
+def run_st(args: argparse.Namespace) -> dict:
+    import peft
+    import torch
+    from sentence_transformers import InputExample, SentenceTransformer
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from torch.utils.data import DataLoader
+
+    from llm_item_embed.backbone import default_model_path, resolve_lora_targets
+
+    torch.manual_seed(args.seed)
+    pairs = make_pairs(args.items, args.drop_prob, args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(args.model or default_model_path(), device=device)
+    model.max_seq_length = args.max_length
+    transformer = model[0]
+    targets, _ = resolve_lora_targets(transformer.auto_model, "auto")  # the very same modules as ours
+    cfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=targets)
+    transformer.model = peft.get_peft_model(transformer.auto_model, cfg)  # ST's add_adapter needs peft>=0.22
+    loss = MultipleNegativesRankingLoss(model)
+    examples = [InputExample(texts=[a, b]) for a, b in pairs]
+
+    def fit(steps: int) -> float:
+        loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True, drop_last=True)
+        t0 = time.perf_counter()
+        model.old_fit(train_objectives=[(loader, loss)], epochs=1, steps_per_epoch=steps,
+                      warmup_steps=max(1, steps // 10), optimizer_params={"lr": args.lr}, weight_decay=0.0,
+                      max_grad_norm=1.0, use_amp=args.mixed_precision != "no", show_progress_bar=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if args.warmup:
+        fit(args.warmup)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    secs = fit(args.steps)
+    return {"seconds": secs, "pairs_per_s": args.steps * args.batch_size / secs,
+            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device)}
+
+
+# --------------------------------------------------------------------------------------------- driver
+def _child(args: argparse.Namespace, phase: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase]
+    for key in ("batch_size", "steps", "warmup", "items", "max_length", "lr", "mini_batch_size", "lora_r",
+                "lora_alpha", "lora_dropout", "drop_prob", "seed", "mixed_precision", "model"):
+        val = getattr(args, key)
+        if val is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(val)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"phase {phase} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--items", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--mini-batch-size", type=int, default=None,
+                   help="GradCache chunk (texts); default: a quarter of the 2*batch texts")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--drop-prob", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--model", default=None, help="default: the bundled MiniLM")
+    p.add_argument("--phase", default=None, choices=["ours", "st", "gradcache"], help=argparse.SUPPRESS)
+    p.add_argument("--skip-gradcache", action="store_true")
+    args = p.parse_args(argv)
+    if args.mini_batch_size is None:
+        args.mini_batch_size = max(1, (2 * args.batch_size) // 4)
+
+    if args.phase == "ours":
+        print(json.dumps(run_ours(args, None)))
+        return
+    if args.phase == "gradcache":
+        print(json.dumps(run_ours(args, args.mini_batch_size)))
+        return
+    if args.phase == "st":
+        print(json.dumps(run_st(args)))
+        return
+
+    print(f"bench_fit: batch {args.batch_size} pairs, {args.steps} timed steps (+{args.warmup} warm-up), "
+          f"max_length {args.max_length}, LoRA r={args.lora_r} alpha={args.lora_alpha}, "
+          f"mixed_precision={args.mixed_precision}, {args.items} items of amazon_scientific")
+    st = _child(args, "st")
+    ours = _child(args, "ours")
+    print(f"sentence-transformers (old_fit + MNRL): {st['pairs_per_s']:8.2f} pairs/s  "
+          f"step {st['step_s']:.3f}s  peak {st['peak_mb']:.0f} MB")
+    print(f"ours (ContrastiveTrainer):              {ours['pairs_per_s']:8.2f} pairs/s  "
+          f"step {ours['step_s']:.3f}s  peak {ours['peak_mb']:.0f} MB")
+    print(f"throughput ratio ours / sentence-transformers: {ours['pairs_per_s'] / st['pairs_per_s']:.2f}x "
+          "(goal >= 1.0x)")
+    result = {"args": vars(args), "sentence_transformers": st, "ours": ours}
+    if not args.skip_gradcache:
+        gc = _child(args, "gradcache")
+        print(f"ours + GradCache (mini_batch_size={args.mini_batch_size} texts): {gc['pairs_per_s']:8.2f} pairs/s  "
+              f"step {gc['step_s']:.3f}s  peak {gc['peak_mb']:.0f} MB")
+        print(f"GradCache step-time overhead: {gc['step_s'] / ours['step_s']:.2f}x the plain step (goal <= 1.3x)")
+        result["gradcache"] = gc
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
