@@ -159,7 +159,12 @@ class ItemEmbedder:
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if _dist_info()[1] > 1:  # one device per process under accelerate launch / torchrun
+                from accelerate import PartialState
+
+                self._device = PartialState().device
+            else:
+                self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return self._device
 
     @property

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -302,3 +303,50 @@ def test_long_texts_are_truncated_with_one_counted_warning(tiny_bert_dir, items_
         warnings.simplefilter("always")
         short.encode(items_df)
     assert not [w for w in caught if "truncated" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------- several processes
+def _worker(model_dir: str, out: str) -> None:
+    """Run under ``torch.distributed.run --nproc_per_node 2``: encode in memory and sharded."""
+    from llm_item_embed.io import atomic_save_safetensors
+
+    emb = ItemEmbedder(model_dir, template=TEMPLATE, lora=None, max_length=64)
+    df = catalogue(11)  # not divisible by 2: uneven slices
+    plain = emb.encode(df, batch_size=4)
+    sharded = emb.encode(df, batch_size=4, shard_dir=Path(out) / "shards", shard_size=3)
+    rank = torch.distributed.get_rank()
+    atomic_save_safetensors(Path(out) / f"rank{rank}.safetensors",
+                            {"plain": torch.from_numpy(plain.matrix),
+                             "sharded": torch.from_numpy(np.asarray(sharded.matrix).copy())},
+                            metadata={"ids": json.dumps(plain.ids), "world": str(torch.distributed.get_world_size())})
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_encode_under_two_processes_gathers_in_order(tiny_bert_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from safetensors import safe_open
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           __file__, tiny_bert_dir, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    emb = ItemEmbedder(tiny_bert_dir, template=TEMPLATE, lora=None, max_length=64)
+    ref = emb.encode(catalogue(11))
+    for rank in (0, 1):
+        with safe_open(str(tmp_path / f"rank{rank}.safetensors"), framework="np") as f:
+            assert json.loads(f.metadata()["ids"]) == ref.ids and f.metadata()["world"] == "2"
+            np.testing.assert_allclose(f.get_tensor("plain"), ref.matrix, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(f.get_tensor("sharded"), ref.matrix, atol=1e-5, rtol=1e-5)
+    assert len(list((tmp_path / "shards").glob("shard-*.safetensors"))) == 4
+
+
+if __name__ == "__main__":  # the worker of test_encode_under_two_processes_gathers_in_order
+    _worker(sys.argv[1], sys.argv[2])
