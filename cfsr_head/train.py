@@ -298,11 +298,18 @@ class Trainer:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
 
-            accelerator = Accelerator(
-                mixed_precision=self.config.mixed_precision,
-                # ablations (e.g. no-semantic) leave some parameters without gradients
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-            )
+            try:
+                accelerator = Accelerator(
+                    mixed_precision=self.config.mixed_precision,
+                    # ablations (e.g. no-semantic) leave some parameters without gradients
+                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                )
+            except ValueError as exc:
+                if "already been initialized" not in str(exc):
+                    raise
+                raise ValueError(f"TrainConfig.mixed_precision={self.config.mixed_precision!r}: Accelerate was "
+                                 "already initialised in this process with another precision; pass "
+                                 "accelerator=... or train in a fresh process") from exc
         self.accelerator = accelerator
         self.output_dir = Path(self.config.output_dir) if self.config.output_dir else None
         self._best_state: dict[str, torch.Tensor] | None = None

@@ -334,3 +334,92 @@ def test_bad_configs_and_inputs(split):
         Trainer(nn.Linear(2, 2), split, cfg())
     with pytest.raises(KeyError, match="NDCG@10"):
         Trainer(TinyModel(), split, cfg(epochs=1), eval_fn=lambda *a, **k: {"overall": {"HR@10": 1.0}}).fit()
+
+
+DDP_SCRIPT = r'''
+import sys, numpy as np, pandas as pd, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from accelerate import Accelerator
+from cfsr_head import DualViewHead, InteractionData, SASRecEncoder, TrainConfig, Trainer, leave_one_out
+from cfsr_head.io import atomic_save_safetensors, atomic_write_json
+out = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+rows = [(f"u{u}", f"i{(s + t) % 30}", t) for u in range(120)
+        for s, n in [(rng.integers(0, 30), rng.integers(5, 12))] for t in range(n)]
+split = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])), max_len=10)
+acc = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = DualViewHead(SASRecEncoder(d=16, n_layers=1, n_heads=2, max_len=10), semantic=None, num_items=30,
+                     use_semantic=False, collab_init="random", d=16)
+trainer = Trainer(model, split, TrainConfig(epochs=3, batch_size=16, lr=1e-2, max_len=10, loss="ce",
+                  output_dir=str(out / "ckpt"), show_progress_bar=False), accelerator=acc)
+res = trainer.fit()
+r = acc.process_index
+atomic_save_safetensors(out / f"rank{r}.safetensors", dict(model.state_dict()))
+atomic_write_json(out / f"rank{r}.json", {"world": acc.num_processes, "best_epoch": res.best_epoch,
+                  "metrics": [h["metric"] for h in res.history],
+                  "wrapper": type(trainer.prepared_loss).__name__})
+'''
+
+
+@pytest.mark.multiprocess
+def test_two_processes_under_accelerate(tmp_path):
+    """DDP on CPU (gloo): every rank ends with the same weights and the broadcast metrics."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={port}", str(script), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert infos[0]["world"] == 2 and infos[0]["wrapper"] == "DistributedDataParallel"
+    assert infos[0] == infos[1] and infos[0]["metrics"][-1] > infos[0]["metrics"][0]
+    w0, _ = load_safetensors(tmp_path / "rank0.safetensors")
+    w1, _ = load_safetensors(tmp_path / "rank1.safetensors")
+    assert same(w0, w1)
+    assert (tmp_path / "ckpt" / "last" / "trainer_state.json").is_file()
+
+
+def make_head(seed: int = 0):
+    from cfsr_head import DualViewHead, SASRecEncoder
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    semantic = rng.normal(size=(N_ITEMS, 12)).astype(np.float32)
+    return DualViewHead(SASRecEncoder(d=8, n_layers=1, n_heads=2, max_len=10, dropout=0.3),
+                        semantic=semantic, d=8, dropout=0.3, seed=seed)
+
+
+def test_real_head_resume_and_best_restore(split, tmp_path):
+    """DualViewHead (dropout in encoder and cross-attention, cached item table) with the real evaluator."""
+    config = dict(epochs=4, loss="bpr", lr=5e-3)
+    ref_model = make_head()
+    ref = Trainer(ref_model, split, cfg(tmp_path / "ref", **config)).fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_head(), split, cfg(tmp_path / "run", **config),
+                callbacks=[lambda tr, rec: (_ for _ in ()).throw(KeyboardInterrupt) if rec["epoch"] == 2 else None]
+                ).fit()
+    model = make_head(seed=3)  # other initial weights: everything must come from the checkpoint
+    res = Trainer(model, split, cfg(tmp_path / "run", **config)).fit()
+    assert res.resumed_from_epoch == 2
+    assert same(weights(model), weights(ref_model))
+    assert [h["metric"] for h in res.history] == [h["metric"] for h in ref.history]
+    # the restored best weights give the best validation metric again (no stale cached item table)
+    again = evaluate(model, split, split="valid", max_len=10, groups=None).summary()["Overall"]["NDCG@10"]
+    assert again == pytest.approx(res.best_metric)
+
+
+def test_mixed_precision_conflict_is_explained(split):
+    from accelerate import Accelerator
+
+    Accelerator()  # this process already runs Accelerate in full precision
+    with pytest.raises(ValueError, match="mixed_precision='bf16'"):
+        Trainer(TinyModel(), split, cfg(mixed_precision="bf16"))
