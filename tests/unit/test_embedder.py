@@ -173,6 +173,20 @@ def test_fit_can_continue_after_loading(fitted_bert, tmp_path):
     assert not np.allclose(back.encode(catalogue()).matrix, before, atol=1e-6)
 
 
+def test_full_fine_tuning_without_lora_round_trip(tiny_bert_dir, tmp_path):
+    emb = ItemEmbedder(tiny_bert_dir, template=TEMPLATE, lora=None, max_length=64)
+    before = emb.encode(catalogue(8)).matrix.copy()
+    emb.fit(catalogue(8), **dict(FIT, max_steps=1, lr=1e-2))
+    after = emb.encode(catalogue(8)).matrix
+    assert not np.allclose(after, before, atol=1e-5)
+    emb.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "full" / "adapter_model.safetensors").exists()
+    back = ItemEmbedder.from_pretrained(tmp_path / "full")
+    assert back.lora is None
+    np.testing.assert_array_equal(back.encode(catalogue(8)).matrix, after)
+
+
 @pytest.mark.parametrize("which", ["bert", "llama"])
 def test_sentence_transformers_export_reproduces(which, fitted_bert, fitted_llama, tmp_path):
     from sentence_transformers import SentenceTransformer
