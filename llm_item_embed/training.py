@@ -292,12 +292,10 @@ class ContrastiveTrainer:
     def train(self, make_views: Callable[..., Any], n_items: int) -> list[dict]:
         """Run the loop; returns the loss history ``[{"step", "epoch", "loss", "temperature", "lr"}]``
         (1-based steps; on resume, the history loaded from the checkpoint continues)."""
-        from accelerate import Accelerator
-
         cfg = self.config
         acc = self.accelerator
         if acc is None:
-            acc = self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+            acc = self.accelerator = _make_accelerator(cfg.mixed_precision)
         if cfg.mini_batch_size is not None and getattr(acc.state, "deepspeed_plugin", None) is not None:
             raise NotImplementedError("GradCache (mini_batch_size) is not supported under DeepSpeed; "
                                       "use DDP or FSDP, or gradient checkpointing instead")
@@ -349,7 +347,9 @@ class ContrastiveTrainer:
 
             bar = tqdm(total=total, initial=start, desc="fit", unit="step")
         device = acc.device
-        local = b // P
+        rng_devices = [device] if device.type == "cuda" else []
+        rng_guard = torch.random.fork_rng(devices=rng_devices)  # leave the caller's RNG untouched
+        rng_guard.__enter__()
         try:
             for step in range(start, total):
                 epoch, i = divmod(step, spe)
@@ -407,6 +407,7 @@ class ContrastiveTrainer:
                     self._save_checkpoint(acc, optimizer, scheduler, param_keys, step + 1, epoch,
                                           n_items=int(n_items), b=b, spe=spe, total=total)
         finally:
+            rng_guard.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
             # drop accelerate's autocast/fp32 wrappers so later .encode() runs the plain module
@@ -596,6 +597,31 @@ class ContrastiveTrainer:
         for key, vals in opt_json.get("scalars", {}).items():
             opt_state.setdefault(key_to_pid[key], {}).update(vals)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+def _make_accelerator(mixed_precision: str) -> Any:
+    """An ``Accelerator`` for ``mixed_precision``; a launcher's setting (``accelerate launch
+    --mixed_precision`` / config file) wins over the default ``"no"``. In a single process an
+    Accelerate state left by an earlier run with another precision is reset instead of failing."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    mp: str | None = mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mp == "no" and launcher not in (None, "", "no"):
+        mp = None
+    try:
+        return Accelerator(mixed_precision=mp)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        if PartialState().num_processes > 1:
+            raise ValueError(f"Accelerate is already set up in this process with another mixed precision; "
+                             f"set mixed_precision={mixed_precision!r} in the accelerate launch config instead "
+                             f"or pass your own accelerator") from exc
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return Accelerator(mixed_precision=mp)
 
 
 def _is_sharded(acc: Any) -> bool:

@@ -334,3 +334,17 @@ def test_gradient_checkpointing_flag(tiny_bert_dir: str) -> None:
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         ContrastiveTrainer(TinyEncoder(tiny_bert_dir), ContrastiveLoss(),
                            _cfg(max_steps=1, gradient_checkpointing=True)).train(make_views_fn(make_items(8)), 8)
+
+
+def test_sequential_fits_with_other_precision_and_caller_rng_untouched(tok_path: str) -> None:
+    items = make_items(8)
+    trainer = ContrastiveTrainer(TinyEncoder(tok_path, dropout=0.2), ContrastiveLoss(), _cfg(max_steps=1))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    trainer.train(make_views_fn(items), 8)
+    assert torch.equal(torch.rand(3), expected)  # per-step seeding happens in a forked RNG
+    # a second fit in the same process with another precision must not hit accelerate's state error
+    hist = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
+                              _cfg(max_steps=1, mixed_precision="bf16")).train(make_views_fn(items), 8)
+    assert np.isfinite(hist[0]["loss"])
