@@ -20,6 +20,10 @@ epoch)::
     output_dir/best/model.safetensors       weights of the best validation epoch
     output_dir/best/info.json               best epoch and metric
 
+``last`` is staged in ``last.new`` and swapped in by renames, so an interruption at any moment
+leaves one complete checkpoint; a NaN/inf loss raises ``FloatingPointError`` naming the epoch and
+step and leaves the previous epoch's checkpoint untouched.
+
 Runs under Accelerate: the model (wrapped in a small loss module so that DDP sees the forward
 pass) and the optimizer go through ``accelerator.prepare``; each process takes every
 ``num_processes``-th batch; evaluation and checkpoints happen on the main process and the
@@ -28,6 +32,7 @@ validation metric is broadcast to the others.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -373,20 +378,36 @@ class Trainer:
         return self._evaluate("valid", protocol or self.config.eval_protocol, **kwargs)
 
     # -------------------------------------------------------------- checkpoints
-    def _state_path(self) -> Path | None:
-        return self.output_dir / "last" / "trainer_state.json" if self.output_dir else None
+    def _checkpoint_dir(self) -> Path | None:
+        """The newest complete ``last`` checkpoint (a crash mid-swap leaves ``last.new``/``last.old``)."""
+        if self.output_dir is None:
+            return None
+        for name in ("last", "last.new", "last.old"):
+            cand = self.output_dir / name
+            if (cand / "trainer_state.json").is_file():
+                return cand
+        return None
 
     def _save_last(self, state: dict[str, Any]) -> None:
+        """Write the whole checkpoint into ``last.new`` (state JSON last), then swap it in for
+        ``last``: an interruption at any point leaves one complete checkpoint."""
+        import shutil
+
         assert self.output_dir is not None
-        last = self.output_dir / "last"
+        stage, last, old = (self.output_dir / n for n in ("last.new", "last", "last.old"))
+        shutil.rmtree(stage, ignore_errors=True)
         opt_tensors, opt_meta = flatten_optimizer_state(self.prepared_optimizer.state_dict())
-        atomic_save_safetensors(last / "model.safetensors", _cpu_state_dict(self.model))
-        atomic_save_safetensors(last / "optimizer.safetensors", opt_tensors)
+        atomic_save_safetensors(stage / "model.safetensors", _cpu_state_dict(self.model))
+        atomic_save_safetensors(stage / "optimizer.safetensors", opt_tensors)
         scaler = getattr(self.accelerator, "scaler", None)
         full = dict(state, optimizer=opt_meta, config=self.config.to_dict(),
                     scaler=_to_jsonable(scaler.state_dict()) if scaler is not None else None)
-        # the JSON goes last: it is the commit marker of a complete checkpoint
-        atomic_write_json(last / "trainer_state.json", _to_jsonable(full))
+        atomic_write_json(stage / "trainer_state.json", _to_jsonable(full))  # marks the stage complete
+        if last.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(last, old)
+        os.replace(stage, last)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _save_best(self, epoch: int, metric: float, valid: dict[str, Any]) -> None:
         assert self.output_dir is not None
@@ -411,12 +432,11 @@ class Trainer:
                              "use another output_dir or resume=False")
 
     def _resume(self) -> dict[str, Any] | None:
-        path = self._state_path()
-        if path is None or not self.config.resume or not path.is_file():
+        last = self._checkpoint_dir() if self.config.resume else None
+        if last is None:
             return None
-        saved = read_json(path)
+        saved = read_json(last / "trainer_state.json")
         self._check_resumable(saved)
-        last = path.parent
         self._load_model(last / "model.safetensors")
         opt_tensors, _ = load_safetensors(last / "optimizer.safetensors")
         opt_state = unflatten_optimizer_state(opt_tensors, saved["optimizer"])
@@ -493,9 +513,8 @@ class Trainer:
             if not math.isfinite(value):
                 if show:
                     batches.close()
-                where = (f"; the last good checkpoint is {self.output_dir / 'last'}"
-                         if self.output_dir and (self.output_dir / "last" / "trainer_state.json").is_file()
-                         else "")
+                good = self._checkpoint_dir()
+                where = f"; the last good checkpoint is {good}" if good is not None else ""
                 raise FloatingPointError(f"non-finite training loss ({value}) at epoch {epoch}, step {step}{where}")
             acc.backward(loss)
             if cfg.max_grad_norm is not None:

@@ -222,6 +222,26 @@ def test_resume_equals_uninterrupted(split, tmp_path):
     assert same(last_ref, last_run)
 
 
+@pytest.mark.parametrize("crash", ["torn_stage", "mid_swap"])
+def test_resume_after_a_crash_while_checkpointing(split, tmp_path, crash):
+    import shutil
+
+    config = dict(epochs=4, loss="bpr")
+    ref_model = TinyModel(dropout=0.2)
+    Trainer(ref_model, split, cfg(tmp_path / "ref", **config), eval_fn=ndcg10_eval).fit()
+    run = tmp_path / "run"
+    Trainer(TinyModel(dropout=0.2), split, cfg(run, **config), eval_fn=ndcg10_eval).fit(max_epochs_this_run=2)
+    if crash == "torn_stage":  # died while writing the next checkpoint: a partial last.new
+        (run / "last.new").mkdir()
+        shutil.copy(run / "last" / "model.safetensors", run / "last.new" / "model.safetensors")
+    else:  # died between the two renames: only last.old holds the checkpoint
+        (run / "last").rename(run / "last.old")
+    model = TinyModel(dropout=0.2, seed=11)
+    res = Trainer(model, split, cfg(run, **config), eval_fn=ndcg10_eval).fit()
+    assert res.resumed_from_epoch == 2 and same(weights(model), weights(ref_model))
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last"]
+
+
 def test_finished_run_is_not_repeated(split, tmp_path):
     first = Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval).fit()
     calls = []
