@@ -165,6 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.variant == "sasrec" and args.embeddings:
         raise CLIError("--variant sasrec uses no semantic table; drop --embeddings or use --variant no-semantic")
 
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
+                         seed=args.seed, output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
+                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol)
     split = _load_split(args.data, args.max_len)
     semantic = None
     if args.embeddings:
@@ -178,10 +182,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                         seed=args.seed)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         loss=args.loss, max_len=args.max_len, patience=args.patience, seed=args.seed,
-                         output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
-                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol)
     trainer = Trainer(model, split, config)
     result = trainer.fit()
     if not result.history or result.best_epoch == 0:
@@ -206,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import ItemIndex
     from .evaluate import evaluate
     from .head import DualViewHead
-    from .io import atomic_write_json
+    from .io import atomic_write_json, read_json
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -216,7 +216,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (model_dir / "item_index.json").is_file():
         item_index = ItemIndex.load(model_dir / "item_index.json")
     model = DualViewHead.from_pretrained(model_dir)
-    max_len = args.max_len or getattr(model, "max_len", None) or 50
+    trained_len = None
+    if (model_dir / "run.json").is_file():
+        trained_len = read_json(model_dir / "run.json").get("settings", {}).get("max_len")
+    max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
     try:
         split = _load_split(args.data, max_len, item_index)
     except KeyError as exc:
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: LLM-CFSR head; no-semantic / no-collaborative / concat / unshared: the "
                         "paper's ablations; sasrec: ID-only baseline (random table)")
     t.add_argument("--loss", choices=("bpr", "ce", "bce", "sampled_softmax"), default="bpr")
+    t.add_argument("--n-negatives", type=_positive_int, default=1,
+                   help="sampled negatives per position (bpr, bce, sampled_softmax)")
     t.add_argument("--d", type=_positive_int, default=64, help="hidden size per view")
     t.add_argument("--max-len", type=_positive_int, default=50)
     t.add_argument("--n-layers", type=_positive_int, default=2)
@@ -310,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=("full", "sampled"), default="full",
                    help="full ranking over all items, or the target plus 100 sampled negatives")
     e.add_argument("--split", choices=("test", "valid"), default="test")
-    e.add_argument("--max-len", type=_positive_int, default=None, help="input window (default: the model's)")
+    e.add_argument("--max-len", type=_positive_int, default=None,
+                   help="input window (default: the one it was trained with)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
     e.add_argument("--json", help="also write the summary to this JSON file")
     e.set_defaults(func=cmd_evaluate)

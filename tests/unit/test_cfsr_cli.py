@@ -130,6 +130,14 @@ def test_gru4rec_encoder(dataset, tmp_path):
     assert json.loads((out / "config.json").read_text())["encoder"]["type"] == "GRU4RecEncoder"
 
 
+def test_sampled_softmax_with_several_negatives(dataset, tmp_path):
+    out = tmp_path / "ss"
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--loss", "sampled_softmax", "--n-negatives", "4",
+                           "--epochs", "1", "--quiet")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_config"]["n_negatives"] == 4 and metrics["train_config"]["loss"] == "sampled_softmax"
+
+
 def test_rerun_resumes_and_extends(dataset, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--epochs", "2", "--quiet")) == 0
@@ -202,6 +210,9 @@ def test_bad_inputs_exit_nonzero_naming_the_culprit(dataset, embeddings_file, tm
     save_file({"embeddings": torch.from_numpy(nan)}, str(bad), metadata={"ids": json.dumps([f"it{i}" for i in range(N_ITEMS)])})
     assert main(train_args(dataset, tmp_path / "g", "--embeddings", str(bad))) != 0
     assert "NaN" in one_line_error(capsys)
+    # a setting the trainer refuses, before anything is written
+    assert main(train_args(dataset, tmp_path / "h", "--variant", "sasrec", "--patience", "-2")) != 0
+    assert "patience" in one_line_error(capsys) and not (tmp_path / "h").exists()
     # a number that is not one
     with pytest.raises(SystemExit) as exc:
         main(train_args(dataset, out, "--lr", "-1"))
