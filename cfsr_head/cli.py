@@ -146,7 +146,7 @@ def _load_split(data: str, max_len: int | None, item_index: Any = None):
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import align_semantic
     from .io import atomic_write_json, read_json
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, Trainer, _to_jsonable
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,
                "train": result.to_dict(), "train_config": config.to_dict(),
                "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:
         print(f"best epoch {result.best_epoch}: valid {config.metric} {result.best_metric:.4f}"
               f"{' (stopped early)' if result.stopped_early else ''}")
@@ -232,9 +232,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking")
     print(format_summary(result))
     if args.json:
-        atomic_write_json(args.json, {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data),
-                                      "split": args.split, "protocol": args.protocol,
-                                      "summary": result.summary(), "counts": result.counts()})
+        from .train import _to_jsonable
+
+        report = {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data), "split": args.split,
+                  "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
+        atomic_write_json(args.json, _to_jsonable(report))
     return 0
 
 

@@ -92,7 +92,8 @@ class TrainConfig:
         if self.eval_protocol not in ("full", "sampled"):
             raise ValueError(f"TrainConfig.eval_protocol must be 'full' or 'sampled', got {self.eval_protocol!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+            raise ValueError("TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', "
+                             f"got {self.mixed_precision!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.output_dir is not None:
@@ -608,7 +609,8 @@ class Trainer:
         return TrainResult(history=history, best_epoch=best_epoch,
                            best_metric=best_metric if best_epoch else float("nan"), metric=cfg.metric,
                            epochs_run=len(history), stopped_early=stopped_early,
-                           resumed_from_epoch=resumed_from, output_dir=str(self.output_dir) if self.output_dir else None,
+                           resumed_from_epoch=resumed_from,
+                           output_dir=str(self.output_dir) if self.output_dir else None,
                            best_valid=best_valid)
 
     def _restore_best(self) -> None:

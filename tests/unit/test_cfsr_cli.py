@@ -207,7 +207,8 @@ def test_bad_inputs_exit_nonzero_naming_the_culprit(dataset, embeddings_file, tm
     nan = semantic_matrix()
     nan[5, 0] = np.nan
     bad = tmp_path / "nan.safetensors"
-    save_file({"embeddings": torch.from_numpy(nan)}, str(bad), metadata={"ids": json.dumps([f"it{i}" for i in range(N_ITEMS)])})
+    save_file({"embeddings": torch.from_numpy(nan)}, str(bad),
+              metadata={"ids": json.dumps([f"it{i}" for i in range(N_ITEMS)])})
     assert main(train_args(dataset, tmp_path / "g", "--embeddings", str(bad))) != 0
     assert "NaN" in one_line_error(capsys)
     # a setting the trainer refuses, before anything is written
