@@ -249,10 +249,13 @@ def grad_cache_backward(
     *,
     backward: Callable[[Tensor], None] | None = None,
     no_sync: Callable[[], ContextManager] | None = None,
+    keep_first_graph: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """GradCache (Gao et al., 2021): the gradients of ``loss_fn(encode(all inputs))`` in bounded memory.
 
-    1. encode each chunk without grad (saving its RNG states), concatenate -> ``reps [N, d]``;
+    1. encode each chunk without grad (saving its RNG states), concatenate -> ``reps [N, d]``
+       (the first chunk, with ``keep_first_graph``, is encoded with grad and its graph kept, so it
+       needs no second forward: the extra work is ``(n-1)/n`` of a forward pass, not a whole one);
     2. ``loss = loss_fn(reps)`` on a leaf copy of ``reps``; ``backward(loss)`` fills ``reps.grad``
        (and the gradients of the loss's own parameters, e.g. the temperature);
     3. re-encode each chunk with grad under the saved RNG states and back-propagate the cached
@@ -267,6 +270,8 @@ def grad_cache_backward(
             ``accelerator.backward`` so fp16 loss scaling applies to both phases consistently).
         no_sync: context-manager factory used for every chunk but the last (e.g.
             ``lambda: accelerator.no_sync(model)``) so DDP all-reduces once per step.
+        keep_first_graph: keep the first chunk's autograd graph from step 1 instead of re-running
+            it (peak memory: one chunk's activations plus a no-grad forward of another chunk).
 
     Returns ``(loss.detach(), reps.detach())``. Gradients are accumulated into ``.grad`` exactly as
     ``backward(loss_fn(cat([encode(c) for c in chunks])))`` would (same dropout masks).
@@ -280,14 +285,25 @@ def grad_cache_backward(
     if not chunks:
         raise ValueError("no inputs")
     backward = backward or (lambda t: t.backward())
+    n_chunks = len(chunks)
 
-    # 1. no-grad pass, remembering the RNG state of each chunk
-    rand_states: list[RandContext] = []
+    # 1. encode every chunk; the first keeps its graph (it is not re-run: saves 1/n of the extra
+    #    forward work), the others run without grad and remember their RNG state
+    rand_states: list[RandContext | None] = []
     outs: list[Tensor] = []
-    with torch.no_grad():
-        for chunk in chunks:
+    kept: Tensor | None = None
+    for j, chunk in enumerate(chunks):
+        if j == 0 and keep_first_graph:
+            # its backward must not trigger DDP's all-reduce unless it is the only chunk
+            ctx = no_sync() if (no_sync is not None and n_chunks > 1) else nullcontext()
+            with ctx:
+                kept = encode(**chunk)
+            outs.append(kept.detach())
+            rand_states.append(None)
+        else:
             rand_states.append(RandContext(*chunk.values()))
-            outs.append(encode(**chunk))
+            with torch.no_grad():
+                outs.append(encode(**chunk))
     reps = torch.cat(outs, dim=0).detach().requires_grad_(True)
 
     # 2. loss and gradient w.r.t. the embeddings (and the loss's own parameters)
@@ -297,14 +313,19 @@ def grad_cache_backward(
         raise RuntimeError("the loss does not depend on the embeddings")
     cached = reps.grad.detach()
 
-    # 3. re-run each chunk with grad and push the cached gradient through it
+    # 3. push the cached gradient through the kept graph, then re-run the other chunks with grad
+    #    (same RNG states, so the same dropout masks) and push their slices through them
     start = 0
     for j, (chunk, rand) in enumerate(zip(chunks, rand_states)):
-        last = j == len(chunks) - 1
+        last = j == n_chunks - 1
         ctx = nullcontext() if (last or no_sync is None) else no_sync()
         with ctx:
-            with rand:
-                out = encode(**chunk)
+            if rand is None:
+                out = kept
+                kept = None
+            else:
+                with rand:
+                    out = encode(**chunk)
             n = out.shape[0]
             g = cached[start:start + n].to(out.dtype)
             # surrogate scalar: d/d(out) of sum(out * g) is g (g already carries any loss scale)

@@ -182,9 +182,10 @@ def _grads(mod: torch.nn.Module, lf: ContrastiveLoss) -> dict[str, torch.Tensor]
     return out
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("mini", [1, 3, 8])
-def test_grad_cache_matches_plain(p: float, mini: int) -> None:
+@pytest.mark.parametrize("mini", [1, 3, 8, 12])
+def test_grad_cache_matches_plain(p: float, mini: int, keep: bool) -> None:
     k, b, length = 2, 6, 5
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 50, (k * b, length), generator=g)
@@ -206,7 +207,8 @@ def test_grad_cache_matches_plain(p: float, mini: int) -> None:
     enc.zero_grad(); lf.zero_grad()
 
     torch.manual_seed(123)
-    loss, reps = grad_cache_backward(enc, {"input_ids": ids, "attention_mask": am}, loss_fn, mini)
+    loss, reps = grad_cache_backward(enc, {"input_ids": ids, "attention_mask": am}, loss_fn, mini,
+                                     keep_first_graph=keep)
     got = _grads(enc, lf)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     assert reps.shape == (k * b, 8)
@@ -245,6 +247,9 @@ def test_grad_cache_accepts_prechunked_and_no_sync() -> None:
             return None
 
     loss, _ = grad_cache_backward(enc, chunks, lambda r: lf(r.view(2, 4, -1)), no_sync=_Ctx)
+    assert torch.isfinite(loss) and calls == [1, 1]  # first chunk: forward (graph kept) and backward
+    calls.clear()
+    loss, _ = grad_cache_backward(enc, chunks, lambda r: lf(r.view(2, 4, -1)), no_sync=_Ctx, keep_first_graph=False)
     assert torch.isfinite(loss) and calls == [1]  # every chunk but the last
     with pytest.raises(ValueError, match="mini_batch_size"):
         grad_cache_backward(enc, {"input_ids": ids, "attention_mask": ids}, lambda r: r.sum())
