@@ -174,6 +174,38 @@ class _LossModule(nn.Module):
         return loss, extra
 
 
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """An ``Accelerator`` for ``mixed_precision`` (DDP with ``find_unused_parameters``, since
+    ablations leave parameters without gradients). A launcher's setting (``accelerate launch
+    --mixed_precision``) wins over the default ``"no"``; in a single process an Accelerate state
+    left by an earlier run with another precision is reset instead of failing."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mp: str | None = mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mp == "no" and launcher not in (None, "", "no"):
+        mp = None
+
+    def build() -> Any:
+        return Accelerator(mixed_precision=mp,
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+    try:
+        return build()
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        if PartialState().num_processes > 1:
+            raise ValueError(f"TrainConfig.mixed_precision={mixed_precision!r}: Accelerate is already set up in "
+                             "this process with another precision; set it in the accelerate launch config "
+                             "or pass accelerator=...") from exc
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return build()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -282,7 +314,14 @@ class Trainer:
             weight ``config.extra_loss_weight`` (e.g. LLM-ESR self-distillation).
         eval_fn: optional replacement for ``cfsr_head.evaluate.evaluate`` with the same signature.
         callbacks: called as ``cb(trainer, record)`` after each epoch's checkpoint is written
-            (raising ``KeyboardInterrupt`` there simulates an interruption).
+            (raising ``KeyboardInterrupt`` there simulates an interruption), or objects with
+            ``on_epoch_end(trainer, record)``.
+
+    Hooks: ``extra_loss`` and callback objects may define ``on_fit_start(trainer)`` (called once
+    the weights are final for the first epoch of this call, i.e. after any resume: the place to
+    build state derived from the model, such as a self-distillation teacher bank) and
+    ``on_epoch_end(trainer, record)``. ``fit`` leaves the caller's python/numpy/torch RNG state
+    as it found it.
     """
 
     def __init__(self, model: nn.Module, split_data: Any, config: TrainConfig | None = None,
@@ -301,21 +340,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.callbacks = list(callbacks)
         if accelerator is None:
-            from accelerate import Accelerator
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            try:
-                accelerator = Accelerator(
-                    mixed_precision=self.config.mixed_precision,
-                    # ablations (e.g. no-semantic) leave some parameters without gradients
-                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                )
-            except ValueError as exc:
-                if "already been initialized" not in str(exc):
-                    raise
-                raise ValueError(f"TrainConfig.mixed_precision={self.config.mixed_precision!r}: Accelerate was "
-                                 "already initialised in this process with another precision; pass "
-                                 "accelerator=... or train in a fresh process") from exc
+            accelerator = make_accelerator(self.config.mixed_precision)
         self.accelerator = accelerator
         self.output_dir = Path(self.config.output_dir) if self.config.output_dir else None
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -537,6 +562,20 @@ class Trainer:
         With ``output_dir`` set and ``resume`` true, continues from ``output_dir/last`` when it
         exists (a finished run returns at once). ``max_epochs_this_run`` stops after that many
         epochs of this call (the run can be resumed later)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):  # leave the caller's RNG untouched
+                return self._fit(max_epochs_this_run)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def _hooks(self, name: str) -> list[Callable]:
+        objs = [self.extra_loss, *self.callbacks]
+        return [getattr(o, name) for o in objs if o is not None and callable(getattr(o, name, None))]
+
+    def _fit(self, max_epochs_this_run: int | None) -> TrainResult:
         cfg = self.config
         acc = self.accelerator
         self._prepare()
@@ -557,6 +596,9 @@ class Trainer:
         resumed_from = start_epoch - 1
         main = acc.is_main_process
         epochs_this_run = 0
+        if start_epoch <= cfg.epochs and not stopped_early:
+            for hook in self._hooks("on_fit_start"):
+                hook(self)
         for epoch in range(start_epoch, cfg.epochs + 1):
             if stopped_early:
                 break
@@ -604,7 +646,10 @@ class Trainer:
                     msg += f", valid {cfg.metric} {record['metric']:.4f} (best {best_metric:.4f} @ {best_epoch})"
                 _print(msg)
             for cb in self.callbacks:
-                cb(self, record)
+                hook = getattr(cb, "on_epoch_end", None)
+                (hook if callable(hook) else cb)(self, record)
+            if self.extra_loss is not None and callable(getattr(self.extra_loss, "on_epoch_end", None)):
+                self.extra_loss.on_epoch_end(self, record)
         self._restore_best()
         return TrainResult(history=history, best_epoch=best_epoch,
                            best_metric=best_metric if best_epoch else float("nan"), metric=cfg.metric,

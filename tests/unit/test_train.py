@@ -437,9 +437,49 @@ def test_real_head_resume_and_best_restore(split, tmp_path):
     assert again == pytest.approx(res.best_metric)
 
 
-def test_mixed_precision_conflict_is_explained(split):
+def test_mixed_precision_switch_in_one_process(split):
     from accelerate import Accelerator
 
+    from cfsr_head.train import make_accelerator
+
     Accelerator()  # this process already runs Accelerate in full precision
-    with pytest.raises(ValueError, match="mixed_precision='bf16'"):
-        Trainer(TinyModel(), split, cfg(mixed_precision="bf16"))
+    try:
+        trainer = Trainer(TinyModel(), split, cfg(epochs=1, mixed_precision="bf16"), eval_fn=ndcg10_eval)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        assert math.isfinite(trainer.fit().history[0]["train_loss"])
+    finally:
+        make_accelerator("no")  # leave full precision to the rest of the session
+    assert Accelerator().mixed_precision == "no"
+
+
+def test_hooks_and_the_callers_rng(split, tmp_path):
+    events = []
+
+    class Extra:
+        def __call__(self, model, batch):
+            return torch.zeros(())
+
+        def on_fit_start(self, trainer):
+            events.append(("start", trainer.model.emb.weight.detach().clone()))
+
+        def on_epoch_end(self, trainer, record):
+            events.append(("end", record["epoch"]))
+
+    trainer = Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval, extra_loss=Extra())
+    torch.manual_seed(5)
+    np.random.seed(5)
+    expected = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(5)
+    np.random.seed(5)
+    trainer.fit(max_epochs_this_run=2)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert [e[0] if e[0] == "start" else e for e in events] == ["start", ("end", 1), ("end", 2)]
+    events.clear()
+    Trainer(TinyModel(seed=9), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval, extra_loss=Extra()).fit()
+    last, _ = load_safetensors(tmp_path / "last" / "model.safetensors")
+    assert events[0][0] == "start" and events[1:] == [("end", 3)]
+    # on_fit_start saw the resumed (epoch 2) weights, not the fresh model's
+    assert not torch.equal(events[0][1], TinyModel(seed=9).emb.weight.detach())
+    events.clear()
+    Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval, extra_loss=Extra()).fit()
+    assert events == []  # a finished run starts nothing
