@@ -157,6 +157,7 @@ def test_learns_next_item_pattern(split, loss):
     test = trainer.test().summary()
     assert {"Overall", "Tail item"} <= set(test) and test["Overall"]["NDCG@10"] > 0.6
     assert trainer.test(protocol="sampled").summary()["Overall"]["HR@10"] > 0.9
+    assert TrainResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 
 
 def test_early_stopping_and_best_restore(split, tmp_path):
