@@ -138,7 +138,7 @@ def test_sampled_softmax_with_several_negatives(dataset, tmp_path):
     assert metrics["train_config"]["n_negatives"] == 4 and metrics["train_config"]["loss"] == "sampled_softmax"
 
 
-def test_rerun_resumes_and_extends(dataset, tmp_path):
+def test_rerun_resumes_and_extends(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--epochs", "2", "--quiet")) == 0
     assert main(train_args(dataset, out, "--variant", "sasrec", "--epochs", "3", "--quiet")) == 0
@@ -146,6 +146,7 @@ def test_rerun_resumes_and_extends(dataset, tmp_path):
     assert train["resumed_from_epoch"] == 2 and train["epochs_run"] == 3
     # a different setting in the same folder is refused, naming it
     assert main(train_args(dataset, out, "--variant", "sasrec", "--lr", "0.1", "--quiet")) == 2
+    assert "lr: 0.005 -> 0.1" in capsys.readouterr().err
 
 
 def test_generic_safetensors_with_header_ids(tmp_path, dataset):
