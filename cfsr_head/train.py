@@ -35,7 +35,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -160,12 +160,10 @@ class _LossModule(nn.Module):
     """Wraps the model so that one ``forward`` computes the whole training loss (DDP needs the
     loss to come out of the prepared module's forward to synchronise gradients)."""
 
-    def __init__(self, model: nn.Module, loss_type: str, n_negatives: int,
-                 extra_loss: ExtraLoss | None, extra_weight: float) -> None:
+    def __init__(self, model: nn.Module, loss_type: str, extra_loss: ExtraLoss | None, extra_weight: float) -> None:
         super().__init__()
         self.model = model
         self.loss_type = loss_type
-        self.n_negatives = n_negatives
         self.extra_loss = extra_loss
         self.extra_weight = extra_weight
 
@@ -360,7 +358,7 @@ class Trainer:
         if not params:
             raise ValueError("model has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.loss_module = _LossModule(self.model, cfg.loss, cfg.n_negatives, self.extra_loss, cfg.extra_loss_weight)
+        self.loss_module = _LossModule(self.model, cfg.loss, self.extra_loss, cfg.extra_loss_weight)
         self.prepared_loss, self.prepared_optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
         self._prepared = True
 
