@@ -253,3 +253,25 @@ def test_grad_cache_accepts_prechunked_and_no_sync() -> None:
     assert torch.isfinite(loss) and calls == [1]  # every chunk but the last
     with pytest.raises(ValueError, match="mini_batch_size"):
         grad_cache_backward(enc, {"input_ids": ids, "attention_mask": ids}, lambda r: r.sum())
+
+
+# ------------------------------------------------------------------------------ properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(2, 4), b=st.integers(2, 6), d=st.integers(1, 5), seed=st.integers(0, 10_000),
+       sim=st.sampled_from(["dot", "cosine"]), n_groups=st.integers(1, 6))
+def test_properties(k: int, b: int, d: int, seed: int, sim: str, n_groups: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(k, b, d, generator=g)
+    groups = torch.randint(0, n_groups, (b,), generator=g)
+    lf = ContrastiveLoss(similarity=sim)
+    plain, masked = lf(v), lf(v, groups)
+    assert torch.isfinite(plain) and torch.isfinite(masked)
+    assert plain.item() >= -1e-6 and masked.item() >= -1e-6
+    assert masked.item() <= plain.item() + 1e-5  # removing negatives never raises the loss
+    perm = torch.randperm(b, generator=g)
+    assert lf(v[:, perm], groups[perm]).item() == pytest.approx(masked.item(), rel=1e-5, abs=1e-6)
+    assert lf(v.flip(0), groups).item() == pytest.approx(masked.item(), rel=1e-5, abs=1e-6)
