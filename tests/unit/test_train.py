@@ -484,3 +484,32 @@ def test_hooks_and_the_callers_rng(split, tmp_path):
     events.clear()
     Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval, extra_loss=Extra()).fit()
     assert events == []  # a finished run starts nothing
+
+
+def test_trim_padding_is_exact_for_built_in_encoders():
+    """Dropping all-padding leading columns changes neither the loss nor its gradients."""
+    from cfsr_head import DualViewHead, SASRecEncoder
+
+    torch.manual_seed(0)
+    head = DualViewHead(SASRecEncoder(d=16, n_layers=2, n_heads=2, max_len=12, dropout=0.0),
+                        semantic=torch.randn(N_ITEMS, 24), d=16, dropout=0.0)
+    seq = torch.zeros(3, 12, dtype=torch.long)
+    seq[0, -4:] = torch.tensor([1, 2, 3, 4])
+    seq[1, -3:] = torch.tensor([5, 6, 7])
+    seq[2, -2:] = torch.tensor([8, 9])
+    pos = torch.roll(seq, -1, 1).masked_fill(seq == 0, 0)
+    pos[:, -1] = torch.tensor([5, 8, 10])
+    neg = torch.randint(1, N_ITEMS + 1, seq.shape).masked_fill(seq == 0, 0)
+    raw = (seq, pos, neg)
+    out = {}
+    for trim in (False, True):
+        trainer = Trainer(head, split_data=type("S", (), {"train_batches": lambda *a, **k: iter(())})(),
+                          config=TrainConfig(trim_padding=trim, show_progress_bar=False))
+        batch = trainer._to_batch(raw, 0, 1)
+        head.zero_grad()
+        loss = head.loss(batch.input_seq, batch.pos, batch.neg, batch.padding_mask, loss_type="bpr")
+        loss.backward()
+        out[trim] = (batch.input_seq.shape[1], loss.detach(), head.adapter[0].weight.grad.clone())
+    assert out[True][0] == 4 and out[False][0] == 12
+    torch.testing.assert_close(out[True][1], out[False][1])
+    torch.testing.assert_close(out[True][2], out[False][2])
