@@ -80,6 +80,7 @@ def run_ours(args: argparse.Namespace, mini_batch_size: int | None) -> dict:
     enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
                                              max_length=args.max_length), _lora(args))
     loss = ContrastiveLoss(similarity="cosine", temperature=0.05)  # = MNRL's scale 20
+    n_trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
 
     def make_views(idx: np.ndarray, rng: np.random.Generator):
         return [[pairs[i][0] for i in idx], [pairs[i][1] for i in idx]], None
@@ -103,7 +104,7 @@ def run_ours(args: argparse.Namespace, mini_batch_size: int | None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     secs = fit(args.steps)
     return {"seconds": secs, "pairs_per_s": args.steps * args.batch_size / secs,
-            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device)}
+            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device), "trainable": n_trainable}
 
 
 def run_st(args: argparse.Namespace) -> dict:
@@ -121,10 +122,11 @@ def run_st(args: argparse.Namespace) -> dict:
     model = SentenceTransformer(args.model or default_model_path(), device=device)
     model.max_seq_length = args.max_length
     transformer = model[0]
-    targets, _ = resolve_lora_targets(transformer.auto_model, "auto")  # the very same modules as ours
+    targets, exclude = resolve_lora_targets(transformer.auto_model, "auto")  # the very same modules as ours
     cfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=targets)
+                          target_modules=targets, exclude_modules=exclude or None, bias="none")
     transformer.model = peft.get_peft_model(transformer.auto_model, cfg)  # ST's add_adapter needs peft>=0.22
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loss = MultipleNegativesRankingLoss(model)
     examples = [InputExample(texts=[a, b]) for a, b in pairs]
 
@@ -144,7 +146,7 @@ def run_st(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     secs = fit(args.steps)
     return {"seconds": secs, "pairs_per_s": args.steps * args.batch_size / secs,
-            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device)}
+            "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device), "trainable": n_trainable}
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
           f"step {st['step_s']:.3f}s  peak {st['peak_mb']:.0f} MB")
     print(f"ours (ContrastiveTrainer):              {ours['pairs_per_s']:8.2f} pairs/s  "
           f"step {ours['step_s']:.3f}s  peak {ours['peak_mb']:.0f} MB")
+    if st["trainable"] != ours["trainable"]:
+        print(f"WARNING: trainable parameters differ: ST {st['trainable']} vs ours {ours['trainable']}")
     print(f"throughput ratio ours / sentence-transformers: {ours['pairs_per_s'] / st['pairs_per_s']:.2f}x "
           "(goal >= 1.0x)")
     result = {"args": vars(args), "sentence_transformers": st, "ours": ours}
