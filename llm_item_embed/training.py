@@ -24,9 +24,9 @@
   ``optimizer.safetensors`` (AdamW state flattened: ``<param key>::<state name>``),
   ``optimizer.json`` (hyper-parameters), ``trainer_state.json`` (step, epoch, scheduler state,
   loss history, config, RNG recipe). Only safetensors and JSON; never the frozen base model.
-* **NaN guard**: if the loss or any embedding is non-finite, training stops *before* the optimizer
-  step with :class:`NonFiniteLossError` naming the step (1-based); checkpoints already on disk are
-  kept untouched.
+* **NaN guard**: if the loss, any embedding or (without fp16 loss scaling) the gradient norm is
+  non-finite, training stops *before* the optimizer step with :class:`NonFiniteLossError` naming
+  the step (1-based); checkpoints already on disk are kept untouched.
 """
 from __future__ import annotations
 
@@ -385,7 +385,13 @@ class ContrastiveTrainer:
                         if p.grad is not None:
                             p.grad = acc.reduce(p.grad, reduction="mean")
                 if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(enc_params + loss_params, cfg.max_grad_norm)
+                    norm = acc.clip_grad_norm_(enc_params + loss_params, cfg.max_grad_norm)
+                    # fp16's gradient scaler handles inf gradients itself (it skips the step)
+                    if (norm is not None and acc.mixed_precision != "fp16"
+                            and not torch.isfinite(torch.as_tensor(norm)).all()):
+                        raise NonFiniteLossError(
+                            f"non-finite gradient norm at step {step + 1}; training stopped before the update. "
+                            f"Last good checkpoint: {self.last_checkpoint or 'none'}.", step + 1, self.last_checkpoint)
                 lr_now = float(scheduler.get_last_lr()[0])
                 acc_opt.step()
                 scheduler.step()

@@ -348,3 +348,14 @@ def test_sequential_fits_with_other_precision_and_caller_rng_untouched(tok_path:
     hist = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
                               _cfg(max_steps=1, mixed_precision="bf16")).train(make_views_fn(items), 8)
     assert np.isfinite(hist[0]["loss"])
+
+
+def test_non_finite_gradient_stops(tok_path: str) -> None:
+    """A finite loss with an infinite gradient must not reach the weights."""
+    items = make_items(8)
+    enc = TinyEncoder(tok_path)
+    before = enc.lora_B.detach().clone()
+    enc.lora_B.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteLossError, match="gradient norm at step 1"):
+        ContrastiveTrainer(enc, ContrastiveLoss(), _cfg(max_steps=2)).train(make_views_fn(items), 8)
+    assert torch.equal(enc.lora_B.detach(), before)
