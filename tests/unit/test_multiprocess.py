@@ -7,7 +7,6 @@ cross-process negatives; (b) three ``ContrastiveTrainer`` steps, plain and with 
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
