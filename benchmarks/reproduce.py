@@ -256,6 +256,13 @@ class SelfDistillation:
         self.bank = torch.cat(states).float()
         model.train(was_training)
 
+    # Trainer hooks: a fresh bank at the start (also after a resume) and after every epoch
+    def on_fit_start(self, trainer) -> None:
+        self.refresh(trainer.model)
+
+    def on_epoch_end(self, trainer, record) -> None:
+        self.refresh(trainer.model)
+
     def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
         if self.bank is None:
             self.refresh(model)
@@ -292,15 +299,12 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
         best_valid = evaluate(model, split, split="valid").summary()
     else:
         model = build_model(variant, s2, split, semantic)
-        extra, callbacks = None, []
-        if variant.distill:
-            extra = SelfDistillation(split, semantic)
-            callbacks = [lambda trainer, record: extra.refresh(trainer.model)]
+        extra = SelfDistillation(split, semantic) if variant.distill else None
         config = TrainConfig(loss=s2.loss, epochs=s2.epochs, patience=s2.patience, lr=s2.lr,
                              batch_size=s2.batch_size, max_len=s2.max_len, seed=s2.seed,
                              output_dir=str(runs / f"{key}-ckpt"), show_progress_bar=False,
                              extra_loss_weight=0.1 if variant.distill else 1.0)
-        result = Trainer(model, split, config, extra_loss=extra, callbacks=callbacks).fit()
+        result = Trainer(model, split, config, extra_loss=extra).fit()
         history = [{k: h.get(k) for k in ("epoch", "train_loss", "metric", "epoch_time")} for h in result.history]
         best_valid = result.best_valid
     record: dict[str, Any] = {"key": key, "dataset": study.name, "variant": variant.name, "stage2": dataclasses.asdict(s2),

@@ -182,7 +182,7 @@ class ItemEmbedder:
         """Contrastive LoRA fine-tuning on the items of ``df`` (two dropped views per item are positives).
 
         Extra keyword arguments go to :class:`llm_item_embed.training.FitConfig` (seed, mixed precision,
-        mini_batch_size for GradCache, checkpoint_dir, resume_from, ...). The table and the settings are
+        mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table and the settings are
         checked before the model is loaded. Returns ``self``.
         """
         from .losses import ContrastiveLoss
@@ -467,6 +467,10 @@ class ItemEmbedder:
         interrupted save never looks complete.
         """
         out = Path(save_directory)
+        rank, world = _dist_info()
+        if world > 1 and rank != 0:  # under several processes only the main one writes
+            _barrier()
+            return out
         out.mkdir(parents=True, exist_ok=True)
         enc = self.encoder
         with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
@@ -488,6 +492,8 @@ class ItemEmbedder:
 
         atomic_write_text(out / CARD_FILENAME, self.model_card())  # replaces peft's generic card
         atomic_write_json(out / CONFIG_NAME, self._config())
+        if world > 1:
+            _barrier()
         return out
 
     @classmethod
