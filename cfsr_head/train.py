@@ -521,7 +521,7 @@ class Trainer:
 
         seq, pos, neg = t(raw[0]), t(raw[1]), t(raw[2])
         if self.config.trim_padding and seq.shape[1] > 1:
-            # drop leading columns that are padding in every row (exact for the built-in encoders,
+            # drop leading columns that are padding in every row (exact up to float rounding for the built-in encoders,
             # whose positions count real items only): short-sequence datasets train much faster
             real = (seq != 0).any(0)
             first = int(real.to(torch.int8).argmax()) if bool(real.any()) else seq.shape[1] - 1

@@ -325,8 +325,9 @@ def test_extra_loss_is_added_and_receives_the_batch(split):
         assert np.array_equal(train_last, batch.pos[:, -1].numpy())
         return torch.tensor(5.0)
 
-    base = Trainer(m1 := TinyModel(), split, cfg(epochs=2), eval_fn=ndcg10_eval).fit()
-    plus = Trainer(m2 := TinyModel(), split, cfg(epochs=2), eval_fn=ndcg10_eval, extra_loss=extra).fit()
+    base = Trainer(m1 := TinyModel(), split, cfg(epochs=2, trim_padding=False), eval_fn=ndcg10_eval).fit()
+    plus = Trainer(m2 := TinyModel(), split, cfg(epochs=2, trim_padding=False), eval_fn=ndcg10_eval,
+                   extra_loss=extra).fit()
     assert seen and seen[0][:2] == (1, 1) and seen[0][2][1] == 10
     for h0, h1 in zip(base.history, plus.history):
         assert h1["train_loss"] == pytest.approx(h0["train_loss"] + 5.0)
@@ -340,7 +341,8 @@ def test_several_negatives_reach_the_model(split):
         shapes.append(tuple(batch.neg.shape))
         return torch.zeros(())
 
-    res = Trainer(TinyModel(), split, cfg(epochs=1, n_negatives=3), eval_fn=ndcg10_eval, extra_loss=probe).fit()
+    res = Trainer(TinyModel(), split, cfg(epochs=1, n_negatives=3, trim_padding=False), eval_fn=ndcg10_eval,
+                  extra_loss=probe).fit()
     assert shapes[0][1:] == (10, 3) and math.isfinite(res.history[0]["train_loss"])
 
 
