@@ -18,13 +18,7 @@ from cfsr_head.cli import main, read_embeddings
 N_ITEMS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_dataset(folder: Path, n_items: int = N_ITEMS, n_users: int = 80, seed: int = 0) -> Path:

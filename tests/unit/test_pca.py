@@ -10,13 +10,7 @@ from hypothesis import strategies as st
 from cfsr_head.pca import PCAProjection, choose_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank(N: int, d_in: int, rank: int, seed: int = 0) -> np.ndarray:

@@ -21,13 +21,7 @@ from cfsr_head.train import (TrainBatch, TrainConfig, Trainer, TrainResult, flat
 N_ITEMS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyModel(nn.Module):
