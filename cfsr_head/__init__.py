@@ -1,10 +1,35 @@
 """cfsr_head: a dual-view fusion head for any sequential recommender, plus a kit to train and
-evaluate it honestly (stage 2 of LLM-CFSR)."""
+evaluate it honestly (stage 2 of LLM-CFSR).
+
+>>> from cfsr_head import DualViewHead, SASRecEncoder, Trainer, TrainConfig, evaluate
+"""
 __version__ = "0.1.0"
-from .data import InteractionData, ItemIndex, SplitData, align_semantic, default_data_dir, download_dataset, kcore_filter, leave_one_out, load_amazon2014, load_dataset, load_movielens_raw
-from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evaluate, paired_ttest
+
+from .data import (
+    InteractionData,
+    ItemIndex,
+    SplitData,
+    align_semantic,
+    default_data_dir,
+    download_dataset,
+    kcore_filter,
+    leave_one_out,
+    load_amazon2014,
+    load_dataset,
+    load_movielens_raw,
+)
 from .encoders import GRU4RecEncoder, PmixerSASRecAdapter, RecBoleSASRecAdapter, SASRecEncoder, SequenceEncoder
+from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evaluate, paired_ttest
 from .fusion import CrossViewAttention
 from .head import DualViewConfig, DualViewHead, truncate_sequences
 from .pca import PCAProjection
 from .train import TrainBatch, TrainConfig, Trainer, TrainResult
+
+__all__ = [
+    "__version__", "InteractionData", "ItemIndex", "SplitData", "align_semantic", "default_data_dir",
+    "download_dataset", "kcore_filter", "leave_one_out", "load_amazon2014", "load_dataset", "load_movielens_raw",
+    "GRU4RecEncoder", "PmixerSASRecAdapter", "RecBoleSASRecAdapter", "SASRecEncoder", "SequenceEncoder",
+    "EvalResult", "GroupSpec", "PopularityModel", "RandomModel", "evaluate", "paired_ttest",
+    "CrossViewAttention", "DualViewConfig", "DualViewHead", "truncate_sequences", "PCAProjection",
+    "TrainBatch", "TrainConfig", "Trainer", "TrainResult",
+]
