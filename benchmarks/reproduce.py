@@ -126,11 +126,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("w/o Share", head=(("shared_encoder", False),)),
     Variant("SASRec (GRU4Rec)", semantic=None, head=SASREC_HEAD, encoder="gru4rec"),
     Variant("LLM-CFSR (GRU4Rec)", encoder="gru4rec"),
+    # beyond the paper: the cross-attention output is added to its input instead of replacing it
+    Variant("LLM-CFSR + residual cross-attn", head=(("cross_residual", True),)),
 ]}
 PARTS = {
     "main": ["Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR"],
     "ablations": ["LLM-CFSR", "w/o CFT", "w/o Se-view", "w/o Co-view", "w/o Cro", "w/o Share"],
     "backbone": ["SASRec (GRU4Rec)", "LLM-CFSR (GRU4Rec)"],
+    "improved": ["LLM-CFSR + residual cross-attn"],
 }
 SENSITIVITY_R = (0.1, 0.2, 0.3, 0.4, 0.5)
 SENSITIVITY_K = (2, 3, 4)
@@ -161,7 +164,7 @@ class Study:
     workdir: Path
     out_dir: Path
     seeds: tuple[int, ...] = (0, 1, 2)
-    parts: tuple[str, ...] = ("main", "ablations", "backbone", "sensitivity")
+    parts: tuple[str, ...] = ("main", "ablations", "improved", "backbone", "sensitivity")
     decoder: bool = False
     stage1: Stage1 = Stage1()
     stage2: Stage2 = Stage2()
@@ -527,7 +530,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                 rows.append((n, runs[best_loss(runs)]))
         return rows
 
-    sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"]),
+    sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"] + PARTS["improved"]),
                 ("Backbone generality", ["SASRec", "LLM-CFSR"] + PARTS["backbone"] + [
                     "LLM-CFSR (SmolLM2-135M)"])]
     for title, names in sections:
@@ -645,7 +648,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
         grid = {"dropout": tuple(a.dropout_grid)}
     return Study(dataset=folder.resolve(), workdir=Path(a.workdir), out_dir=Path(a.out),
                  seeds=tuple(a.seeds) if a.seeds else seeds,
-                 parts=tuple(a.parts) if a.parts else ("main", "ablations", "backbone", "sensitivity"),
+                 parts=tuple(a.parts) if a.parts else ("main", "ablations", "improved", "backbone", "sensitivity"),
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, quick=a.quick)
 
 
