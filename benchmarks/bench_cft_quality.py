@@ -18,12 +18,7 @@ import pandas as pd
 import torch
 
 from llm_item_embed import ItemEmbedder, LoraSettings, PromptTemplate
-
-
-def data_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("CFSR_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from cfsr_head.data import default_data_dir
 
 
 def recall(embedder: ItemEmbedder, items: pd.DataFrame, queries: list[str], query_rows: np.ndarray,
@@ -57,7 +52,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    items = pd.read_csv(data_dir() / a.dataset / "items.csv", dtype=str, keep_default_na=False)
+    items = pd.read_csv(default_data_dir() / a.dataset / "items.csv", dtype=str, keep_default_na=False)
     columns = [c for c in items.columns if c != "item_id"]
     names = {"title": "name", "categories": "category"}
     template = PromptTemplate(instruction="This item has the following attributes:",

@@ -23,15 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from cfsr_head.data import default_data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("CFSR_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
 def beauty_texts(n: int) -> list[str]:
@@ -39,7 +35,7 @@ def beauty_texts(n: int) -> list[str]:
 
     from llm_item_embed import PromptTemplate
 
-    path = data_root() / "amazon_beauty" / "items.csv"
+    path = default_data_dir() / "amazon_beauty" / "items.csv"
     if not path.is_file():
         raise SystemExit(f"{path} is missing; set CFSR_DATA_DIR to the datasets folder")
     df = pd.read_csv(path, dtype={"item_id": str})

@@ -27,12 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cfsr_head.data import default_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("CFSR_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
 def make_pairs(n_items: int, drop_prob: float, seed: int) -> list[tuple[str, str]]:
@@ -41,7 +37,7 @@ def make_pairs(n_items: int, drop_prob: float, seed: int) -> list[tuple[str, str
 
     from llm_item_embed.prompts import PromptTemplate
 
-    path = data_dir() / "amazon_scientific" / "items.csv"
+    path = default_data_dir() / "amazon_scientific" / "items.csv"
     if not path.is_file():
         raise SystemExit(f"{path} not found; set CFSR_DATA_DIR to the datasets folder")
     df = pd.read_csv(path).head(n_items)

@@ -279,8 +279,7 @@ def build_model(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nda
         encoder = SASRecEncoder(d=s2.d, n_layers=s2.n_layers, n_heads=s2.n_heads, max_len=s2.max_len,
                                 dropout=s2.dropout)
     else:
-        encoder = GRU4RecEncoder(d=s2.d, n_layers=1, dropout=s2.dropout)
-        encoder.max_len = s2.max_len  # the head cuts inputs to the encoder's max_len
+        encoder = GRU4RecEncoder(d=s2.d, n_layers=1, dropout=s2.dropout, max_len=s2.max_len)
     return DualViewHead(encoder=encoder, semantic=semantic, num_items=split.num_items, d=s2.d,
                         dropout=s2.dropout, seed=s2.seed, **dict(variant.head))
 

@@ -138,11 +138,11 @@ class GRU4RecEncoder(nn.Module):
     run through the GRU and scattered back, so left, right and no padding give the same outputs
     at real positions; padded positions are zero."""
 
-    def __init__(self, d: int = 64, n_layers: int = 1, dropout: float = 0.2) -> None:
+    def __init__(self, d: int = 64, n_layers: int = 1, dropout: float = 0.2, max_len: int | None = None) -> None:
         super().__init__()
         self.hidden_size = d
-        self.max_len = None
-        self._args = dict(d=d, n_layers=n_layers, dropout=dropout)
+        self.max_len = max_len  # the head cuts longer inputs to the most recent max_len items
+        self._args = dict(d=d, n_layers=n_layers, dropout=dropout, max_len=max_len)
         self.emb_dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(d, d, num_layers=n_layers, batch_first=True,
                           dropout=dropout if n_layers > 1 else 0.0)
