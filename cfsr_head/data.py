@@ -581,30 +581,47 @@ class SplitData:
     def train_batches(self, batch_size: int, max_len: int | None = None,
                       rng: np.random.Generator | int | None = None, *, shuffle: bool = True,
                       sliding: bool = False, drop_last: bool = False, n_negatives: int = 1,
-                      with_users: bool = False) -> Iterator[tuple]:
+                      with_users: bool = False, length_buckets: int = 0) -> Iterator[tuple]:
         """Yield ``(input_seq, pos, neg)`` int64 LongTensors ``[B, L]`` (``L = max_len``), left-padded:
         input = train_seq[:-1], pos = train_seq[1:], neg = uniform items not in the user's training
         history (0 where pos is padding). Sequences longer than ``max_len + 1`` keep the most recent
         items, or with ``sliding=True`` are cut into consecutive windows so every position is
         trained once. One call = one epoch; ``rng`` seeds shuffling and negatives.
         ``n_negatives > 1``: neg is ``[B, L, n_negatives]``. ``with_users=True`` adds a 4th element,
-        the user rows ``[B]`` (LongTensor, index into ``user_ids``)."""
+        the user rows ``[B]`` (LongTensor, index into ``user_ids``).
+
+        ``length_buckets=k > 0`` (sortish sampling): the shuffled rows are sorted by length within
+        chunks of ``k`` batches and the batch order is shuffled again, so a batch holds sequences of
+        similar length and the all-padding columns the Trainer trims (``TrainConfig.trim_padding``)
+        are most of the padding. Every row still appears once per epoch; what changes is which rows
+        share a batch (and so the weight of a position in its batch's mean loss)."""
         import torch
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if n_negatives < 1:
             raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
+        if length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {length_buckets}")
         L = self._resolve_len(max_len, train=True)
         rng = _as_rng(rng)
         rows, starts, ends = self._train_windows(L, sliding)
         order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+        bounds = [(b, min(b + batch_size, len(order))) for b in range(0, len(order), batch_size)]
+        if drop_last:
+            bounds = [(a, b) for a, b in bounds if b - a == batch_size]
+        if length_buckets:
+            width = np.minimum(ends - starts - 1, L)[order]
+            chunk = length_buckets * batch_size
+            for c in range(0, len(order), chunk):
+                part = slice(c, c + chunk)
+                order[part] = order[part][np.argsort(width[part], kind="stable")]
+            if shuffle:
+                bounds = [bounds[i] for i in rng.permutation(len(bounds))]
         keys = self._keys("train")
         self.check_negatives("train")
-        for b in range(0, len(order), batch_size):
-            sel = order[b:b + batch_size]
-            if drop_last and len(sel) < batch_size:
-                break
+        for a, b in bounds:
+            sel = order[a:b]
             inp = _gather_left_padded(self.items, starts[sel], ends[sel] - 1, L)
             pos = _gather_left_padded(self.items, starts[sel] + 1, ends[sel], L)
             valid = pos > 0

@@ -76,10 +76,13 @@ class TrainConfig:
     extra_loss_weight: float = 1.0
     sliding_windows: bool = False  # cut long training sequences into max_len windows (all positions trained)
     trim_padding: bool = True  # drop all-padding leading columns of each (left-padded) batch
+    length_buckets: int = 0  # >0: batches of similar-length sequences (sorted within chunks of this many batches)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not isinstance(self.length_buckets, int) or self.length_buckets < 0:
+            raise ValueError(f"TrainConfig.length_buckets must be an integer >= 0, got {self.length_buckets!r}")
         for name in ("epochs", "batch_size", "max_len", "eval_every", "n_negatives", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -496,6 +499,11 @@ class Trainer:
                 raise ValueError(f"sliding_windows=True needs train_batches(..., sliding=); "
                                  f"{type(self.split_data).__name__} has none")
             kwargs["sliding"] = True
+        if cfg.length_buckets:
+            if "length_buckets" not in accepted:
+                raise ValueError(f"length_buckets={cfg.length_buckets} needs train_batches(..., length_buckets=); "
+                                 f"{type(self.split_data).__name__} has none")
+            kwargs["length_buckets"] = cfg.length_buckets
         batches = fn(cfg.batch_size, cfg.max_len, rng, **kwargs)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if world == 1:

@@ -258,6 +258,32 @@ def test_train_batches_seeded():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+def test_length_buckets_group_similar_lengths_and_keep_every_row_once():
+    s = leave_one_out(random_data(n_users=60))
+
+    def widths(batch):  # real items per row
+        return (batch[0] > 0).sum(1)
+
+    plain = list(s.train_batches(6, max_len=10, rng=2, with_users=True))
+    bucketed = list(s.train_batches(6, max_len=10, rng=2, with_users=True, length_buckets=4))
+    users = sorted(u for b in bucketed for u in b[3].tolist())
+    assert users == sorted(u for b in plain for u in b[3].tolist())  # same rows, each once
+    assert len(users) == len(set(users))
+
+    def spread(batches):  # mean within-batch max-min real length
+        return float(np.mean([float(widths(b).max() - widths(b).min()) for b in batches]))
+
+    assert spread(bucketed) < spread(plain)
+    # within each chunk of 4 batches the rows are sorted by length: each batch's widths are a sorted run
+    for b in bucketed:
+        w = widths(b)
+        assert torch.equal(w, w.sort().values)
+    again = list(s.train_batches(6, max_len=10, rng=2, with_users=True, length_buckets=4))
+    assert all(torch.equal(x, y) for bx, by in zip(bucketed, again) for x, y in zip(bx, by))
+    with pytest.raises(ValueError, match="length_buckets"):
+        next(s.train_batches(6, max_len=10, rng=2, length_buckets=-1))
+
+
 def test_user_with_every_item_raises():
     s = leave_one_out(frame([("u", i, t) for t, i in enumerate("abcab")]))
     with pytest.raises(ValueError, match=r"1 user\(s\) have interacted with all 3 items.*'u'"):

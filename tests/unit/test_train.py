@@ -340,6 +340,26 @@ def test_several_negatives_reach_the_model(split):
     assert shapes[0][1:] == (10, 3) and math.isfinite(res.history[0]["train_loss"])
 
 
+def test_length_buckets_narrow_the_trimmed_batches_and_still_learn(split):
+    widths = {0: [], 4: []}
+
+    for buckets in widths:
+        def probe(model, batch, buckets=buckets):
+            widths[buckets].append(batch.input_seq.shape[1])
+            return torch.zeros(())
+
+        res = Trainer(TinyModel(), split, cfg(epochs=8, batch_size=8, length_buckets=buckets, loss="ce"),
+                      extra_loss=probe).fit()
+        assert res.best_metric > 0.6  # the next-item pattern is still learnt
+    assert len(widths[4]) == len(widths[0])  # same number of steps per epoch
+    assert sum(widths[4]) < sum(widths[0])  # less padding left after trimming
+    with pytest.raises(ValueError, match="length_buckets"):
+        TrainConfig(length_buckets=-2)
+    plain = type("S", (), {"train_batches": lambda self, batch_size, max_len, rng: iter(())})()
+    with pytest.raises(ValueError, match="length_buckets"):
+        Trainer(TinyModel(), plain, cfg(epochs=1, length_buckets=2), eval_fn=ndcg10_eval).fit()
+
+
 def test_bad_configs_and_inputs(split):
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="hinge")
