@@ -29,3 +29,63 @@ def test_table_marks_best_bold_and_second_italic():
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "**0.3000**" in rows["B"] and "*0.2000*" in rows["C"]
     assert "*" not in rows["A"]
+
+
+def test_new_stage2_fields_keep_old_run_keys_at_their_default():
+    from benchmarks.reproduce import STAGE2_LATER_FIELDS, stage2_key
+
+    old = {k: v for k, v in dataclasses.asdict(Stage2()).items() if k not in STAGE2_LATER_FIELDS}
+    assert stage2_key(Stage2()) == old  # runs cached before the field existed are still found
+    assert stage2_key(Stage2(length_buckets=8))["length_buckets"] == 8
+
+
+def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
+    """The whole pipeline on a 60-user toy dataset with a tiny random BERT: stage 1 -> stage 2 ->
+    report (tables, significance for every LLM-CFSR form, JSON); a second call trains nothing."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks import reproduce as rp
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "toy"
+    data.mkdir()
+    n_items = 40
+    pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)],
+                  "title": [f"product {k} {'red' if k % 2 else 'blue'}" for k in range(n_items)],
+                  "categories": [f"Beauty > Group {k % 4}" for k in range(n_items)]}).to_csv(data / "items.csv", index=False)
+    rows = []
+    for u in range(60):
+        start, length = int(rng.integers(0, n_items)), int(rng.integers(4, 12))
+        rows += [(f"u{u}", f"i{(start + t) % n_items}", t) for t in range(length)]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(data / "interactions.csv", index=False)
+
+    study = rp.Study(dataset=data, workdir=tmp_path / "work", out_dir=tmp_path / "out", seeds=(0,),
+                     parts=("main", "improved"),
+                     stage1=rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=8, max_length=32),
+                     stage2=rp.Stage2(d=16, n_heads=2, max_len=8, epochs=2, patience=1, batch_size=16,
+                                      length_buckets=2),
+                     grid={"dropout": (0.2,)}, quick=True, command="python -m benchmarks.reproduce --dataset toy")
+    report = rp.run_study(study)
+    text = report.read_text()
+    assert "python -m benchmarks.reproduce --dataset toy" in text and "length-bucketed" in text
+    for name in ("SASRec (BPR)", "SASRec (CE)", "LLM-ESR", "LLM-CFSR + residual cross-attn against:"):
+        assert name in text
+    raw = json.loads((tmp_path / "out" / "toy.json").read_text())
+    assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
+                                    "LLM-CFSR + residual cross-attn"}
+    assert set(raw["significance"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
+    assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
+    n_records = len(list((tmp_path / "work" / "toy" / "runs").glob("*.json")))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(rp.Trainer, "fit", no_training)
+    import llm_item_embed
+
+    monkeypatch.setattr(llm_item_embed.ItemEmbedder, "__init__", no_training)  # embeddings come from the cache
+    rp.run_study(study)
+    assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
