@@ -591,10 +591,12 @@ class SplitData:
         the user rows ``[B]`` (LongTensor, index into ``user_ids``).
 
         ``length_buckets=k > 0`` (sortish sampling): the shuffled rows are sorted by length within
-        chunks of ``k`` batches and the batch order is shuffled again, so a batch holds sequences of
-        similar length and the all-padding columns the Trainer trims (``TrainConfig.trim_padding``)
-        are most of the padding. Every row still appears once per epoch; what changes is which rows
-        share a batch (and so the weight of a position in its batch's mean loss)."""
+        chunks of ``k * batch_size`` rows and cut into batches of about ``batch_size * mean length``
+        trained positions each (many short sequences or few long ones), then the batch order is
+        shuffled again. A batch then holds sequences of similar length, so the all-padding columns
+        the Trainer trims (``TrainConfig.trim_padding``) are most of the padding, while every
+        position keeps about the same weight in its batch's mean loss and an epoch has about the
+        same number of steps. Every row still appears once per epoch; ``drop_last`` is ignored."""
         import torch
 
         if batch_size < 1:
@@ -607,17 +609,14 @@ class SplitData:
         rng = _as_rng(rng)
         rows, starts, ends = self._train_windows(L, sliding)
         order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
-        bounds = [(b, min(b + batch_size, len(order))) for b in range(0, len(order), batch_size)]
-        if drop_last:
-            bounds = [(a, b) for a, b in bounds if b - a == batch_size]
         if length_buckets:
-            width = np.minimum(ends - starts - 1, L)[order]
-            chunk = length_buckets * batch_size
-            for c in range(0, len(order), chunk):
-                part = slice(c, c + chunk)
-                order[part] = order[part][np.argsort(width[part], kind="stable")]
+            bounds = self._length_bucketed(order, np.minimum(ends - starts - 1, L), batch_size, length_buckets)
             if shuffle:
                 bounds = [bounds[i] for i in rng.permutation(len(bounds))]
+        else:
+            bounds = [(b, min(b + batch_size, len(order))) for b in range(0, len(order), batch_size)]
+            if drop_last:
+                bounds = [(a, b) for a, b in bounds if b - a == batch_size]
         keys = self._keys("train")
         self.check_negatives("train")
         for a, b in bounds:
@@ -635,6 +634,25 @@ class SplitData:
                                                self.num_items, keys)
             out = (torch.from_numpy(inp), torch.from_numpy(pos), torch.from_numpy(neg))
             yield out + (torch.from_numpy(rows[sel].copy()),) if with_users else out
+
+    @staticmethod
+    def _length_bucketed(order: np.ndarray, width: np.ndarray, batch_size: int,
+                         chunk_batches: int) -> list[tuple[int, int]]:
+        """Sort ``order`` in place by row width within chunks of ``chunk_batches * batch_size`` rows;
+        return batch bounds holding about ``batch_size * mean(width)`` positions each."""
+        w = width[order]
+        target = batch_size * max(float(w.mean()), 1.0) if len(w) else 1.0
+        chunk = chunk_batches * batch_size
+        bounds: list[tuple[int, int]] = []
+        for c in range(0, len(order), chunk):
+            idx = np.argsort(w[c:c + chunk], kind="stable")
+            order[c:c + chunk] = order[c:c + chunk][idx]
+            cum = np.cumsum(w[c:c + chunk][idx])
+            n_batches = max(1, int(round(cum[-1] / target)))
+            cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_batches) / n_batches, side="left") + 1
+            edges = np.unique(np.concatenate([[0], cuts, [len(cum)]]))
+            bounds += [(c + int(lo), c + int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+        return bounds
 
     # ---- evaluation inputs ------------------------------------------------------------------
     def targets(self, split: Literal["valid", "test"] = "test") -> np.ndarray:

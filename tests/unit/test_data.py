@@ -278,6 +278,13 @@ def test_length_buckets_group_similar_lengths_and_keep_every_row_once():
     for b in bucketed:
         w = widths(b)
         assert torch.equal(w, w.sort().values)
+    # batches are cut by trained positions, not rows: about batch_size * mean length each
+    positions = np.array([int((b[1] > 0).sum()) for b in bucketed])
+    rows_per_batch = np.array([len(b[0]) for b in bucketed])
+    assert rows_per_batch.max() > rows_per_batch.min()  # short sequences come in larger batches
+    mean_plain = np.mean([int((b[1] > 0).sum()) for b in plain[:-1]])  # full batches of 6 rows
+    assert (positions > 0.5 * mean_plain).all() and (positions < 1.5 * mean_plain).all()
+    assert abs(len(bucketed) - len(plain)) <= len(plain) // 4
     again = list(s.train_batches(6, max_len=10, rng=2, with_users=True, length_buckets=4))
     assert all(torch.equal(x, y) for bx, by in zip(bucketed, again) for x, y in zip(bx, by))
     with pytest.raises(ValueError, match="length_buckets"):

@@ -351,7 +351,7 @@ def test_length_buckets_narrow_the_trimmed_batches_and_still_learn(split):
         res = Trainer(TinyModel(), split, cfg(epochs=8, batch_size=8, length_buckets=buckets, loss="ce"),
                       extra_loss=probe).fit()
         assert res.best_metric > 0.6  # the next-item pattern is still learnt
-    assert len(widths[4]) == len(widths[0])  # same number of steps per epoch
+    assert abs(len(widths[4]) - len(widths[0])) <= len(widths[0]) // 4  # about as many steps per epoch
     assert sum(widths[4]) < sum(widths[0])  # less padding left after trimming
     with pytest.raises(ValueError, match="length_buckets"):
         TrainConfig(length_buckets=-2)
