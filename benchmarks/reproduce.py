@@ -176,6 +176,7 @@ class Study:
     out_dir: Path
     seeds: tuple[int, ...] = (0, 1, 2)
     parts: tuple[str, ...] = ("main", "ablations", "improved", "backbone", "sensitivity")
+    variants: tuple[str, ...] = ()    # single variants run on top of the parts (e.g. one ablation)
     decoder: bool = False
     stage1: Stage1 = Stage1()
     stage2: Stage2 = Stage2()
@@ -610,6 +611,7 @@ def run_study(study: Study) -> Path:
     names: list[str] = []
     for part in study.parts:
         names += [n for n in PARTS.get(part, []) if n not in names]
+    names += [n for n in study.variants if n not in names]
     results: dict[str, dict[str, list[dict]]] = {}
     for n in names:
         seeds = study.seeds if n in PARTS["main"] else study.seeds[:1]
@@ -637,6 +639,8 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help="small, fast version: 1 seed, short fine-tune, 20 epochs, no grid, fewer sensitivity points")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--parts", nargs="+", default=None, choices=[*PARTS, "sensitivity"])
+    p.add_argument("--variants", nargs="+", default=(), choices=list(VARIANTS), metavar="NAME",
+                   help=f"single variants to run on top of --parts; one of: {', '.join(VARIANTS)}")
     p.add_argument("--decoder", action="store_true", help="add the SmolLM2-135M decoder row (slow: small datasets)")
     p.add_argument("--cft-steps", type=int, default=None, help="stage-1 steps (default: one epoch)")
     p.add_argument("--epochs", type=int, default=None)
@@ -674,6 +678,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
     return Study(dataset=folder.resolve(), workdir=Path(a.workdir), out_dir=Path(a.out),
                  seeds=tuple(a.seeds) if a.seeds else seeds,
                  parts=tuple(a.parts) if a.parts else ("main", "ablations", "improved", "backbone", "sensitivity"),
+                 variants=tuple(a.variants),
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, quick=a.quick, command=command)
 
 

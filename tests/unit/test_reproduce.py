@@ -63,7 +63,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(data / "interactions.csv", index=False)
 
     study = rp.Study(dataset=data, workdir=tmp_path / "work", out_dir=tmp_path / "out", seeds=(0,),
-                     parts=("main", "improved"),
+                     parts=("main", "improved"), variants=("w/o Cro",),
                      stage1=rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=8, max_length=32),
                      stage2=rp.Stage2(d=16, n_heads=2, max_len=8, epochs=2, patience=1, batch_size=16,
                                       length_buckets=2),
@@ -75,7 +75,8 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
         assert name in text
     raw = json.loads((tmp_path / "out" / "toy.json").read_text())
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
-                                    "LLM-CFSR + residual cross-attn"}
+                                    "LLM-CFSR + residual cross-attn", "w/o Cro"}
+    assert "## Ablations" in text and "w/o Cro (CE)" in text
     assert set(raw["significance"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
     assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
     n_records = len(list((tmp_path / "work" / "toy" / "runs").glob("*.json")))
