@@ -581,7 +581,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                     cells = []
                     for group in ("Overall", "Tail item"):
                         p, gain = paired_p(study, ours, theirs, protocol, group)
-                        cells += [f"{gain:+.1%}", f"{p:.2g}"]
+                        cells += [f"{gain:+.1%}" if math.isfinite(gain) else "n/a (zero baseline)", f"{p:.2g}"]
                         sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain}
                     lines.append(f"| {other} | {protocol} | " + " | ".join(cells) + " |")
             lines.append("")
