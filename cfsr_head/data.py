@@ -596,7 +596,7 @@ class SplitData:
         shuffled again. A batch then holds sequences of similar length, so the all-padding columns
         the Trainer trims (``TrainConfig.trim_padding``) are most of the padding, while every
         position keeps about the same weight in its batch's mean loss and an epoch has about the
-        same number of steps. Every row still appears once per epoch; ``drop_last`` is ignored."""
+        same number of steps. Every row still appears once per epoch (``drop_last`` does not apply)."""
         import torch
 
         if batch_size < 1:
@@ -605,12 +605,14 @@ class SplitData:
             raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
         if length_buckets < 0:
             raise ValueError(f"length_buckets must be >= 0, got {length_buckets}")
+        if length_buckets and drop_last:
+            raise ValueError("drop_last=True does not apply to length_buckets > 0 (batches have varying row counts)")
         L = self._resolve_len(max_len, train=True)
         rng = _as_rng(rng)
         rows, starts, ends = self._train_windows(L, sliding)
         order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
         if length_buckets:
-            bounds = self._length_bucketed(order, np.minimum(ends - starts - 1, L), batch_size, length_buckets)
+            bounds = self._length_bucketed(order, ends - starts - 1, batch_size, length_buckets)
             if shuffle:
                 bounds = [bounds[i] for i in rng.permutation(len(bounds))]
         else:

@@ -289,6 +289,8 @@ def test_length_buckets_group_similar_lengths_and_keep_every_row_once():
     assert all(torch.equal(x, y) for bx, by in zip(bucketed, again) for x, y in zip(bx, by))
     with pytest.raises(ValueError, match="length_buckets"):
         next(s.train_batches(6, max_len=10, rng=2, length_buckets=-1))
+    with pytest.raises(ValueError, match="drop_last"):
+        next(s.train_batches(6, max_len=10, rng=2, length_buckets=4, drop_last=True))
 
 
 def test_user_with_every_item_raises():
