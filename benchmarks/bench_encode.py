@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from cfsr_head.data import default_data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

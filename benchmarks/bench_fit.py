@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,8 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cfsr_head.data import default_data_dir
 
+from cfsr_head.data import default_data_dir
 
 
 def make_pairs(n_items: int, drop_prob: float, seed: int) -> list[tuple[str, str]]:
