@@ -13,10 +13,19 @@ def record(valid: float, test: float) -> dict:
 
 
 def test_run_key_changes_with_every_setting_and_not_otherwise():
-    base = {"variant": dataclasses.asdict(VARIANTS["LLM-CFSR"]), "stage2": dataclasses.asdict(Stage2())}
-    assert config_hash(base) == config_hash(dict(reversed(list(base.items()))))
-    changed = {**base, "stage2": dataclasses.asdict(Stage2(dropout=0.5))}
-    assert config_hash(changed) != config_hash(base)
+    from benchmarks.reproduce import stage2_key
+
+    def key(s2: Stage2, variant: str = "LLM-CFSR") -> str:
+        return config_hash({"variant": dataclasses.asdict(VARIANTS[variant]), "stage2": stage2_key(s2)})
+
+    base = Stage2()
+    assert key(base) == key(Stage2())  # same settings, same key
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    for f in dataclasses.fields(Stage2):
+        value = getattr(base, f.name)
+        other = (value + 1) if isinstance(value, int) else (value * 2 + 0.1) if isinstance(value, float) else "bpr"
+        assert key(dataclasses.replace(base, **{f.name: other})) != key(base), f.name
+    assert key(base, "w/o Cro") != key(base)
 
 
 def test_loss_is_chosen_on_validation_never_on_test():
