@@ -99,3 +99,29 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     monkeypatch.setattr(llm_item_embed.ItemEmbedder, "__init__", no_training)  # embeddings come from the cache
     rp.run_study(study)
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
+
+
+def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from benchmarks import reproduce as rp
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]}).to_csv(data / "items.csv", index=False)
+    pd.DataFrame({"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2,
+                  "timestamp": [0, 1, 2] * 2}).to_csv(data / "interactions.csv", index=False)
+    assert rp.parse_args(["--dataset", str(data)]).losses == ("bpr", "ce")
+    study = rp.parse_args(["--dataset", str(data), "--losses", "ce", "ce", "--workdir", str(tmp_path / "w")])
+    assert study.losses == ("ce",)
+    assert "only" in rp._losses_sentence(study.losses) and "only" not in rp._losses_sentence(rp.LOSSES)
+
+    trained = []
+
+    def fake_run(study, variant, s2, split, semantic, key):
+        trained.append(s2.loss)
+        return {"valid": {"Overall": {"NDCG@10": 0.1}}}
+
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0,))
+    assert set(runs) == {"ce"} and set(trained) == {"ce"}
