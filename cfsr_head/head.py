@@ -38,6 +38,11 @@ class DualViewConfig:
 
     - ``adapter_activation``: None (the paper's formula, as LLM-ESR), "gelu" or "relu" between
       the adapter's two linear layers d_llm -> d_llm/2 -> d.
+    - ``adapter_init``: "default" (PyTorch's Linear init, as the paper) or "pca" (beyond the paper:
+      the adapter starts as the centred PCA projection, W1 = top d_llm/2 principal directions,
+      W2 = [I_d 0] times the collaborative table's scale, so the semantic view starts with the same
+      item coordinates as the PCA-initialised collaborative view instead of a near-constant
+      vector; needs d <= d_llm/2).
     - ``use_semantic`` / ``use_collaborative``: switch a view off ("w/o semantic", "w/o
       collaborative"); with one view the output width is d instead of 2d and there is no
       cross-attention. "w/o CFT" needs no switch: pass any semantic table.
@@ -61,6 +66,7 @@ class DualViewConfig:
 
     d: int = 64
     adapter_activation: str | None = None
+    adapter_init: str = "default"
     use_semantic: bool = True
     use_collaborative: bool = True
     fusion: str = "cross"
@@ -84,6 +90,7 @@ class DualViewConfig:
                 raise ValueError(f"DualViewConfig.{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
 
         one_of("adapter_activation", [None, "gelu", "relu"])
+        one_of("adapter_init", ["default", "pca"])
         one_of("fusion", ["cross", "concat"])
         one_of("collab_init", ["pca", "random"])
         one_of("pca_method", ["auto", "exact", "randomized"])
@@ -264,6 +271,8 @@ class DualViewHead(nn.Module):
                     self.pca = PCAProjection(table.shape[1], d)
             if cfg.freeze_collaborative:
                 self.item_embedding.weight.requires_grad_(False)
+        if cfg.use_semantic and cfg.adapter_init == "pca" and _init_weights:
+            self._init_adapter_from_pca(table)
         self.fallback_se = self.fallback_co = None
         if cfg.missing_item_policy == "fallback":
             if cfg.use_semantic:
@@ -280,6 +289,25 @@ class DualViewHead(nn.Module):
         self.encoder = encoder
         self.encoder_co = copy.deepcopy(encoder) if (both and not cfg.shared_encoder) else None
         self.max_len: int | None = getattr(encoder, "max_len", None)
+
+    @torch.no_grad()
+    def _init_adapter_from_pca(self, table: Tensor) -> None:
+        """``adapter_init="pca"``: the adapter starts as ``(e - mean) @ top-d principal directions``
+        (times the collaborative scale), via W1 = top d_llm/2 directions, W2 = [I_d 0]."""
+        first, last = self.adapter[0], self.adapter[2]
+        hidden, d = first.out_features, self.config.d
+        if d > hidden or hidden > table.shape[0]:
+            raise ValueError(f"adapter_init='pca' needs d={d} <= d_llm/2={hidden} <= number of items "
+                             f"{table.shape[0]}")
+        pca = PCAProjection.fit(table, hidden, method=self.config.pca_method, seed=self.config.seed)
+        scale = 1.0
+        if self.config.collab_init_std is not None:
+            scale = self.config.collab_init_std / float(pca.transform(table)[:, :d].std().clamp_min(1e-12))
+        first.weight.copy_(pca.components.T)
+        first.bias.copy_(-(pca.mean @ pca.components))
+        last.weight.zero_()
+        last.weight[:, :d] = torch.eye(d) * scale
+        last.bias.zero_()
 
     # ------------------------------------------------------------------ properties
     @property

@@ -216,6 +216,29 @@ def test_pca_init_equals_centred_table_times_components() -> None:
     assert abs(float(scaled.item_embedding.weight[1:].detach().std()) - 0.05) < 1e-4
 
 
+def test_pca_adapter_init_starts_the_semantic_view_at_the_collaborative_coordinates(tmp_path) -> None:
+    torch.manual_seed(0)
+    E = semantic_table()
+    for std in (None, 0.05):
+        head = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, adapter_init="pca",
+                            pca_method="exact", collab_init_std=std)
+        with torch.no_grad():
+            reps = head.item_representations()[1:]
+        torch.testing.assert_close(reps[:, :D], reps[:, D:], atol=1e-4, rtol=1e-4)
+        assert reps[:, :D].std(0).min() > 0  # item-specific, not the near-constant default start
+    default = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2)
+    assert not torch.allclose(default.item_representations()[1:, :D], reps[:, :D], atol=1e-2)
+    with torch.no_grad():  # a trained adapter is loaded as saved, not re-initialised from PCA
+        head.adapter[2].weight.add_(1.0)
+    head.save_pretrained(tmp_path / "h")
+    loaded = DualViewHead.from_pretrained(tmp_path / "h")
+    torch.testing.assert_close(loaded.adapter[2].weight, head.adapter[2].weight)
+    with pytest.raises(ValueError, match="adapter_init='pca' needs d=16"):
+        DualViewHead(SASRecEncoder(d=16, n_heads=2, max_len=L), E, d=16, n_cross_heads=2, adapter_init="pca")
+    with pytest.raises(ValueError, match="adapter_init"):
+        DualViewConfig(adapter_init="xavier").validate()
+
+
 def test_item_representations_score_and_full_scores_agree() -> None:
     head = make_head().eval()
     seq = pad_batch(random_rows(3, [4, 7, 2]), "left")
