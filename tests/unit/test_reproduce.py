@@ -125,3 +125,21 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     monkeypatch.setattr(rp, "run_stage2", fake_run)
     runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0,))
     assert set(runs) == {"ce"} and set(trained) == {"ce"}
+
+
+def test_exploratory_variants_are_new_names_and_build_valid_heads():
+    import pytest
+    import torch
+
+    from benchmarks import reproduce as rp
+    from benchmarks.explore import EXPLORATORY, main
+    from types import SimpleNamespace
+
+    assert not set(EXPLORATORY) & set(rp.VARIANTS)  # never shadows (or re-keys) a study variant
+    split = SimpleNamespace(num_items=40)
+    semantic = torch.randn(40, 24).numpy()
+    for v in EXPLORATORY.values():
+        head = rp.build_model(v, rp.Stage2(d=8, n_heads=2, max_len=5), split, semantic)
+        assert head.item_representations().shape[0] == 41, v.name
+    with pytest.raises(SystemExit):
+        main(["--names", "no such variant", "--dataset", "x"])

@@ -1,0 +1,72 @@
+"""Exploratory stage-2 variants beyond the study's protocol, run through the same harness and cache.
+
+Each variant here changes one or two ``DualViewHead`` settings (item-table init scale, PCA-started
+adapter, fusion, frozen vs CFT embeddings) to find out *why* a form wins or loses; they are not
+part of the paper's tables. Every option of ``benchmarks.reproduce`` applies (``--quick``,
+``--epochs``, ``--cft-steps`` ...); ``--losses`` defaults to CE only and the report goes to
+``runs/explore/`` so that ``docs/results`` is never overwritten::
+
+    python -m benchmarks.explore --dataset amazon_scientific --names "SAID std0.02" "w/o Cro frozen" \\
+        --quick --cft-steps 100 --length-buckets 16 --epochs 100 --patience 10
+
+Study variants (``SAID``, ``LLM-CFSR``, ``w/o Cro`` ...) can be named too. Runs are cached in the
+study's work folder under keys that include the variant, so names and settings here must not be
+edited once results exist (add a new entry instead).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import reproduce as rp
+from benchmarks.reproduce import Variant
+
+RESIDUAL = ("cross_residual", True)
+CONCAT = ("fusion", "concat")
+ONE_VIEW = ("use_semantic", False)
+PCA_ADAPTER = ("adapter_init", "pca")
+
+EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
+    # item-table init scale (SAID's PCA coordinates of the frozen MiniLM have std ~0.22 on scientific)
+    Variant("SAID std0.02", semantic="frozen", head=(ONE_VIEW, ("collab_init_std", 0.02))),
+    Variant("SAID std0.1", semantic="frozen", head=(ONE_VIEW, ("collab_init_std", 0.1))),
+    Variant("SAID std0.5", semantic="frozen", head=(ONE_VIEW, ("collab_init_std", 0.5))),
+    Variant("residual std0.02", head=(RESIDUAL, ("collab_init_std", 0.02))),
+    Variant("residual std0.1", head=(RESIDUAL, ("collab_init_std", 0.1))),
+    Variant("w/o Cro std0.02", head=(CONCAT, ("collab_init_std", 0.02))),
+    # CFT vs frozen embeddings under the better fusions
+    Variant("residual frozen", semantic="frozen", head=(RESIDUAL,)),
+    Variant("residual frozen std0.02", semantic="frozen", head=(RESIDUAL, ("collab_init_std", 0.02))),
+    Variant("w/o Cro frozen", semantic="frozen", head=(CONCAT,)),
+    # the semantic view started at the PCA coordinates instead of a near-constant adapter output
+    Variant("residual pcaA", head=(RESIDUAL, PCA_ADAPTER)),
+    Variant("w/o Cro pcaA", head=(CONCAT, PCA_ADAPTER)),
+    Variant("residual frozen pcaA", semantic="frozen", head=(RESIDUAL, PCA_ADAPTER)),
+    Variant("w/o Cro frozen pcaA", semantic="frozen", head=(CONCAT, PCA_ADAPTER)),
+]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.explore", description=__doc__.split("\n\n")[0],
+                                epilog="Other options are passed to benchmarks.reproduce.")
+    p.add_argument("--names", nargs="+", required=True, metavar="NAME",
+                   help=f"variants to run; exploratory: {', '.join(EXPLORATORY)}; or any study variant")
+    a, rest = p.parse_known_args(argv)
+    known = {**rp.VARIANTS, **EXPLORATORY}
+    unknown = [n for n in a.names if n not in known]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
+    if "--losses" not in rest:
+        rest += ["--losses", "ce"]
+    if "--out" not in rest:
+        rest += ["--out", str(rp.REPO_ROOT / "runs" / "explore")]
+    study = rp.parse_args(rest)
+    study.parts, study.variants = (), tuple(a.names)
+    study.command = "python -m benchmarks.explore " + " ".join(sys.argv[1:] if argv is None else argv)
+    rp.VARIANTS.update(EXPLORATORY)
+    print(f"report: {rp.run_study(study)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
