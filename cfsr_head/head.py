@@ -55,7 +55,7 @@ class DualViewConfig:
       (N(0, 0.02^2)). ``collab_init_std``: None keeps the PCA coordinates as they are (the
       paper's E_co = centred(E_se) W_pca); a float multiplies them by one scalar so that the
       table's standard deviation equals it (directions unchanged; the same scalar is applied to
-      rows added later by ``add_items``).
+      rows added later by ``add_items``). With "random" a float is the normal's std instead of 0.02.
     - ``freeze_collaborative``: keep the ID table fixed (LLM2X-style baselines).
     - ``missing_item_policy``: "error" (item indices outside 1..N raise, with count and examples)
       or "fallback" (they get one learned fallback row per view).
@@ -255,7 +255,8 @@ class DualViewHead(nn.Module):
         if cfg.use_collaborative:
             self.item_embedding = nn.Embedding(self._num_items + 1, d, padding_idx=0)
             with torch.no_grad():
-                self.item_embedding.weight.normal_(0.0, 0.02, generator=gen)
+                std = cfg.collab_init_std if (cfg.collab_init == "random" and cfg.collab_init_std) else 0.02
+                self.item_embedding.weight.normal_(0.0, std, generator=gen)
                 self.item_embedding.weight[0].zero_()
             if cfg.collab_init == "pca":
                 if _init_weights:

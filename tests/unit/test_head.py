@@ -214,6 +214,10 @@ def test_pca_init_equals_centred_table_times_components() -> None:
     np.testing.assert_allclose(np.abs((ours * vt).sum(0)), 1.0, atol=1e-4)
     scaled = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, collab_init_std=0.05)
     assert abs(float(scaled.item_embedding.weight[1:].detach().std()) - 0.05) < 1e-4
+    for std, expected in ((None, 0.02), (0.3, 0.3)):  # random init: the std is the normal's
+        rand = DualViewHead(make_encoder("sasrec"), d=D, num_items=2000, use_semantic=False,
+                            collab_init="random", collab_init_std=std)
+        assert abs(float(rand.item_embedding.weight[1:].detach().std()) / expected - 1) < 0.05
 
 
 def test_pca_adapter_init_starts_the_semantic_view_at_the_collaborative_coordinates(tmp_path) -> None:
