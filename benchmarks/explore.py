@@ -27,7 +27,8 @@ ONE_VIEW = ("use_semantic", False)
 PCA_ADAPTER = ("adapter_init", "pca")
 
 EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
-    # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of the frozen MiniLM have std ~0.22 on scientific)
+    # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of
+    # the frozen MiniLM have std ~0.22 on scientific)
     Variant("SASRec std0.2", semantic=None, head=(ONE_VIEW, ("collab_init", "random"), ("collab_init_std", 0.2))),
     Variant("SASRec std0.5", semantic=None, head=(ONE_VIEW, ("collab_init", "random"), ("collab_init_std", 0.5))),
     Variant("SAID std0.02", semantic="frozen", head=(ONE_VIEW, ("collab_init_std", 0.02))),
