@@ -143,3 +143,21 @@ def test_exploratory_variants_are_new_names_and_build_valid_heads():
         assert head.item_representations().shape[0] == 41, v.name
     with pytest.raises(SystemExit):
         main(["--names", "no such variant", "--dataset", "x"])
+
+
+def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
+    import numpy as np
+
+    from benchmarks.bench_neighbours import neighbour_scores
+    from llm_item_embed import ItemEmbeddings
+
+    rng = np.random.default_rng(0)
+    n = 200
+    ids = [f"i{j}" for j in range(n)]
+    base = rng.normal(size=(n // 2, 16))
+    aligned = np.repeat(base, 2, axis=0) + 0.01 * rng.normal(size=(n, 16))  # i2j and i2j+1 are twins
+    prev, nxt = np.array(ids[0::2]), np.array(ids[1::2])  # each item is followed by its twin
+    good = neighbour_scores(ItemEmbeddings(ids, aligned), prev, nxt, k=1)
+    bad = neighbour_scores(ItemEmbeddings(ids, rng.normal(size=(n, 16))), prev, nxt, k=1)
+    assert good["next@1"] == 1.0 and good["AUC"] > 0.99
+    assert bad["next@1"] < 0.1 and 0.3 < bad["AUC"] < 0.7
