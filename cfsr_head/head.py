@@ -42,7 +42,7 @@ class DualViewConfig:
       the adapter starts as the centred PCA projection, W1 = top d_llm/2 principal directions,
       W2 = [I_d 0] times the collaborative table's scale, so the semantic view starts with the same
       item coordinates as the PCA-initialised collaborative view instead of a near-constant
-      vector; needs d <= d_llm/2).
+      vector; exactly so without an activation; needs d <= d_llm/2).
     - ``use_semantic`` / ``use_collaborative``: switch a view off ("w/o semantic", "w/o
       collaborative"); with one view the output width is d instead of 2d and there is no
       cross-attention. "w/o CFT" needs no switch: pass any semantic table.
