@@ -102,6 +102,10 @@ class DualViewConfig:
             raise ValueError("d, n_negatives and n_cross_heads must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.collab_init_std is not None and not self.collab_init_std > 0:
+            raise ValueError(f"collab_init_std must be > 0 (or None), got {self.collab_init_std}")
+        if self.adapter_init == "pca" and not self.use_semantic:
+            raise ValueError("adapter_init='pca' needs the semantic view (use_semantic=True)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,13 +253,16 @@ class DualViewHead(nn.Module):
             d_llm = table.shape[1]
             act = {None: nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}[cfg.adapter_activation]()
             self.adapter = nn.Sequential(nn.Linear(d_llm, d_llm // 2), act, nn.Linear(d_llm // 2, d))
+            if cfg.adapter_init == "pca" and not d <= d_llm // 2 <= table.shape[0]:
+                raise ValueError(f"adapter_init='pca' needs d={d} <= d_llm/2={d_llm // 2} <= number of items "
+                                 f"{table.shape[0]}")
         self.item_embedding = None
         self.pca = None
         self.register_buffer("collab_scale", torch.ones(()))
         if cfg.use_collaborative:
             self.item_embedding = nn.Embedding(self._num_items + 1, d, padding_idx=0)
             with torch.no_grad():
-                std = cfg.collab_init_std if (cfg.collab_init == "random" and cfg.collab_init_std) else 0.02
+                std = cfg.collab_init_std if (cfg.collab_init == "random" and cfg.collab_init_std is not None) else 0.02
                 self.item_embedding.weight.normal_(0.0, std, generator=gen)
                 self.item_embedding.weight[0].zero_()
             if cfg.collab_init == "pca":
@@ -296,10 +303,7 @@ class DualViewHead(nn.Module):
         """``adapter_init="pca"``: the adapter starts as ``(e - mean) @ top-d principal directions``
         (times the collaborative scale), via W1 = top d_llm/2 directions, W2 = [I_d 0]."""
         first, last = self.adapter[0], self.adapter[2]
-        hidden, d = first.out_features, self.config.d
-        if d > hidden or hidden > table.shape[0]:
-            raise ValueError(f"adapter_init='pca' needs d={d} <= d_llm/2={hidden} <= number of items "
-                             f"{table.shape[0]}")
+        hidden, d = first.out_features, self.config.d  # d <= hidden <= N was checked in __init__
         pca = PCAProjection.fit(table, hidden, method=self.config.pca_method, seed=self.config.seed)
         scale = 1.0
         if self.config.collab_init_std is not None:

@@ -241,6 +241,10 @@ def test_pca_adapter_init_starts_the_semantic_view_at_the_collaborative_coordina
         DualViewHead(SASRecEncoder(d=16, n_heads=2, max_len=L), E, d=16, n_cross_heads=2, adapter_init="pca")
     with pytest.raises(ValueError, match="adapter_init"):
         DualViewConfig(adapter_init="xavier").validate()
+    with pytest.raises(ValueError, match="needs the semantic view"):  # never silently ignored
+        DualViewConfig(adapter_init="pca", use_semantic=False).validate()
+    with pytest.raises(ValueError, match="collab_init_std must be > 0"):
+        DualViewConfig(collab_init_std=0.0).validate()
 
 
 def test_item_representations_score_and_full_scores_agree() -> None:
