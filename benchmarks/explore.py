@@ -63,7 +63,8 @@ def decoder_variants() -> dict[str, Variant]:
 DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Variant]]:
+    """The study a command line asks for, and the definitions of the variants it names."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.explore", description=__doc__.split("\n\n")[0],
                                 epilog="Other options are passed to benchmarks.reproduce.")
     p.add_argument("--names", nargs="+", required=True, metavar="NAME",
@@ -76,14 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in a.names if n not in known]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
-    if "--losses" not in rest:
+    def given(flag: str) -> bool:
+        return any(x == flag or x.startswith(flag + "=") for x in rest)
+
+    if not given("--losses"):
         rest += ["--losses", "ce"]
-    if "--out" not in rest:
+    if not given("--out"):
         rest += ["--out", str(rp.REPO_ROOT / "runs" / "explore")]
+    own = [n for n in a.names if n not in rp.VARIANTS]
+    if own and not given("--significance"):  # each exploratory row against every other row of the run
+        rest += ["--significance", *own]
     study = rp.parse_args(rest)
     study.parts, study.variants = (), tuple(a.names)
     study.command = "python -m benchmarks.explore " + " ".join(sys.argv[1:] if argv is None else argv)
-    rp.VARIANTS.update({n: known[n] for n in a.names})
+    return study, {n: known[n] for n in a.names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    study, rows = build_study(argv)
+    rp.VARIANTS.update(rows)  # run_study looks variants up by name
     print(f"report: {rp.run_study(study)}")
     return 0
 

@@ -182,6 +182,7 @@ class Study:
     stage2: Stage2 = Stage2()
     grid: dict[str, tuple] = field(default_factory=lambda: {"dropout": (0.2, 0.5)})
     losses: tuple[str, ...] = LOSSES  # the protocol trains both; one loss only for exploratory tiers
+    significance: tuple[str, ...] = ()  # forms tested against every other row, beside the LLM-CFSR ones
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
 
@@ -569,11 +570,12 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
             plot_bars(out / f"{name}_main.png", rows_for(names, False), name)
             lines += [f"![overall vs tail-item N@10]({name}_main.png)", ""]
 
-    ours_names = [n for n in ["LLM-CFSR"] + PARTS["improved"] if n in results]
+    ours_names = [n for n in dict.fromkeys(["LLM-CFSR", *PARTS["improved"], *study.significance]) if n in results]
     if ours_names:
         lines += ["## Significance", "",
-                  "Paired t-test over users of per-user N@10 (averaged over seeds): each LLM-CFSR form (best loss) "
-                  "against each variant's best-loss version; gain = relative difference of the means.", ""]
+                  "Paired t-test over users of per-user N@10 (averaged over seeds): each LLM-CFSR form (and each "
+                  "variant named with --significance), best loss, against each variant's best-loss version; "
+                  "gain = relative difference of the means.", ""]
         raw["significance"] = {}
         for ours_name in ours_names:
             ours = results[ours_name][best_loss(results[ours_name])]
@@ -661,6 +663,8 @@ def parse_args(argv: list[str] | None = None) -> Study:
                         "(TrainConfig.length_buckets; 0 = plain shuffle)")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
                    help="stage-2 losses to train (default: both, as the protocol asks; one loss for a fast tier)")
+    p.add_argument("--significance", nargs="+", default=(), metavar="NAME",
+                   help="variants tested against every other row (paired t-test), beside the LLM-CFSR forms")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "reproduce"))
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results"))
     a = p.parse_args(argv)
@@ -691,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
                  parts=tuple(a.parts) if a.parts else ("main", "ablations", "improved", "backbone", "sensitivity"),
                  variants=tuple(a.variants),
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
-                 quick=a.quick, command=command)
+                 significance=tuple(a.significance), quick=a.quick, command=command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,11 +76,13 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
                      stage1=rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=8, max_length=32),
                      stage2=rp.Stage2(d=16, n_heads=2, max_len=8, epochs=2, patience=1, batch_size=16,
                                       length_buckets=2),
-                     grid={"dropout": (0.2,)}, quick=True, command="python -m benchmarks.reproduce --dataset toy")
+                     grid={"dropout": (0.2,)}, significance=("w/o Cro",), quick=True,
+                     command="python -m benchmarks.reproduce --dataset toy")
     report = rp.run_study(study)
     text = report.read_text()
     assert "python -m benchmarks.reproduce --dataset toy" in text and "length-bucketed" in text
-    for name in ("SASRec (BPR)", "SASRec (CE)", "LLM-ESR", "LLM-CFSR + residual cross-attn against:"):
+    for name in ("SASRec (BPR)", "SASRec (CE)", "LLM-ESR", "LLM-CFSR + residual cross-attn against:",
+                 "w/o Cro against:"):
         assert name in text
     raw = json.loads((tmp_path / "out" / "toy.json").read_text())
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
@@ -143,6 +145,25 @@ def test_exploratory_variants_are_new_names_and_build_valid_heads():
         assert head.item_representations().shape[0] == 41, v.name
     with pytest.raises(SystemExit):
         main(["--names", "no such variant", "--dataset", "x"])
+
+
+def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_path):
+    import pandas as pd
+
+    from benchmarks.explore import build_study
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_csv(data / "items.csv", index=False)
+    pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [0]}).to_csv(data / "interactions.csv", index=False)
+    study, rows = build_study(["--dataset", str(data), "--names", "SAID", "w/o Cro frozen"])
+    assert set(rows) == {"SAID", "w/o Cro frozen"}
+    assert study.losses == ("ce",) and study.significance == ("w/o Cro frozen",)
+    assert study.variants == ("SAID", "w/o Cro frozen") and study.parts == ()
+    assert "runs" in str(study.out_dir) and "docs" not in str(study.out_dir)
+    study, _ = build_study(["--dataset", str(data), "--names", "SAID", "--losses=bpr", f"--out={tmp_path}",
+                         "--significance", "SAID"])
+    assert study.losses == ("bpr",) and study.out_dir == tmp_path and study.significance == ("SAID",)
 
 
 def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
