@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 from benchmarks import reproduce as rp
@@ -89,7 +90,7 @@ def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Vari
         rest += ["--significance", *own]
     study = rp.parse_args(rest)
     study.parts, study.variants = (), tuple(a.names)
-    study.command = "python -m benchmarks.explore " + " ".join(sys.argv[1:] if argv is None else argv)
+    study.command = "python -m benchmarks.explore " + shlex.join(sys.argv[1:] if argv is None else argv)
     return study, {n: known[n] for n in a.names}
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -558,14 +559,18 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
     sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"] + PARTS["improved"]),
                 ("Backbone generality", ["SASRec", "LLM-CFSR"] + PARTS["backbone"] + [
                     "LLM-CFSR (SmolLM2-135M)"])]
+    covered = {n for _, names in sections for n in names}
+    sections.append(("Other variants", ["SASRec", "LLM-CFSR", *[n for n in results if n not in covered]]))
     for title, names in sections:
         if not any(n in results for n in names[1:] if n not in ("SASRec", "LLM-CFSR")) and title != "Main comparison":
             continue
         for protocol in PROTOCOLS:
             label = "full ranking over all items" if protocol == "full" else "1 positive + 100 sampled negatives"
-            lines += [f"## {title}: {label}", "", "Each loss:" if len(study.losses) > 1 else "", "",
-                      results_table(rows_for(names, True), protocol), "", "Best loss per variant (chosen on validation):",
-                      "", results_table(rows_for(names, False), protocol), ""]
+            lines += [f"## {title}: {label}", ""]
+            if len(study.losses) > 1:
+                lines += ["Each loss:", "", results_table(rows_for(names, True), protocol), "",
+                          "Best loss per variant (chosen on validation):", ""]
+            lines += [results_table(rows_for(names, False), protocol), ""]
         if title == "Main comparison":
             plot_bars(out / f"{name}_main.png", rows_for(names, False), name)
             lines += [f"![overall vs tail-item N@10]({name}_main.png)", ""]
@@ -668,7 +673,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "reproduce"))
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results"))
     a = p.parse_args(argv)
-    command = "python -m benchmarks.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
     folder = Path(a.dataset)
     if not folder.is_dir():
         folder = default_data_dir() / a.dataset

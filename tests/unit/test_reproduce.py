@@ -88,6 +88,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
                                     "LLM-CFSR + residual cross-attn", "w/o Cro"}
     assert "## Ablations" in text and "w/o Cro (CE)" in text
+    assert "## Other variants" not in text  # every variant of this study has its own section
     assert set(raw["significance"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
     assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
     n_records = len(list((tmp_path / "work" / "toy" / "runs").glob("*.json")))
@@ -197,3 +198,16 @@ def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
     rows = decoder_variants()
     assert tuple(rows) == DECODER_NAMES
     assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())
+
+
+def test_report_lists_variants_outside_the_study_sections(tmp_path):
+    from benchmarks import reproduce as rp
+
+    def rec(valid, test):
+        return {**record(valid, test), "stage2": {"seed": 0, "dropout": 0.2}}
+
+    study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0,))
+    results = {"SASRec": {"ce": [rec(0.1, 0.1)]}, "my row": {"ce": [rec(0.2, 0.3)]}}
+    text = rp.write_report(study, results, {}).read_text()
+    other = text.split("## Other variants: full ranking over all items")[1]
+    assert "| my row | " in other and "**0.3000**" in other
