@@ -7,6 +7,8 @@ history without the last two items, which leave-one-out keeps for validation and
 - ``next@k``: how often the next item is among the k nearest neighbours (cosine) of the previous
   one, over all items;
 - ``AUC``: how often a consecutive pair is more similar than a random pair of items.
+With ``--held-out`` the transitions into leave-one-out's validation items are scored instead (for
+embeddings fine-tuned with collaborative positives, which have seen the training transitions).
 
 By default it reads every embedding file the study cached for the dataset
 (``runs/reproduce/<dataset>/embeddings``: frozen = 0 fine-tuning seconds) and prints each
@@ -34,6 +36,17 @@ def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     users, items = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
     same = users[1:] == users[:-1]
     return items[:-1][same], items[1:][same]
+
+
+def held_out_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(previous item id, validation item id) per user: the transition into leave-one-out's
+    validation item, which neither stage 2 nor a CFT with ``sequence_pairs(holdout_last=2)`` trains on."""
+    inter = load_dataset(dataset).interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    rank_from_end = inter.groupby("user_id").cumcount(ascending=False).to_numpy()
+    prev, nxt = inter[rank_from_end == 2], inter[rank_from_end == 1]
+    both = np.intersect1d(prev["user_id"].to_numpy(), nxt["user_id"].to_numpy())
+    prev, nxt = prev.set_index("user_id").loc[both], nxt.set_index("user_id").loc[both]
+    return prev["item_id"].to_numpy(), nxt["item_id"].to_numpy()
 
 
 def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: int = 10,
@@ -64,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embeddings", nargs="+", default=None,
                    help="embedding files (default: every file the study cached for the dataset)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--held-out", action="store_true",
+                   help="score the transitions into the validation items instead of the training ones (use "
+                        "this for embeddings fine-tuned on training transitions, e.g. pair_prob > 0)")
     a = p.parse_args(argv)
     files = [Path(f) for f in a.embeddings] if a.embeddings else sorted(
         (REPO_ROOT / "runs" / "reproduce" / Path(a.dataset).name / "embeddings").glob("*.safetensors"))
     if not files:
         p.error("no embedding files: run benchmarks.reproduce on the dataset first or pass --embeddings")
-    prev, nxt = training_transitions(a.dataset)
-    print(f"{Path(a.dataset).name}: {len(prev)} training transitions, k={a.k}")
+    prev, nxt = (held_out_transitions if a.held_out else training_transitions)(a.dataset)
+    print(f"{Path(a.dataset).name}: {len(prev)} {'held-out' if a.held_out else 'training'} transitions, k={a.k}")
     rows = []
     for f in files:
         emb = ItemEmbeddings.load(f)

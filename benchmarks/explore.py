@@ -1,7 +1,7 @@
 """Exploratory stage-2 variants beyond the study's protocol, run through the same harness and cache.
 
-Each variant here changes one or two ``DualViewHead`` settings (item-table init scale, PCA-started
-adapter, fusion, frozen vs CFT embeddings) to find out *why* a form wins or loses; they are not
+Each variant here changes one or two settings (item-table init scale, PCA-started adapter, fusion,
+frozen vs CFT embeddings, CFT with collaborative positive pairs) to find out *why* a form wins or loses; they are not
 part of the paper's tables. Every option of ``benchmarks.reproduce`` applies (``--quick``,
 ``--epochs``, ``--cft-steps`` ...); ``--losses`` defaults to CE only and the report goes to
 ``runs/explore/`` so that ``docs/results`` is never overwritten::
@@ -27,6 +27,7 @@ RESIDUAL = ("cross_residual", True)
 CONCAT = ("fusion", "concat")
 ONE_VIEW = ("use_semantic", False)
 PCA_ADAPTER = ("adapter_init", "pca")
+PAIRS = ("pair_prob", 0.5)
 
 EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of
@@ -48,6 +49,11 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     Variant("w/o Cro pcaA", head=(CONCAT, PCA_ADAPTER)),
     Variant("residual frozen pcaA", semantic="frozen", head=(RESIDUAL, PCA_ADAPTER)),
     Variant("w/o Cro frozen pcaA", semantic="frozen", head=(CONCAT, PCA_ADAPTER)),
+    # CFT with collaborative positives: items that follow each other in training histories are
+    # positives as well as two masked prompts of one item (ItemEmbedder.fit positive_pairs)
+    Variant("LLM-CFSR pairCFT", stage1=(PAIRS,)),
+    Variant("w/o Cro pairCFT", head=(CONCAT,), stage1=(PAIRS,)),
+    Variant("w/o Se-view pairCFT", head=(ONE_VIEW,), stage1=(PAIRS,)),
 ]}
 
 
@@ -89,7 +95,8 @@ def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Vari
     if own and not given("--significance"):  # each exploratory row against every other row of the run
         rest += ["--significance", *own]
     study = rp.parse_args(rest)
-    study.parts, study.variants = (), tuple(a.names)
+    # every named row is run with every seed given (--seeds): explore compares the rows it names
+    study.parts, study.variants, study.all_seeds = (), tuple(a.names), tuple(a.names)
     study.command = "python -m benchmarks.explore " + shlex.join(sys.argv[1:] if argv is None else argv)
     return study, {n: known[n] for n in a.names}
 

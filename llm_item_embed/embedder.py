@@ -178,17 +178,28 @@ class ItemEmbedder:
         self.template.validate(df, id_column)
 
     def fit(self, df: Any, id_column: str = "item_id", epochs: int = 1, batch_size: int = 64, lr: float = 2e-4,
-            **fit_config: Any) -> "ItemEmbedder":
+            *, positive_pairs: Any = None, pair_prob: float = 0.5, **fit_config: Any) -> "ItemEmbedder":
         """Contrastive LoRA fine-tuning on the items of ``df`` (two dropped views per item are positives).
 
+        ``positive_pairs`` (beyond the paper): a two-column table (or ``(n, 2)`` array) of item ids that
+        users consume together, e.g. from :func:`llm_item_embed.pairs.sequence_pairs`. With it, each view
+        after the first is, with probability ``pair_prob``, a dropped view of one of the item's partners
+        instead of the item itself, so collaborative neighbours become positives too.
+
         Extra keyword arguments go to :class:`llm_item_embed.training.FitConfig` (seed, mixed precision,
-        mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table and the settings are
-        checked before the model is loaded. Returns ``self``.
+        mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table, the pairs and
+        the settings are checked before the model is loaded. Returns ``self``.
         """
         from .losses import ContrastiveLoss
+        from .pairs import PairIndex
         from .training import ContrastiveTrainer, FitConfig
 
         self._validate(df, id_column)
+        pair_index = None
+        if positive_pairs is not None:
+            if not 0.0 < pair_prob <= 1.0:
+                raise ValueError(f"pair_prob must be in (0, 1], got {pair_prob}")
+            pair_index = PairIndex.build(positive_pairs, df[id_column].astype(str).tolist())
         # freeze the resolved field list: later tables are rendered exactly like the training table
         self.template = PromptTemplate.from_dict(self.template.to_dict())
         config = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, **fit_config)
@@ -208,7 +219,11 @@ class ItemEmbedder:
 
         def make_views(item_indices: np.ndarray, rng: np.random.Generator) -> tuple[list[list[str]], np.ndarray]:
             idx = np.asarray(item_indices, dtype=np.int64)
-            views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
+            if pair_index is None:
+                views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
+                return views, group_ids[idx]
+            sources = [idx] + [pair_index.sample(idx, pair_prob, rng) for _ in range(n_views - 1)]
+            views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in src] for src in sources]
             return views, group_ids[idx]
 
         loss = self.loss_module
@@ -219,6 +234,7 @@ class ItemEmbedder:
         self.loss_module = loss
         self.temperature = float(loss.temperature)
         summary = {"n_items": int(n_items), "n_unique_prompts": int(group_ids.max() + 1),
+                   **({"positive_pairs": pair_index.n_pairs, "pair_prob": float(pair_prob)} if pair_index else {}),
                    "fit_config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {}}
         if isinstance(result, list) and result and isinstance(result[-1], Mapping):  # loss history
             summary.update(steps=int(result[-1].get("step", len(result))), first_loss=result[0].get("loss"),

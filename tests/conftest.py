@@ -140,3 +140,14 @@ def data_dir() -> Path:
         # Integration tests never skip silently: a missing data folder is a failure.
         pytest.fail(f"data folder {root} is missing; set CFSR_DATA_DIR to the datasets folder")
     return root
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load a model fails loudly: errors must come before model work."""
+    import llm_item_embed.embedder as embedder
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(embedder, "load_text_encoder", boom)

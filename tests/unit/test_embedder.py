@@ -250,17 +250,6 @@ def test_from_pretrained_offline_hf_cache(fitted_bert, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- bad input
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any attempt to load a model fails loudly: errors must come before model work."""
-    import llm_item_embed.embedder as embedder
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(embedder, "load_text_encoder", boom)
-
-
 def test_bad_tables_fail_before_model_work(tiny_bert_dir, items_df, no_model):
     emb = ItemEmbedder(tiny_bert_dir, template=TEMPLATE)
     with pytest.raises(KeyError, match="'sku'"):

@@ -130,6 +130,38 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     assert set(runs) == {"ce"} and set(trained) == {"ce"}
 
 
+def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from benchmarks import reproduce as rp
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]}).to_csv(data / "items.csv", index=False)
+    pd.DataFrame({"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2,
+                  "timestamp": [0, 1, 2] * 2}).to_csv(data / "interactions.csv", index=False)
+    study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "2", "--dropout-grid", "0.2", "0.5",
+                           "--workdir", str(tmp_path / "w"), "--all-seeds", "w/o Cro"])
+    assert study.all_seeds == ("w/o Cro",)
+    trained = []
+    valid = {("bpr", 0.2): 0.05, ("bpr", 0.5): 0.09, ("ce", 0.2): 0.07, ("ce", 0.5): 0.02}
+
+    def fake_run(study, variant, s2, split, semantic, key):
+        trained.append((s2.loss, s2.dropout, s2.seed))
+        return {"valid": {"Overall": {"NDCG@10": valid[s2.loss, s2.dropout] - 0.01 * s2.seed}}}
+
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1, 2))
+    # the grid is searched per loss with seed 0; BPR at dropout 0.5 validates best, so only it gets seeds 1, 2
+    assert sorted(trained) == sorted([("bpr", 0.2, 0), ("bpr", 0.5, 0), ("ce", 0.2, 0), ("ce", 0.5, 0),
+                                      ("bpr", 0.5, 1), ("bpr", 0.5, 2)])
+    assert [len(runs["bpr"]), len(runs["ce"])] == [3, 1] and rp.best_loss(runs) == "bpr"
+    import pytest
+
+    with pytest.raises(SystemExit):  # a misspelt name is refused before anything runs
+        rp.parse_args(["--dataset", str(data), "--all-seeds", "w/o Cross"])
+
+
 def test_exploratory_variants_are_new_names_and_build_valid_heads():
     import pytest
     import torch
@@ -161,6 +193,7 @@ def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_pat
     assert set(rows) == {"SAID", "w/o Cro frozen"}
     assert study.losses == ("ce",) and study.significance == ("w/o Cro frozen",)
     assert study.variants == ("SAID", "w/o Cro frozen") and study.parts == ()
+    assert study.all_seeds == study.variants  # explore compares its rows with every seed given
     assert "runs" in str(study.out_dir) and "docs" not in str(study.out_dir)
     study, _ = build_study(["--dataset", str(data), "--names", "SAID", "--losses=bpr", f"--out={tmp_path}",
                          "--significance", "SAID"])
