@@ -218,6 +218,23 @@ def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
     assert bad["next@1"] < 0.1 and 0.3 < bad["AUC"] < 0.7
 
 
+def test_held_out_transitions_are_the_ones_into_the_validation_items(tmp_path):
+    import pandas as pd
+
+    from benchmarks.bench_neighbours import held_out_transitions, training_transitions
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame({"item_id": list("abcdef"), "title": list("abcdef")}).to_csv(data / "items.csv", index=False)
+    # u: a b c d e (valid d, test e); v: f a b (valid a, test b)
+    pd.DataFrame({"user_id": list("uuuuuvvv"), "item_id": list("abcdefab"),
+                  "timestamp": [1, 2, 3, 4, 5, 1, 2, 3]}).to_csv(data / "interactions.csv", index=False)
+    prev, nxt = held_out_transitions(str(data))
+    assert sorted(zip(prev, nxt)) == [("c", "d"), ("f", "a")]
+    prev, nxt = training_transitions(str(data))
+    assert sorted(zip(prev, nxt)) == [("a", "b"), ("b", "c")]  # no transition into a valid/test item
+
+
 def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
     import pytest
 
