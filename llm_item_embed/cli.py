@@ -33,20 +33,17 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------- input tables
-def read_items(path: str | os.PathLike, id_column: str) -> Any:
-    """Read an items table (CSV, TSV, parquet, JSON / JSON lines) with ids as strings, and check the
-    id column before any model work: present, no missing and no duplicate ids, at least one row."""
+def _read_table(path: Path, what: str, dtype: dict[str, Any]) -> Any:
+    """A CSV / TSV / parquet / JSON (lines) table, or a CLIError that names the file."""
     import pandas as pd
 
-    path = Path(path)
     if not path.exists():
-        raise CLIError(f"items file {path} does not exist")
+        raise CLIError(f"{what} file {path} does not exist")
     if path.is_dir():
-        raise CLIError(f"items file {path} is a folder")
+        raise CLIError(f"{what} file {path} is a folder")
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
-        raise CLIError(f"items file {path}: unknown extension {path.suffix!r}; use one of {sorted(_READERS)}")
-    dtype = {id_column: str}
+        raise CLIError(f"{what} file {path}: unknown extension {path.suffix!r}; use one of {sorted(_READERS)}")
     try:
         if kind == "csv":
             df = pd.read_csv(path, dtype=dtype)
@@ -64,7 +61,15 @@ def read_items(path: str | os.PathLike, id_column: str) -> Any:
     except ImportError as exc:
         raise CLIError(f"cannot read {path}: {exc} (parquet needs 'pip install pyarrow')") from exc
     except Exception as exc:
-        raise CLIError(f"cannot read items file {path}: {_one_line(exc)}") from exc
+        raise CLIError(f"cannot read {what} file {path}: {_one_line(exc)}") from exc
+    return df
+
+
+def read_items(path: str | os.PathLike, id_column: str) -> Any:
+    """Read an items table (CSV, TSV, parquet, JSON / JSON lines) with ids as strings, and check the
+    id column before any model work: present, no missing and no duplicate ids, at least one row."""
+    path = Path(path)
+    df = _read_table(path, "items", {id_column: str})
     if id_column not in df.columns:
         raise CLIError(f"items file {path} has no id column {id_column!r}; its columns are {[str(c) for c in df.columns]} "
                        f"(choose one with --id-column)")
@@ -83,6 +88,30 @@ def read_items(path: str | os.PathLike, id_column: str) -> Any:
     if len(df.columns) < 2:
         raise CLIError(f"items file {path} has only the id column {id_column!r}; prompts need attribute columns")
     return df
+
+
+def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int) -> Any:
+    """Positive pairs from an interactions table (user_id, item_id[, timestamp]): consecutive items of each
+    user's history, the last ``holdout_last`` interactions of each user left out. Unknown items are named."""
+    from .pairs import sequence_pairs
+
+    path = Path(path)
+    df = _read_table(path, "interactions", {"user_id": str, "item_id": str})
+    missing = [c for c in ("user_id", "item_id") if c not in df.columns]
+    if missing:
+        raise CLIError(f"interactions file {path} has no column(s) {missing}; its columns are "
+                       f"{[str(c) for c in df.columns]}")
+    df["item_id"] = df["item_id"].astype(str)
+    unknown = sorted(set(df["item_id"]) - set(item_ids))
+    if unknown:
+        raise CLIError(f"interactions file {path}: {len(unknown)} item id(s) are not in the items table, "
+                       f"e.g. {unknown[:5]}")
+    pairs = sequence_pairs(df, time_column="timestamp" if "timestamp" in df.columns else None,
+                           holdout_last=holdout_last)
+    if len(pairs) == 0:
+        raise CLIError(f"interactions file {path}: no two different consecutive items in any history "
+                       f"(after holding out the last {holdout_last} per user)")
+    return pairs
 
 
 def build_template(args: argparse.Namespace) -> Any:
@@ -204,13 +233,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {out} exists and is not a folder")
+    if not 0.0 < args.pair_prob <= 1.0:
+        raise CLIError(f"--pair-prob must be in (0, 1], got {args.pair_prob}")
+    if args.holdout_last < 0:
+        raise CLIError(f"--holdout-last must be >= 0, got {args.holdout_last}")
     df = read_items(args.items, args.id_column)
     check_table(df, template, args.id_column, args.items)
+    pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last) if args.interactions else None
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         max_steps=args.max_steps, output_dir=str(out), resume_from=args.resume_from,
     )
+    if pairs is not None:
+        fit_kwargs.update(positive_pairs=pairs, pair_prob=args.pair_prob)
+        logger.info("%d positive pairs from %s (pair_prob %.2f)", len(pairs), args.interactions, args.pair_prob)
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
@@ -354,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="Accelerate mixed precision")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c = fit.add_argument_group("collaborative positives (beyond the paper)")
+    c.add_argument("--interactions", help="interactions table (user_id, item_id[, timestamp]): items that follow "
+                                          "each other in a history become positives too")
+    c.add_argument("--pair-prob", type=float, default=0.5,
+                   help="probability that a view is a partner's instead of the item's own (default: 0.5)")
+    c.add_argument("--holdout-last", type=int, default=2,
+                   help="interactions per user left out of the pairs (default 2: leave-one-out's validation "
+                        "and test items)")
     fit.set_defaults(func=cmd_fit)
 
     enc = sub.add_parser("encode", parents=[common], help="encode an items table into an embeddings file",

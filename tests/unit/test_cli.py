@@ -174,6 +174,14 @@ def test_bad_items_files(tmp_path, capsys):
     cases.append((["fit", ok, *out, "--n-views", "1"], "--n-views must be at least 2"))
     cases.append((["fit", ok, *out, "--resume-from", str(tmp_path / "ckpt")], "ckpt does not exist"))
     cases.append((["fit", ok, *out, "--model", str(tmp_path / "no-such-model")], "no-such-model"))
+    inter = _write(tmp_path, "inter.csv", pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "zz", "b"]}))
+    cases.append((["fit", ok, *out, "--interactions", inter], "1 item id(s) are not in the items table, e.g. ['zz']"))
+    cases.append((["fit", ok, *out, "--interactions", str(tmp_path / "none.csv")], "interactions file"))
+    nouser = _write(tmp_path, "nouser.csv", pd.DataFrame({"item_id": ["a", "b"]}))
+    cases.append((["fit", ok, *out, "--interactions", nouser], "has no column(s) ['user_id']"))
+    short = _write(tmp_path, "short.csv", pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"]}))
+    cases.append((["fit", ok, *out, "--interactions", short], "no two different consecutive items"))
+    cases.append((["fit", ok, *out, "--interactions", short, "--pair-prob", "0"], "--pair-prob must be in (0, 1]"))
     cases.append((["encode", ok, "-o", str(tmp_path / "e.safetensors"), "--embedder", str(tmp_path / "run"),
                    "--field", "name=title"], "do not combine it with --model"))
     cases.append((["encode", ok, "-o", str(tmp_path)], "is a folder"))
@@ -245,14 +253,19 @@ def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, 
     template = tmp_path / "template.json"
     template.write_text(json.dumps({"instruction": "This beauty product has the following attributes:",
                                     "fields": {"title": "name", "brand": "brand"}}))
+    inter = tmp_path / "interactions.csv"  # u0: it00 it01 it02 it03 (the last two are held out), ...
+    pd.DataFrame({"user_id": [f"u{u}" for u in range(3) for _ in range(4)],
+                  "item_id": [f"it{u * 4 + t:02d}" for u in range(3) for t in range(4)],
+                  "timestamp": list(range(4)) * 3}).to_csv(inter, index=False)
     code, out, err = run(
         capsys, "fit", str(items_csv), "--model", tiny_bert_dir, "--template-json", str(template),
         "--output-dir", str(run_dir), "--batch-size", "4", "--max-steps", "2", "--seed", "3",
-        "--lora-r", "4", "--no-progress", "-q",
+        "--lora-r", "4", "--no-progress", "-q", "--interactions", str(inter), "--pair-prob", "0.3",
     )
     assert code == 0, err
     assert f"saved the fine-tuned embedder to {run_dir}" in out
     cfg = json.loads((run_dir / "item_embedder_config.json").read_text())
+    assert cfg["training"]["positive_pairs"] == 3 and cfg["training"]["pair_prob"] == 0.3
     from llm_item_embed.prompts import PromptTemplate
 
     assert PromptTemplate.from_dict(cfg["template"]).fields == {"title": "name", "brand": "brand"}
