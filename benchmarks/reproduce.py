@@ -614,8 +614,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
             lines += [f"{ours_name} against:", "",
                       "| against | protocol | Overall gain | Overall p | Tail-item gain | Tail-item p |",
                       "|---|---|---|---|---|---|"]
-            sig = raw["significance"] if ours_name == "LLM-CFSR" else raw.setdefault("significance_by_form", {}
-                                                                                    ).setdefault(ours_name, {})
+            sig = raw["significance"].setdefault(ours_name, {})  # form -> other -> protocol -> group
             for other, runs in results.items():
                 if other == ours_name:
                     continue

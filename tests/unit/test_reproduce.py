@@ -89,7 +89,9 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
                                     "LLM-CFSR + residual cross-attn", "w/o Cro"}
     assert "## Ablations" in text and "w/o Cro (CE)" in text
     assert "## Other variants" not in text  # every variant of this study has its own section
-    assert set(raw["significance"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
+    assert set(raw["significance"]) == {"LLM-CFSR", "LLM-CFSR + residual cross-attn", "w/o Cro"}
+    assert set(raw["significance"]["LLM-CFSR"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
+    assert set(raw["significance"]["w/o Cro"]["SASRec"]) == {"full", "sampled"}
     assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
     n_records = len(list((tmp_path / "work" / "toy" / "runs").glob("*.json")))
 
