@@ -103,8 +103,7 @@ def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Vari
 
 def main(argv: list[str] | None = None) -> int:
     study, rows = build_study(argv)
-    rp.VARIANTS.update(rows)  # run_study looks variants up by name
-    print(f"report: {rp.run_study(study)}")
+    print(f"report: {rp.run_study(study, rows)}")
     return 0
 
 

@@ -648,7 +648,10 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
 
 
 # ------------------------------------------------------------------------------------ entry point
-def run_study(study: Study) -> Path:
+def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) -> Path:
+    """Run (or load from the cache) every variant the study names and write its report.
+    ``extra_variants`` defines names beyond the study's own ``VARIANTS`` (benchmarks.explore)."""
+    known = {**VARIANTS, **(extra_variants or {})}
     runner = Runner(study)
     names: list[str] = []
     for part in study.parts:
@@ -657,7 +660,7 @@ def run_study(study: Study) -> Path:
     results: dict[str, dict[str, list[dict]]] = {}
     for n in names:
         seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
-        results[n] = runner.run(VARIANTS[n], seeds)
+        results[n] = runner.run(known[n], seeds)
     if study.decoder:
         results["LLM-CFSR (SmolLM2-135M)"] = runner.run(smollm2_variant(), study.seeds[:1])
     sens: dict[str, list] = {}

@@ -182,6 +182,34 @@ def test_exploratory_variants_are_new_names_and_build_valid_heads():
         main(["--names", "no such variant", "--dataset", "x"])
 
 
+def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from benchmarks import explore
+    from benchmarks import reproduce as rp
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_csv(data / "items.csv", index=False)
+    pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [0]}).to_csv(data / "interactions.csv", index=False)
+    ran = []
+
+    class FakeRunner:
+        def __init__(self, study):
+            pass
+
+        def run(self, variant, seeds):
+            ran.append((variant, seeds))
+            return {}
+
+    monkeypatch.setattr(rp, "Runner", FakeRunner)
+    monkeypatch.setattr(rp, "write_report", lambda study, results, sens: tmp_path / "report.md")
+    before = dict(rp.VARIANTS)
+    explore.main(["--dataset", str(data), "--names", "SAID", "w/o Cro frozen", "--seeds", "0", "1"])
+    assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["w/o Cro frozen"], (0, 1))]
+    assert rp.VARIANTS == before
+
+
 def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_path):
     import pandas as pd
 
