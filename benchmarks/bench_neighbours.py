@@ -71,6 +71,18 @@ def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: 
     return {f"next@{k}": hits / len(pick), "AUC": auc, "cos next": float(pos.mean()), "cos random": float(neg.mean())}
 
 
+def embeddings_label(emb: ItemEmbeddings) -> str:
+    """"frozen", "CFT (N steps)" or "pair CFT (N steps)" from the file's metadata (files written before
+    the metadata carried the training summary: from the study's fit_seconds)."""
+    training = emb.metadata.get("training")
+    if training is None:
+        fit_s = float(emb.metadata.get("fit_seconds", 0) or 0)
+        return "frozen" if fit_s == 0 else f"CFT ({fit_s:.0f} s)"
+    if not training:
+        return "frozen"
+    return f"{'pair CFT' if training.get('positive_pairs') else 'CFT'} ({training.get('steps', '?')} steps)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="dataset folder, or a name under CFSR_DATA_DIR")
@@ -90,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for f in files:
         emb = ItemEmbeddings.load(f)
-        fit_s = float(emb.metadata.get("fit_seconds", 0) or 0)
-        label = "frozen" if fit_s == 0 else f"CFT ({fit_s:.0f} s)"
-        rows.append((label, f.name, neighbour_scores(emb, prev, nxt, k=a.k)))
+        rows.append((embeddings_label(emb), f.name, neighbour_scores(emb, prev, nxt, k=a.k)))
     frozen = next((r for r in rows if r[0] == "frozen"), None)
     for label, name, s in rows:
         ratio = ""

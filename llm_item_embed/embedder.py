@@ -370,6 +370,7 @@ class ItemEmbedder:
             "similarity": self.similarity,
             "library_version": _library_version(),
             "dim": self.encoder.dim,
+            "training": _jsonable(self.training_summary),  # {} for an un-tuned model
         }
 
     def encode(self, df: Any, id_column: str = "item_id", batch_size: int = 64,

@@ -73,6 +73,8 @@ def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
     for v in views[1:]:  # every later view is the partner's prompt
         assert v == [b, a, d, c]
     assert emb.training_summary["positive_pairs"] == 2 and emb.training_summary["pair_prob"] == 1.0
+    meta = emb.encode(df).metadata["training"]  # the embeddings file says how it was made
+    assert meta["positive_pairs"] == 2 and meta["steps"] == 1
 
 
 def test_bad_pairs_fail_before_model_work(tiny_bert_dir, no_model):

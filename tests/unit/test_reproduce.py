@@ -265,6 +265,21 @@ def test_held_out_transitions_are_the_ones_into_the_validation_items(tmp_path):
     assert sorted(zip(prev, nxt)) == [("a", "b"), ("b", "c")]  # no transition into a valid/test item
 
 
+def test_neighbour_bench_labels_files_from_their_training_metadata():
+    import numpy as np
+
+    from benchmarks.bench_neighbours import embeddings_label
+    from llm_item_embed import ItemEmbeddings
+
+    def label(meta):
+        return embeddings_label(ItemEmbeddings(["a", "b"], np.eye(2, dtype=np.float32), meta))
+
+    assert label({"training": {}}) == "frozen"
+    assert label({"training": {"steps": 200}}) == "CFT (200 steps)"
+    assert label({"training": {"steps": 200, "positive_pairs": 9}}) == "pair CFT (200 steps)"
+    assert label({"fit_seconds": 0.0}) == "frozen" and label({"fit_seconds": 12.0}) == "CFT (12 s)"  # older files
+
+
 def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
     import pytest
 
