@@ -195,8 +195,11 @@ class Study:
     losses: tuple[str, ...] = LOSSES  # the protocol trains both; one loss only for exploratory tiers
     significance: tuple[str, ...] = ()  # forms tested against every other row, beside the LLM-CFSR ones
     all_seeds: tuple[str, ...] = ()     # variants outside the main table that are also run with every seed
+    report_only: bool = False           # train nothing: report the cached runs, list the missing ones
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
+
+    missing: list[str] = field(default_factory=list)  # runs a report-only study did not find
 
     @property
     def name(self) -> str:
@@ -319,14 +322,18 @@ def build_model(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nda
 
 
 def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
-               semantic: np.ndarray | None, embeddings_key: str | None) -> dict[str, Any]:
-    """Train (or load the cached result of) one run; returns its record."""
+               semantic: np.ndarray | None, embeddings_key: str | None) -> dict[str, Any] | None:
+    """Train (or load the cached result of) one run; returns its record (None: not cached and
+    ``study.report_only``)."""
     key = config_hash({"dataset": study.name, "variant": dataclasses.asdict(variant), "stage2": stage2_key(s2),
                        "embeddings": embeddings_key, "version": 1})
     runs = study.workdir / study.name / "runs"
     record_path = runs / f"{key}.json"
     if record_path.exists():
         return read_json(record_path)
+    if study.report_only:
+        study.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} seed={s2.seed}")
+        return None
     torch.manual_seed(s2.seed)
     t0 = time.time()
     history: list = []
@@ -383,6 +390,8 @@ class Runner:
             return None, None
         s1 = dataclasses.replace(self.study.stage1, tuned=(needs == "cft"), **dict(variant.stage1))
         key = config_hash(stage1_key(s1))
+        if self.study.report_only:  # cached runs are found by the embeddings' key alone
+            return None, key
         if key not in self._embeddings:
             emb = stage1_embeddings(self.study, s1, self.items)
             self._embeddings[key] = (align_semantic(emb, self.split.item_index), key)
@@ -396,7 +405,8 @@ class Runner:
         Returns ``{loss: [record per seed]}``."""
         semantic, emb_key = self.semantic(variant)
         if variant.popularity:
-            return {"-": [run_stage2(self.study, variant, Stage2(seed=0), self.split, None, None)]}
+            rec = run_stage2(self.study, variant, Stage2(seed=0), self.split, None, None)
+            return {"-": [rec]} if rec is not None else {}
         out: dict[str, list[dict]] = {}
         chosen: dict[str, Stage2] = {}
         grid = [dict(zip(self.study.grid, values)) for values in _product(self.study.grid.values())]
@@ -405,12 +415,17 @@ class Runner:
             for point in grid:
                 s2 = dataclasses.replace(self.study.stage2, loss=loss, seed=seeds[0], **point)
                 rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key)
-                candidates.append((_valid_ndcg(rec), s2, rec))
-            _, chosen[loss], first = max(candidates, key=lambda c: c[0])
-            out[loss] = [first]
+                if rec is not None:  # None: not cached in a report-only study
+                    candidates.append((_valid_ndcg(rec), s2, rec))
+            if candidates:
+                _, chosen[loss], first = max(candidates, key=lambda c: c[0])
+                out[loss] = [first]
+        if not out:
+            return out
         loss = best_loss(out)
-        out[loss] += [run_stage2(self.study, variant, dataclasses.replace(chosen[loss], seed=s), self.split,
-                                 semantic, emb_key) for s in seeds[1:]]
+        more = [run_stage2(self.study, variant, dataclasses.replace(chosen[loss], seed=s), self.split, semantic,
+                           emb_key) for s in seeds[1:]]
+        out[loss] += [r for r in more if r is not None]
         return out
 
 
@@ -524,6 +539,10 @@ def plot_sensitivity(path: Path, r_rows: list[tuple[float, dict]], k_rows: list[
     plt.close(fig)
 
 
+def _seeds(records: list[dict]) -> str:
+    return f"{len(records)} seed" + "s" * (len(records) > 1)
+
+
 def _losses_sentence(losses: tuple[str, ...]) -> str:
     names = {"bpr": "BPR (one uniform negative per position)", "ce": "full-softmax cross-entropy (CE)"}
     if set(losses) == set(LOSSES):
@@ -576,11 +595,12 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                 continue
             runs = results[n]
             if with_losses and len(runs) > 1:
-                rows += [(f"{n} ({loss.upper()}" + (f", {len(recs)} seed{'s' * (len(recs) > 1)})"
-                                                      if len(study.seeds) > 1 else ")"), recs)
+                rows += [(f"{n} ({loss.upper()}" + (f", {_seeds(recs)})" if len(study.seeds) > 1 else ")"), recs)
                          for loss, recs in runs.items()]
             else:
-                rows.append((n, runs[best_loss(runs)]))
+                recs = runs[best_loss(runs)]
+                short = len(study.seeds) > 1 and len(recs) < len(study.seeds)
+                rows.append((f"{n} ({_seeds(recs)})" if short else n, recs))
         return rows
 
     sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"] + PARTS["improved"]),
@@ -663,18 +683,24 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         results[n] = runner.run(known[n], seeds)
     if study.decoder:
         results["LLM-CFSR (SmolLM2-135M)"] = runner.run(smollm2_variant(), study.seeds[:1])
+    results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:
         seed = study.seeds[:1]
         rs = SENSITIVITY_R[1:4] if study.quick else SENSITIVITY_R
         ks = SENSITIVITY_K[:2] if study.quick else SENSITIVITY_K
-        sens["r"] = [(r, _best_record(runner.run(sensitivity_variant(r, study.stage1.n_views), seed))) for r in rs]
-        sens["k"] = [(k, _best_record(runner.run(sensitivity_variant(study.stage1.drop_prob, k), seed))) for k in ks]
+        sens["r"] = [(r, rec) for r in rs
+                     if (rec := _best_record(runner.run(sensitivity_variant(r, study.stage1.n_views), seed)))]
+        sens["k"] = [(k, rec) for k in ks
+                     if (rec := _best_record(runner.run(sensitivity_variant(study.stage1.drop_prob, k), seed)))]
+    if study.missing:
+        print(f"[report only] {len(study.missing)} run(s) not cached, left out of the report:\n  "
+              + "\n  ".join(study.missing), flush=True)
     return write_report(study, results, sens)
 
 
-def _best_record(runs: dict[str, list[dict]]) -> dict:
-    return runs[best_loss(runs)][0]
+def _best_record(runs: dict[str, list[dict]]) -> dict | None:
+    return runs[best_loss(runs)][0] if runs else None
 
 
 def parse_args(argv: list[str] | None = None) -> Study:
@@ -701,6 +727,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help="variants tested against every other row (paired t-test), beside the LLM-CFSR forms")
     p.add_argument("--all-seeds", nargs="+", default=(), choices=list(VARIANTS), metavar="NAME",
                    help="variants outside the main table to run with every seed too (default: first seed only)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs already cached (missing ones are listed "
+                        "and left out; rows show how many seeds they have)")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "reproduce"))
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results"))
     a = p.parse_args(argv)
@@ -732,7 +761,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
                  variants=tuple(a.variants),
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
                  significance=tuple(a.significance), all_seeds=tuple(a.all_seeds), quick=a.quick,
-                 command=command)
+                 report_only=a.report_only, command=command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,16 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     rp.run_study(study)
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
 
+    # report only: a second seed and an ablation that were never run are listed, not trained
+    partial = dataclasses.replace(study, seeds=(0, 1), variants=("w/o Cro", "w/o Share"), report_only=True,
+                                  out_dir=tmp_path / "partial")
+    text = rp.run_study(partial).read_text()
+    raw = json.loads((tmp_path / "partial" / "toy.json").read_text())
+    assert "w/o Share" not in raw["variants"] and "SASRec (1 seed)" in text and "SASRec (CE, 1 seed)" in text
+    assert any(m.startswith("w/o Share loss=bpr") for m in partial.missing)
+    assert any(m.startswith("SASRec") and m.endswith("seed=1") for m in partial.missing)
+    assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
+
 
 def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch):
     import pandas as pd
