@@ -661,6 +661,12 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
         raw["sensitivity"] = {label: [{"value": x, "test": rec["test"]} for x, rec in rows]
                               for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
 
+    if study.missing:
+        lines += ["## Runs not in this report", "",
+                  f"Written with `--report-only` from the runs cached so far; these {len(study.missing)} were not "
+                  "cached and are left out (the same command without `--report-only` trains them):", ""]
+        lines += [f"- {m}" for m in study.missing] + [""]
+        raw["missing_runs"] = list(study.missing)
     atomic_write_json(out / f"{name}.json", raw)
     report = out / f"{name}.md"
     atomic_write_text(report, "\n".join(lines) + "\n")

@@ -112,6 +112,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     raw = json.loads((tmp_path / "partial" / "toy.json").read_text())
     assert "w/o Share" not in raw["variants"] and "SASRec (1 seed)" in text and "SASRec (CE, 1 seed)" in text
     assert any(m.startswith("w/o Share loss=bpr") for m in partial.missing)
+    assert "## Runs not in this report" in text and raw["missing_runs"] == partial.missing
     assert any(m.startswith("SASRec") and m.endswith("seed=1") for m in partial.missing)
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
 
