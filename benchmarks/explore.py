@@ -43,16 +43,15 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # CFT vs frozen embeddings under the better fusions
     Variant("residual frozen", semantic="frozen", head=(RESIDUAL,)),
     Variant("residual frozen std0.02", semantic="frozen", head=(RESIDUAL, ("collab_init_std", 0.02))),
-    Variant("w/o Cro frozen", semantic="frozen", head=(CONCAT,)),
     # the semantic view started at the PCA coordinates instead of a near-constant adapter output
     Variant("residual pcaA", head=(RESIDUAL, PCA_ADAPTER)),
     Variant("w/o Cro pcaA", head=(CONCAT, PCA_ADAPTER)),
     Variant("residual frozen pcaA", semantic="frozen", head=(RESIDUAL, PCA_ADAPTER)),
     Variant("w/o Cro frozen pcaA", semantic="frozen", head=(CONCAT, PCA_ADAPTER)),
     # CFT with collaborative positives: items that follow each other in training histories are
-    # positives as well as two masked prompts of one item (ItemEmbedder.fit positive_pairs)
+    # positives as well as two masked prompts of one item (ItemEmbedder.fit positive_pairs);
+    # "w/o Cro frozen" and "w/o Cro pairCFT" are study variants (reproduce.PARTS["improved"])
     Variant("LLM-CFSR pairCFT", stage1=(PAIRS,)),
-    Variant("w/o Cro pairCFT", head=(CONCAT,), stage1=(PAIRS,)),
     Variant("w/o Se-view pairCFT", head=(ONE_VIEW,), stage1=(PAIRS,)),
 ]}
 

@@ -150,12 +150,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("LLM-CFSR (GRU4Rec)", encoder="gru4rec"),
     # beyond the paper: the cross-attention output is added to its input instead of replacing it
     Variant("LLM-CFSR + residual cross-attn", head=(("cross_residual", True),)),
+    # beyond the paper: no cross-attention (views fused in the logits) on frozen embeddings, and on
+    # embeddings from CFT with collaborative positives (consecutive items of training histories)
+    Variant("w/o Cro frozen", semantic="frozen", head=(("fusion", "concat"),)),
+    Variant("w/o Cro pairCFT", head=(("fusion", "concat"),), stage1=(("pair_prob", 0.5),)),
 ]}
 PARTS = {
     "main": ["Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR"],
     "ablations": ["LLM-CFSR", "w/o CFT", "w/o Se-view", "w/o Co-view", "w/o Cro", "w/o Share"],
     "backbone": ["SASRec (GRU4Rec)", "LLM-CFSR (GRU4Rec)"],
-    "improved": ["LLM-CFSR + residual cross-attn"],
+    "improved": ["LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT"],
 }
 SENSITIVITY_R = (0.1, 0.2, 0.3, 0.4, 0.5)
 SENSITIVITY_K = (2, 3, 4)

@@ -57,6 +57,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     import pandas as pd
 
     from benchmarks import reproduce as rp
+    from llm_item_embed import ItemEmbeddings
 
     rng = np.random.default_rng(0)
     data = tmp_path / "toy"
@@ -86,10 +87,14 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
         assert name in text
     raw = json.loads((tmp_path / "out" / "toy.json").read_text())
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
-                                    "LLM-CFSR + residual cross-attn", "w/o Cro"}
+                                    "LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT", "w/o Cro"}
+    # three embedding tables: frozen, paper CFT, CFT with collaborative positives (it says so in its metadata)
+    tables = [ItemEmbeddings.load(f) for f in sorted((tmp_path / "work" / "toy" / "embeddings").glob("*.safetensors"))]
+    assert sorted(bool(t.metadata["training"].get("positive_pairs")) for t in tables) == [False, False, True]
     assert "## Ablations" in text and "w/o Cro (CE)" in text
     assert "## Other variants" not in text  # every variant of this study has its own section
-    assert set(raw["significance"]) == {"LLM-CFSR", "LLM-CFSR + residual cross-attn", "w/o Cro"}
+    assert set(raw["significance"]) == {"LLM-CFSR", "LLM-CFSR + residual cross-attn", "w/o Cro frozen",
+                                        "w/o Cro pairCFT", "w/o Cro"}
     assert set(raw["significance"]["LLM-CFSR"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
     assert set(raw["significance"]["w/o Cro"]["SASRec"]) == {"full", "sampled"}
     assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
@@ -216,8 +221,8 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
     monkeypatch.setattr(rp, "Runner", FakeRunner)
     monkeypatch.setattr(rp, "write_report", lambda study, results, sens: tmp_path / "report.md")
     before = dict(rp.VARIANTS)
-    explore.main(["--dataset", str(data), "--names", "SAID", "w/o Cro frozen", "--seeds", "0", "1"])
-    assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["w/o Cro frozen"], (0, 1))]
+    explore.main(["--dataset", str(data), "--names", "SAID", "SAID std0.1", "--seeds", "0", "1"])
+    assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["SAID std0.1"], (0, 1))]
     assert rp.VARIANTS == before
 
 
@@ -230,10 +235,10 @@ def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_pat
     data.mkdir()
     pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_csv(data / "items.csv", index=False)
     pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [0]}).to_csv(data / "interactions.csv", index=False)
-    study, rows = build_study(["--dataset", str(data), "--names", "SAID", "w/o Cro frozen"])
-    assert set(rows) == {"SAID", "w/o Cro frozen"}
-    assert study.losses == ("ce",) and study.significance == ("w/o Cro frozen",)
-    assert study.variants == ("SAID", "w/o Cro frozen") and study.parts == ()
+    study, rows = build_study(["--dataset", str(data), "--names", "SAID", "SAID std0.1"])
+    assert set(rows) == {"SAID", "SAID std0.1"}
+    assert study.losses == ("ce",) and study.significance == ("SAID std0.1",)
+    assert study.variants == ("SAID", "SAID std0.1") and study.parts == ()
     assert study.all_seeds == study.variants  # explore compares its rows with every seed given
     assert "runs" in str(study.out_dir) and "docs" not in str(study.out_dir)
     study, _ = build_study(["--dataset", str(data), "--names", "SAID", "--losses=bpr", f"--out={tmp_path}",
