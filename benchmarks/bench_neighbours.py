@@ -11,8 +11,8 @@ With ``--held-out`` the transitions into leave-one-out's validation items are sc
 embeddings fine-tuned with collaborative positives, which have seen the training transitions).
 
 By default it reads every embedding file the study cached for the dataset
-(``runs/reproduce/<dataset>/embeddings``: frozen = 0 fine-tuning seconds) and prints each
-tuned file's ratio to the frozen one::
+(``runs/reproduce/<dataset>/embeddings``; each file's training metadata says frozen, CFT or pair
+CFT) and prints each tuned file's ratio to the frozen one::
 
     python -m benchmarks.bench_neighbours --dataset amazon_beauty
 """
@@ -22,16 +22,22 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from benchmarks.reproduce import REPO_ROOT
 from cfsr_head import load_dataset
 from llm_item_embed import ItemEmbeddings
 
 
+def _ranked_from_end(dataset: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Interactions in (user, time) order and each one's position from the end of its user's history."""
+    inter = load_dataset(dataset).interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    return inter, inter.groupby("user_id").cumcount(ascending=False).to_numpy()
+
+
 def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """(previous item id, next item id) for consecutive interactions, last two per user held out."""
-    inter = load_dataset(dataset).interactions.sort_values(["user_id", "timestamp"], kind="stable")
-    rank_from_end = inter.groupby("user_id").cumcount(ascending=False).to_numpy()
+    inter, rank_from_end = _ranked_from_end(dataset)
     inter = inter[rank_from_end >= 2]
     users, items = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
     same = users[1:] == users[:-1]
@@ -41,8 +47,7 @@ def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
 def held_out_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """(previous item id, validation item id) per user: the transition into leave-one-out's
     validation item, which neither stage 2 nor a CFT with ``sequence_pairs(holdout_last=2)`` trains on."""
-    inter = load_dataset(dataset).interactions.sort_values(["user_id", "timestamp"], kind="stable")
-    rank_from_end = inter.groupby("user_id").cumcount(ascending=False).to_numpy()
+    inter, rank_from_end = _ranked_from_end(dataset)
     prev, nxt = inter[rank_from_end == 2], inter[rank_from_end == 1]
     both = np.intersect1d(prev["user_id"].to_numpy(), nxt["user_id"].to_numpy())
     prev, nxt = prev.set_index("user_id").loc[both], nxt.set_index("user_id").loc[both]

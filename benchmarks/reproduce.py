@@ -84,14 +84,6 @@ class Stage1:
                                       # positives too (ItemEmbedder.fit positive_pairs; beyond the paper)
 
 
-STAGE1_LATER_FIELDS = {"pair_prob": 0.0}  # fields added after runs were cached: left out of keys at default
-
-
-def stage1_key(s1: Stage1) -> dict[str, Any]:
-    d = dataclasses.asdict(s1)
-    return {k: v for k, v in d.items() if not (k in STAGE1_LATER_FIELDS and v == STAGE1_LATER_FIELDS[k])}
-
-
 @dataclass(frozen=True)
 class Stage2:
     """One stage-2 training run's settings (hashed into the run key)."""
@@ -110,14 +102,22 @@ class Stage2:
     length_buckets: int = 0           # TrainConfig.length_buckets (sortish batches; 0 = plain shuffle)
 
 
-# Fields added to Stage2 after results were cached: left out of the run key while they hold these
-# values, so that adding a setting does not invalidate finished runs.
+# Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
+# hold these values, so that adding a setting does not invalidate finished runs.
+STAGE1_LATER_FIELDS = {"pair_prob": 0.0}
 STAGE2_LATER_FIELDS = {"length_buckets": 0}
 
 
+def _key_fields(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if not (k in later and v == later[k])}
+
+
+def stage1_key(s1: Stage1) -> dict[str, Any]:
+    return _key_fields(s1, STAGE1_LATER_FIELDS)
+
+
 def stage2_key(s2: Stage2) -> dict[str, Any]:
-    d = dataclasses.asdict(s2)
-    return {k: v for k, v in d.items() if not (k in STAGE2_LATER_FIELDS and v == STAGE2_LATER_FIELDS[k])}
+    return _key_fields(s2, STAGE2_LATER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,6 @@ class Study:
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
 
-    missing: list[str] = field(default_factory=list)  # runs a report-only study did not find
-
     @property
     def name(self) -> str:
         return self.dataset.name
@@ -228,8 +226,9 @@ def item_template(items: pd.DataFrame):
                           fields={c: ATTRIBUTE_NAMES.get(c, c.replace("_", " ")) for c in columns})
 
 
-def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame):
-    """Item embeddings of the dataset's items.csv, cached by settings and file content."""
+def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, interactions: pd.DataFrame):
+    """Item embeddings of the dataset's items.csv, cached by settings and file content
+    (``interactions`` give the positive pairs when ``settings.pair_prob > 0``)."""
     from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, sequence_pairs
 
     fingerprint = {"stage1": stage1_key(settings), "items": file_digest(study.dataset / "items.csv")}
@@ -247,7 +246,7 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame):
     if settings.tuned:
         pairs = {}
         if settings.pair_prob > 0:  # training histories only: leave-one-out's valid/test items are held out
-            pairs = {"positive_pairs": sequence_pairs(load_dataset(study.dataset).interactions, holdout_last=2),
+            pairs = {"positive_pairs": sequence_pairs(interactions, holdout_last=2),
                      "pair_prob": settings.pair_prob}
         # checkpoints every 50 steps: an interrupted fine-tune resumes from the last one
         embedder.fit(items, id_column="item_id", epochs=settings.epochs, batch_size=settings.batch_size,
@@ -336,7 +335,6 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     if record_path.exists():
         return read_json(record_path)
     if study.report_only:
-        study.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} seed={s2.seed}")
         return None
     torch.manual_seed(s2.seed)
     t0 = time.time()
@@ -382,9 +380,10 @@ class Runner:
     def __init__(self, study: Study) -> None:
         self.study = study
         data = load_dataset(study.dataset)
-        self.items = data.items
+        self.items, self.interactions = data.items, data.interactions
         self.split = leave_one_out(data)
         self._embeddings: dict[str, tuple[np.ndarray, str]] = {}
+        self.missing: list[str] = []  # runs a report-only study did not find
         print(f"[data] {study.name}: {self.split.num_users} users, {self.split.num_items} items, "
               f"{len(self.split.items)} interactions", flush=True)
 
@@ -397,7 +396,7 @@ class Runner:
         if self.study.report_only:  # cached runs are found by the embeddings' key alone
             return None, key
         if key not in self._embeddings:
-            emb = stage1_embeddings(self.study, s1, self.items)
+            emb = stage1_embeddings(self.study, s1, self.items, self.interactions)
             self._embeddings[key] = (align_semantic(emb, self.split.item_index), key)
         return self._embeddings[key]
 
@@ -409,7 +408,7 @@ class Runner:
         Returns ``{loss: [record per seed]}``."""
         semantic, emb_key = self.semantic(variant)
         if variant.popularity:
-            rec = run_stage2(self.study, variant, Stage2(seed=0), self.split, None, None)
+            rec = self._run(variant, Stage2(seed=0), None, None)
             return {"-": [rec]} if rec is not None else {}
         out: dict[str, list[dict]] = {}
         chosen: dict[str, Stage2] = {}
@@ -418,7 +417,7 @@ class Runner:
             candidates = []
             for point in grid:
                 s2 = dataclasses.replace(self.study.stage2, loss=loss, seed=seeds[0], **point)
-                rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key)
+                rec = self._run(variant, s2, semantic, emb_key)
                 if rec is not None:  # None: not cached in a report-only study
                     candidates.append((_valid_ndcg(rec), s2, rec))
             if candidates:
@@ -427,10 +426,15 @@ class Runner:
         if not out:
             return out
         loss = best_loss(out)
-        more = [run_stage2(self.study, variant, dataclasses.replace(chosen[loss], seed=s), self.split, semantic,
-                           emb_key) for s in seeds[1:]]
+        more = [self._run(variant, dataclasses.replace(chosen[loss], seed=s), semantic, emb_key) for s in seeds[1:]]
         out[loss] += [r for r in more if r is not None]
         return out
+
+    def _run(self, variant: Variant, s2: Stage2, semantic: np.ndarray | None, emb_key: str | None) -> dict | None:
+        rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key)
+        if rec is None:
+            self.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} seed={s2.seed}")
+        return rec
 
 
 def _product(values) -> list[tuple]:
@@ -555,7 +559,9 @@ def _losses_sentence(losses: tuple[str, ...]) -> str:
             "the protocol trains both losses);")
 
 
-def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list]) -> Path:
+def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list],
+                 missing: list[str] = ()) -> Path:
+    """The dataset's markdown page, JSON and plots; ``missing`` lists runs a report-only study did not find."""
     out = study.out_dir
     out.mkdir(parents=True, exist_ok=True)
     name = study.name
@@ -665,12 +671,12 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
         raw["sensitivity"] = {label: [{"value": x, "test": rec["test"]} for x, rec in rows]
                               for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
 
-    if study.missing:
+    if missing:
         lines += ["## Runs not in this report", "",
-                  f"Written with `--report-only` from the runs cached so far; these {len(study.missing)} were not "
+                  f"Written with `--report-only` from the runs cached so far; these {len(missing)} were not "
                   "cached and are left out (the same command without `--report-only` trains them):", ""]
-        lines += [f"- {m}" for m in study.missing] + [""]
-        raw["missing_runs"] = list(study.missing)
+        lines += [f"- {m}" for m in missing] + [""]
+        raw["missing_runs"] = list(missing)
     atomic_write_json(out / f"{name}.json", raw)
     report = out / f"{name}.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
@@ -703,10 +709,10 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
                      if (rec := _best_record(runner.run(sensitivity_variant(r, study.stage1.n_views), seed)))]
         sens["k"] = [(k, rec) for k in ks
                      if (rec := _best_record(runner.run(sensitivity_variant(study.stage1.drop_prob, k), seed)))]
-    if study.missing:
-        print(f"[report only] {len(study.missing)} run(s) not cached, left out of the report:\n  "
-              + "\n  ".join(study.missing), flush=True)
-    return write_report(study, results, sens)
+    if runner.missing:
+        print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
+              + "\n  ".join(runner.missing), flush=True)
+    return write_report(study, results, sens, runner.missing)
 
 
 def _best_record(runs: dict[str, list[dict]]) -> dict | None:

@@ -76,12 +76,11 @@ class PairIndex:
             if arr.ndim != 2 or arr.shape[1] != 2:
                 raise ValueError(f"positive_pairs must be (n, 2) item ids, got shape {arr.shape}")
             arr = arr.astype(str)
-        row = {str(i): k for k, i in enumerate(ids)}
-        unknown = next((x for x in arr.ravel() if x not in row), None)
-        if unknown is not None:
+        rows = pd.Index([str(i) for i in ids]).get_indexer(arr.ravel()).reshape(-1, 2)
+        if (rows < 0).any():
+            unknown = arr.ravel()[np.flatnonzero(rows.ravel() < 0)[0]]
             raise KeyError(f"positive_pairs: item id {unknown!r} is not in the item table")
-        a = np.fromiter((row[x] for x in arr[:, 0]), np.int64, len(arr))
-        b = np.fromiter((row[x] for x in arr[:, 1]), np.int64, len(arr))
+        a, b = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
         keep = a != b
         src, dst = np.concatenate([a[keep], b[keep]]), np.concatenate([b[keep], a[keep]])
         if len(src) == 0:

@@ -12,6 +12,17 @@ def record(valid: float, test: float) -> dict:
     return {"valid": {"Overall": {"NDCG@10": valid}}, "test": {"full": summary, "sampled": summary}}
 
 
+def toy_dataset(tmp_path, items: dict, interactions: dict):
+    """A dataset folder in the shared layout (items.csv, interactions.csv) from column dicts."""
+    import pandas as pd
+
+    data = tmp_path / "toy"
+    data.mkdir()
+    pd.DataFrame(items).to_csv(data / "items.csv", index=False)
+    pd.DataFrame(interactions).to_csv(data / "interactions.csv", index=False)
+    return data
+
+
 def test_run_key_changes_with_every_setting_and_not_otherwise():
     from benchmarks.reproduce import stage2_key
 
@@ -46,6 +57,10 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
     old = {k: v for k, v in dataclasses.asdict(Stage2()).items() if k not in STAGE2_LATER_FIELDS}
     assert stage2_key(Stage2()) == old  # runs cached before the field existed are still found
     assert stage2_key(Stage2(length_buckets=8))["length_buckets"] == 8
+    from benchmarks.reproduce import STAGE1_LATER_FIELDS, Stage1, stage1_key
+
+    old1 = {k: v for k, v in dataclasses.asdict(Stage1()).items() if k not in STAGE1_LATER_FIELDS}
+    assert stage1_key(Stage1()) == old1 and stage1_key(Stage1(pair_prob=0.5))["pair_prob"] == 0.5
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
@@ -116,22 +131,18 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     text = rp.run_study(partial).read_text()
     raw = json.loads((tmp_path / "partial" / "toy.json").read_text())
     assert "w/o Share" not in raw["variants"] and "SASRec (1 seed)" in text and "SASRec (CE, 1 seed)" in text
-    assert any(m.startswith("w/o Share loss=bpr") for m in partial.missing)
-    assert "## Runs not in this report" in text and raw["missing_runs"] == partial.missing
-    assert any(m.startswith("SASRec") and m.endswith("seed=1") for m in partial.missing)
+    missing = raw["missing_runs"]
+    assert "## Runs not in this report" in text and all(f"- {m}" in text for m in missing)
+    assert any(m.startswith("w/o Share loss=bpr") for m in missing)
+    assert any(m.startswith("SASRec") and m.endswith("seed=1") for m in missing)
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
 
 
 def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch):
-    import pandas as pd
-
     from benchmarks import reproduce as rp
 
-    data = tmp_path / "toy"
-    data.mkdir()
-    pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]}).to_csv(data / "items.csv", index=False)
-    pd.DataFrame({"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2,
-                  "timestamp": [0, 1, 2] * 2}).to_csv(data / "interactions.csv", index=False)
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
     assert rp.parse_args(["--dataset", str(data)]).losses == ("bpr", "ce")
     study = rp.parse_args(["--dataset", str(data), "--losses", "ce", "ce", "--workdir", str(tmp_path / "w")])
     assert study.losses == ("ce",)
@@ -149,15 +160,10 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
 
 
 def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_path, monkeypatch):
-    import pandas as pd
-
     from benchmarks import reproduce as rp
 
-    data = tmp_path / "toy"
-    data.mkdir()
-    pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]}).to_csv(data / "items.csv", index=False)
-    pd.DataFrame({"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2,
-                  "timestamp": [0, 1, 2] * 2}).to_csv(data / "interactions.csv", index=False)
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
     study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "2", "--dropout-grid", "0.2", "0.5",
                            "--workdir", str(tmp_path / "w"), "--all-seeds", "w/o Cro"])
     assert study.all_seeds == ("w/o Cro",)
@@ -199,18 +205,15 @@ def test_exploratory_variants_are_new_names_and_build_valid_heads():
 
 
 def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, monkeypatch):
-    import pandas as pd
-
     from benchmarks import explore
     from benchmarks import reproduce as rp
 
-    data = tmp_path / "toy"
-    data.mkdir()
-    pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_csv(data / "items.csv", index=False)
-    pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [0]}).to_csv(data / "interactions.csv", index=False)
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
     ran = []
 
     class FakeRunner:
+        missing: list = []
+
         def __init__(self, study):
             pass
 
@@ -219,7 +222,7 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
             return {}
 
     monkeypatch.setattr(rp, "Runner", FakeRunner)
-    monkeypatch.setattr(rp, "write_report", lambda study, results, sens: tmp_path / "report.md")
+    monkeypatch.setattr(rp, "write_report", lambda study, results, sens, missing: tmp_path / "report.md")
     before = dict(rp.VARIANTS)
     explore.main(["--dataset", str(data), "--names", "SAID", "SAID std0.1", "--seeds", "0", "1"])
     assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["SAID std0.1"], (0, 1))]
@@ -227,14 +230,9 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
 
 
 def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_path):
-    import pandas as pd
-
     from benchmarks.explore import build_study
 
-    data = tmp_path / "toy"
-    data.mkdir()
-    pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_csv(data / "items.csv", index=False)
-    pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "timestamp": [0]}).to_csv(data / "interactions.csv", index=False)
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
     study, rows = build_study(["--dataset", str(data), "--names", "SAID", "SAID std0.1"])
     assert set(rows) == {"SAID", "SAID std0.1"}
     assert study.losses == ("ce",) and study.significance == ("SAID std0.1",)
@@ -265,16 +263,11 @@ def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
 
 
 def test_held_out_transitions_are_the_ones_into_the_validation_items(tmp_path):
-    import pandas as pd
-
     from benchmarks.bench_neighbours import held_out_transitions, training_transitions
 
-    data = tmp_path / "toy"
-    data.mkdir()
-    pd.DataFrame({"item_id": list("abcdef"), "title": list("abcdef")}).to_csv(data / "items.csv", index=False)
     # u: a b c d e (valid d, test e); v: f a b (valid a, test b)
-    pd.DataFrame({"user_id": list("uuuuuvvv"), "item_id": list("abcdefab"),
-                  "timestamp": [1, 2, 3, 4, 5, 1, 2, 3]}).to_csv(data / "interactions.csv", index=False)
+    data = toy_dataset(tmp_path, {"item_id": list("abcdef"), "title": list("abcdef")},
+                       {"user_id": list("uuuuuvvv"), "item_id": list("abcdefab"), "timestamp": [1, 2, 3, 4, 5, 1, 2, 3]})
     prev, nxt = held_out_transitions(str(data))
     assert sorted(zip(prev, nxt)) == [("c", "d"), ("f", "a")]
     prev, nxt = training_transitions(str(data))
