@@ -165,7 +165,11 @@ SENSITIVITY_R = (0.1, 0.2, 0.3, 0.4, 0.5)
 SENSITIVITY_K = (2, 3, 4)
 
 
-def sensitivity_variant(drop_prob: float, n_views: int) -> Variant:
+def sensitivity_variant(drop_prob: float, n_views: int, base: Stage1 = Stage1()) -> Variant:
+    """LLM-CFSR with stage 1 at drop probability ``drop_prob`` and ``n_views`` views; the point
+    equal to the study's own stage 1 is LLM-CFSR itself (its runs are reused, not repeated)."""
+    if (drop_prob, n_views) == (base.drop_prob, base.n_views):
+        return VARIANTS["LLM-CFSR"]
     return Variant(f"LLM-CFSR r={drop_prob} K={n_views}",
                    stage1=(("drop_prob", drop_prob), ("n_views", n_views)))
 
@@ -199,6 +203,8 @@ class Study:
     losses: tuple[str, ...] = LOSSES  # the protocol trains both; one loss only for exploratory tiers
     significance: tuple[str, ...] = ()  # forms tested against every other row, beside the LLM-CFSR ones
     all_seeds: tuple[str, ...] = ()     # variants outside the main table that are also run with every seed
+    sensitivity_r: tuple[float, ...] = SENSITIVITY_R  # stage-1 drop probabilities of the sensitivity part
+    sensitivity_k: tuple[int, ...] = SENSITIVITY_K    # stage-1 view counts of the sensitivity part
     report_only: bool = False           # train nothing: report the cached runs, list the missing ones
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
@@ -659,12 +665,17 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
             lines.append("")
 
     if sens.get("r") or sens.get("k"):
-        lines += ["## Sensitivity (one seed, best loss of LLM-CFSR)", "", "| setting | full Overall N@10 | full Tail N@10 | "
-                  "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|"]
+        s1 = study.stage1
+        lines += ["## Sensitivity of LLM-CFSR to the stage-1 drop probability r and view count K", "",
+                  f"One seed; r varies with K={s1.n_views}, K varies with r={s1.drop_prob} (the point equal to the "
+                  "study's stage 1 is the LLM-CFSR row above); each point keeps the loss that validates best.", "",
+                  "| setting | loss | valid N@10 | full Overall N@10 | full Tail N@10 | "
+                  "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|---|---|"]
         for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", []))):
             for x, rec in rows:
                 t = rec["test"]
-                lines.append(f"| {label}={x} | {t['full']['Overall']['NDCG@10']:.4f} | {t['full']['Tail item']['NDCG@10']:.4f} | "
+                lines.append(f"| {label}={x} | {rec['stage2']['loss'].upper()} | {_valid_ndcg(rec):.4f} | "
+                             f"{t['full']['Overall']['NDCG@10']:.4f} | {t['full']['Tail item']['NDCG@10']:.4f} | "
                              f"{t['sampled']['Overall']['NDCG@10']:.4f} | {t['sampled']['Tail item']['NDCG@10']:.4f} |")
         plot_sensitivity(out / f"{name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
         lines += ["", f"![sensitivity]({name}_sensitivity.png)", ""]
@@ -702,13 +713,11 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:
-        seed = study.seeds[:1]
-        rs = SENSITIVITY_R[1:4] if study.quick else SENSITIVITY_R
-        ks = SENSITIVITY_K[:2] if study.quick else SENSITIVITY_K
-        sens["r"] = [(r, rec) for r in rs
-                     if (rec := _best_record(runner.run(sensitivity_variant(r, study.stage1.n_views), seed)))]
-        sens["k"] = [(k, rec) for k in ks
-                     if (rec := _best_record(runner.run(sensitivity_variant(study.stage1.drop_prob, k), seed)))]
+        seed, base = study.seeds[:1], study.stage1
+        sens["r"] = [(r, rec) for r in study.sensitivity_r
+                     if (rec := _best_record(runner.run(sensitivity_variant(r, base.n_views, base), seed)))]
+        sens["k"] = [(k, rec) for k in study.sensitivity_k
+                     if (rec := _best_record(runner.run(sensitivity_variant(base.drop_prob, k, base), seed)))]
     if runner.missing:
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
@@ -743,6 +752,11 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help="variants tested against every other row (paired t-test), beside the LLM-CFSR forms")
     p.add_argument("--all-seeds", nargs="+", default=(), choices=list(VARIANTS), metavar="NAME",
                    help="variants outside the main table to run with every seed too (default: first seed only)")
+    p.add_argument("--sensitivity-r", type=float, nargs="+", default=None, metavar="R",
+                   help=f"drop probabilities of the sensitivity part (default {SENSITIVITY_R}; "
+                        f"--quick: {SENSITIVITY_R[1:4]})")
+    p.add_argument("--sensitivity-k", type=int, nargs="+", default=None, metavar="K",
+                   help=f"view counts of the sensitivity part (default {SENSITIVITY_K}; --quick: {SENSITIVITY_K[:2]})")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the runs already cached (missing ones are listed "
                         "and left out; rows show how many seeds they have)")
@@ -759,7 +773,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     stage1, stage2 = Stage1(), Stage2()
     grid: dict[str, tuple] = {"dropout": (0.2, 0.5)}
     seeds = (0, 1, 2)
+    sens_r, sens_k = SENSITIVITY_R, SENSITIVITY_K
     if a.quick:
+        sens_r, sens_k = SENSITIVITY_R[1:4], SENSITIVITY_K[:2]
         stage1 = dataclasses.replace(stage1, max_steps=30, max_length=64)
         stage2 = dataclasses.replace(stage2, epochs=20, patience=3)
         grid, seeds = {"dropout": (0.2,)}, (0,)
@@ -771,12 +787,17 @@ def parse_args(argv: list[str] | None = None) -> Study:
             stage2 = dataclasses.replace(stage2, **{name: value})
     if a.dropout_grid:
         grid = {"dropout": tuple(a.dropout_grid)}
+    if a.sensitivity_r and not all(0 < r < 1 for r in a.sensitivity_r):
+        p.error(f"--sensitivity-r: drop probabilities must lie in (0, 1), got {a.sensitivity_r}")
+    if a.sensitivity_k and min(a.sensitivity_k) < 2:
+        p.error(f"--sensitivity-k: contrastive fine-tuning needs at least 2 views, got {a.sensitivity_k}")
     return Study(dataset=folder.resolve(), workdir=Path(a.workdir), out_dir=Path(a.out),
                  seeds=tuple(a.seeds) if a.seeds else seeds,
                  parts=tuple(a.parts) if a.parts else ("main", "ablations", "improved", "backbone", "sensitivity"),
                  variants=tuple(a.variants),
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
                  significance=tuple(a.significance), all_seeds=tuple(a.all_seeds), quick=a.quick,
+                 sensitivity_r=tuple(a.sensitivity_r or sens_r), sensitivity_k=tuple(a.sensitivity_k or sens_k),
                  report_only=a.report_only, command=command)
 
 

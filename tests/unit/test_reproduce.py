@@ -315,3 +315,48 @@ def test_report_lists_variants_outside_the_study_sections(tmp_path):
     text = rp.write_report(study, results, {}).read_text()
     other = text.split("## Other variants: full ranking over all items")[1]
     assert "| my row | " in other and "**0.3000**" in other
+
+
+def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_path, monkeypatch):
+    """r points keep the study's K and K points its r; the point equal to the study's stage 1 is the
+    LLM-CFSR variant itself (no second training under another name); table, JSON and plot written."""
+    import json
+
+    import numpy as np
+
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    study = rp.parse_args(["--dataset", str(data), "--quick", "--parts", "sensitivity", "--losses", "ce",
+                           "--sensitivity-r", "0.1", "0.2", "0.4", "--sensitivity-k", "2", "3",
+                           "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    assert (study.sensitivity_r, study.sensitivity_k) == ((0.1, 0.2, 0.4), (2, 3))
+    assert rp.parse_args(["--dataset", str(data), "--quick"]).sensitivity_r == rp.SENSITIVITY_R[1:4]
+    assert rp.parse_args(["--dataset", str(data)]).sensitivity_k == rp.SENSITIVITY_K
+    asked: list[tuple[float, int]] = []
+    trained: list[str] = []
+
+    def fake_stage1(study, settings, items, interactions):
+        asked.append((settings.drop_prob, settings.n_views))
+        return {i: np.ones(4) for i in items["item_id"]}
+
+    def fake_run(study, variant, s2, split, semantic, key):
+        trained.append(variant.name)
+        valid = 0.1 + 0.01 * len(trained)
+        return {**record(valid, valid / 2), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}}
+
+    monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    text = rp.run_study(study).read_text()
+    assert sorted(set(asked)) == [(0.1, 2), (0.2, 2), (0.2, 3), (0.4, 2)]
+    assert sorted(trained) == sorted(["LLM-CFSR r=0.1 K=2", "LLM-CFSR", "LLM-CFSR r=0.4 K=2",
+                                      "LLM-CFSR", "LLM-CFSR r=0.2 K=3"])
+    assert all(f"| {p} | CE |" in text for p in ("r=0.1", "r=0.2", "r=0.4", "K=2", "K=3"))
+    raw = json.loads((tmp_path / "out" / "toy.json").read_text())
+    assert [p["value"] for p in raw["sensitivity"]["r"]] == [0.1, 0.2, 0.4]
+    assert (tmp_path / "out" / "toy_sensitivity.png").stat().st_size > 0
+    import pytest
+
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--dataset", str(data), "--sensitivity-k", "1"])
