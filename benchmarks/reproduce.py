@@ -615,7 +615,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                          for loss, recs in runs.items()]
             else:
                 recs = runs[best_loss(runs)]
-                short = len(study.seeds) > 1 and len(recs) < len(study.seeds)
+                deterministic = "-" in runs  # popularity: no seed to vary
+                short = len(study.seeds) > 1 and len(recs) < len(study.seeds) and not deterministic
                 rows.append((f"{n} ({_seeds(recs)})" if short else n, recs))
         return rows
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -230,7 +231,9 @@ class ItemEmbedder:
         if loss is None:
             loss = ContrastiveLoss(similarity=_SIMILARITY[self.similarity], temperature=self.temperature)
         trainer = ContrastiveTrainer(encoder, loss, config)
-        result = trainer.train(make_views, n_items)
+        result = trainer.train(make_views, n_items, data_fingerprint=_data_fingerprint(
+            full, pair_index, {"drop_prob": drop_prob, "n_views": n_views,
+                               "pair_prob": float(pair_prob) if pair_index else None}))
         self.loss_module = loss
         self.temperature = float(loss.temperature)
         summary = {"n_items": int(n_items), "n_unique_prompts": int(group_ids.max() + 1),
@@ -617,6 +620,18 @@ class ItemEmbedder:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _data_fingerprint(prompts: Sequence[str], pair_index: Any, settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the training prompts (in table order), the positive-pair index and the view settings."""
+    h = hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode())
+    for text in prompts:
+        h.update(text.encode())
+        h.update(b"\0")
+    if pair_index is not None:
+        h.update(np.ascontiguousarray(pair_index.offsets, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(pair_index.neighbours, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def _shard_ok(path: Path, fingerprint: str, rows: int, dim: int) -> bool:
     """True when ``path`` is a finished shard of this very job (so a repeated call can skip it)."""
     if not path.is_file():

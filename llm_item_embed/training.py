@@ -289,10 +289,14 @@ class ContrastiveTrainer:
         return idx
 
     # ------------------------------------------------------------------ train
-    def train(self, make_views: Callable[..., Any], n_items: int) -> list[dict]:
+    def train(self, make_views: Callable[..., Any], n_items: int, data_fingerprint: str | None = None) -> list[dict]:
         """Run the loop; returns the loss history ``[{"step", "epoch", "loss", "temperature", "lr"}]``
-        (1-based steps; on resume, the history loaded from the checkpoint continues)."""
+        (1-based steps; on resume, the history loaded from the checkpoint continues).
+
+        ``data_fingerprint``: any string that identifies what ``make_views`` draws from (items, prompts,
+        positive pairs); it is stored in every checkpoint, and resuming with a different one is refused."""
         cfg = self.config
+        self._data_fingerprint = data_fingerprint
         acc = self.accelerator
         if acc is None:
             acc = self.accelerator = _make_accelerator(cfg.mixed_precision)
@@ -507,6 +511,7 @@ class ContrastiveTrainer:
             state = {
                 "format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "steps_per_epoch": spe,
                 "total_steps": total, "n_items": n_items, "global_batch_size": b,
+                "data_fingerprint": getattr(self, "_data_fingerprint", None),
                 "num_processes": acc.num_processes, "seed": cfg.seed, "scheduler": sched,
                 "history": self.history, "config": cfg.to_dict(),
                 "rng": {"recipe": "views: np.random.default_rng([seed, step]); torch: seed from (seed, step, rank); "
@@ -539,6 +544,10 @@ class ContrastiveTrainer:
             if state.get(field) != now:
                 raise ValueError(f"cannot resume from {path}: {field} was {state.get(field)!r}, now {now!r} "
                                  "(the data order would differ)")
+        saved, now = state.get("data_fingerprint"), getattr(self, "_data_fingerprint", None)
+        if saved is not None and now is not None and saved != now:
+            raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's "
+                             f"(items, prompts or positive pairs changed; fingerprint {saved[:12]} vs {now[:12]})")
 
     def _load_params(self, path: Path) -> None:
         trainable = self._trainable()

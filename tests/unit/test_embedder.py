@@ -78,10 +78,10 @@ def test_training_uses_identical_prompts_as_one_group(tiny_bert_dir, monkeypatch
     seen = []
     original = training.ContrastiveTrainer.train
 
-    def spy(self, make_views, n_items):
+    def spy(self, make_views, n_items, **kwargs):
         views, groups = make_views(np.arange(n_items), np.random.default_rng(0))
         seen.append((views, groups))
-        return original(self, make_views, n_items)
+        return original(self, make_views, n_items, **kwargs)
 
     monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
     df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["same", "same", "other", "x"]})

@@ -58,9 +58,9 @@ def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
     seen = []
     original = training.ContrastiveTrainer.train
 
-    def spy(self, make_views, n_items):
+    def spy(self, make_views, n_items, **kwargs):
         seen.append(make_views(np.arange(n_items), np.random.default_rng(0)))
-        return original(self, make_views, n_items)
+        return original(self, make_views, n_items, **kwargs)
 
     monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
     df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["alpha", "bravo", "charlie", "delta"]})
@@ -86,3 +86,19 @@ def test_bad_pairs_fail_before_model_work(tiny_bert_dir, no_model):
         emb.fit(df, positive_pairs=[("a", "b")], pair_prob=0.0)
     with pytest.raises(ValueError, match="2 columns"):
         emb.fit(df, positive_pairs=pd.DataFrame({"x": ["a"], "y": ["b"], "z": ["b"]}))
+
+
+def test_resume_refuses_a_checkpoint_made_from_other_pairs_or_prompts(tiny_bert_dir, tmp_path):
+    df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["alpha", "bravo", "charlie", "delta"]})
+    fit = dict(epochs=1, batch_size=4, lr=5e-3, show_progress_bar=False, seed=0, output_dir=str(tmp_path),
+               save_every=1)
+    ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, positive_pairs=[("a", "b")], max_steps=1, **fit)
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+    more = dict(fit, max_steps=1, resume_from="latest")
+    with pytest.raises(ValueError, match="training data differ"):
+        ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, positive_pairs=[("c", "d")], **more)
+    with pytest.raises(ValueError, match="training data differ"):  # same ids, other prompts
+        ItemEmbedder(tiny_bert_dir, max_length=32).fit(df.assign(title=["w", "x", "y", "z"]),
+                                                       positive_pairs=[("a", "b")], **more)
+    resumed = ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, positive_pairs=[("b", "a")], **more)
+    assert resumed.training_summary["steps"] == 1  # same data (a pair is a pair either way): resumed

@@ -131,6 +131,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     text = rp.run_study(partial).read_text()
     raw = json.loads((tmp_path / "partial" / "toy.json").read_text())
     assert "w/o Share" not in raw["variants"] and "SASRec (1 seed)" in text and "SASRec (CE, 1 seed)" in text
+    assert "| Pop |" in text and "Pop (1 seed)" not in text  # popularity is deterministic: one run is all there is
     missing = raw["missing_runs"]
     assert "## Runs not in this report" in text and all(f"- {m}" in text for m in missing)
     assert any(m.startswith("w/o Share loss=bpr") for m in missing)
