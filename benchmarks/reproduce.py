@@ -669,7 +669,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
         s1 = study.stage1
         lines += ["## Sensitivity of LLM-CFSR to the stage-1 drop probability r and view count K", "",
                   f"One seed; r varies with K={s1.n_views}, K varies with r={s1.drop_prob} (the point equal to the "
-                  "study's stage 1 is the LLM-CFSR row above); each point keeps the loss that validates best.", "",
+                  "study's stage 1 is the LLM-CFSR run itself); each point keeps the loss that validates best.", "",
                   "| setting | loss | valid N@10 | full Overall N@10 | full Tail N@10 | "
                   "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|---|---|"]
         for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", []))):
