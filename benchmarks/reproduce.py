@@ -531,23 +531,23 @@ def plot_bars(path: Path, rows: list[tuple[str, list[dict]]], title: str) -> Non
 
 
 def plot_sensitivity(path: Path, r_rows: list[tuple[float, dict]], k_rows: list[tuple[int, dict]]) -> None:
+    """Test N@10 against r and against K; one row of panels per protocol (their scales differ ~10x)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, rows, label in ((axes[0], r_rows, "drop probability r"), (axes[1], k_rows, "views K")):
-        if not rows:
-            continue
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), squeeze=False)
+    for col, (rows, label) in enumerate(((r_rows, "drop probability r"), (k_rows, "views K"))):
         xs = [x for x, _ in rows]
-        for protocol, style in (("full", "-o"), ("sampled", "--s")):
-            for group in ("Overall", "Tail item"):
-                ax.plot(xs, [rec["test"][protocol][group]["NDCG@10"] for _, rec in rows], style,
-                        label=f"{group} ({protocol})")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test N@10")
-        ax.legend(fontsize=7)
+        for row, protocol in enumerate(PROTOCOLS):
+            ax = axes[row][col]
+            for group, style in (("Overall", "-o"), ("Tail item", "--s")):
+                ax.plot(xs, [rec["test"][protocol][group]["NDCG@10"] for _, rec in rows], style, label=group)
+            ax.set_xticks(xs)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"test N@10 ({protocol})")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
