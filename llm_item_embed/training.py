@@ -254,6 +254,7 @@ class ContrastiveTrainer:
         self.accelerator = accelerator
         self.history: list[dict] = []
         self.last_checkpoint: str | None = None
+        self._data_fingerprint: str | None = None  # set by train(); stored in and checked against checkpoints
 
     # ------------------------------------------------------------------ named trainable params
     def _trainable(self) -> dict[str, nn.Parameter]:
@@ -511,7 +512,7 @@ class ContrastiveTrainer:
             state = {
                 "format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "steps_per_epoch": spe,
                 "total_steps": total, "n_items": n_items, "global_batch_size": b,
-                "data_fingerprint": getattr(self, "_data_fingerprint", None),
+                "data_fingerprint": self._data_fingerprint,
                 "num_processes": acc.num_processes, "seed": cfg.seed, "scheduler": sched,
                 "history": self.history, "config": cfg.to_dict(),
                 "rng": {"recipe": "views: np.random.default_rng([seed, step]); torch: seed from (seed, step, rank); "
@@ -544,7 +545,7 @@ class ContrastiveTrainer:
             if state.get(field) != now:
                 raise ValueError(f"cannot resume from {path}: {field} was {state.get(field)!r}, now {now!r} "
                                  "(the data order would differ)")
-        saved, now = state.get("data_fingerprint"), getattr(self, "_data_fingerprint", None)
+        saved, now = state.get("data_fingerprint"), self._data_fingerprint
         if saved is not None and now is not None and saved != now:
             raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's "
                              f"(items, prompts or positive pairs changed; fingerprint {saved[:12]} vs {now[:12]})")
