@@ -490,6 +490,11 @@ def paired_p(study: Study, a: list[dict], b: list[dict], protocol: str, group: s
     return p, float(gain)
 
 
+def _json_number(x: float) -> float | None:
+    """NaN (no test possible, zero baseline) becomes JSON null: ``json.dumps`` would write the invalid ``NaN``."""
+    return float(x) if math.isfinite(x) else None
+
+
 def _fmt(mean: float, std: float, rank: int) -> str:
     text = f"{mean:.4f}" + (f" ± {std:.4f}" if std > 0 else "")
     return f"**{text}**" if rank == 0 else f"*{text}*" if rank == 1 else text
@@ -599,7 +604,10 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
     raw: dict[str, Any] = {"dataset": name, "study": {"seeds": list(study.seeds), "quick": study.quick,
                                                        "stage1": dataclasses.asdict(study.stage1),
                                                        "stage2": dataclasses.asdict(study.stage2),
-                                                       "grid": {k: list(v) for k, v in study.grid.items()}},
+                                                       "grid": {k: list(v) for k, v in study.grid.items()},
+                                                       "parts": list(study.parts), "losses": list(study.losses),
+                                                       "sensitivity_r": list(study.sensitivity_r),
+                                                       "sensitivity_k": list(study.sensitivity_k)},
                            "variants": {}}
     for vname, runs in results.items():
         raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"],
@@ -665,7 +673,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                     for group in ("Overall", "Tail item"):
                         p, gain = paired_p(study, ours, theirs, protocol, group)
                         cells += [f"{gain:+.1%}" if math.isfinite(gain) else "n/a (zero baseline)", f"{p:.2g}"]
-                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain}
+                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": _json_number(p),
+                                                                                     "gain": _json_number(gain)}
                     lines.append(f"| {other} | {protocol} | " + " | ".join(cells) + " |")
             lines.append("")
 
@@ -684,7 +693,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                              f"{t['sampled']['Overall']['NDCG@10']:.4f} | {t['sampled']['Tail item']['NDCG@10']:.4f} |")
         plot_sensitivity(out / f"{name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
         lines += ["", f"![sensitivity]({name}_sensitivity.png)", ""]
-        raw["sensitivity"] = {label: [{"value": x, "test": rec["test"]} for x, rec in rows]
+        raw["sensitivity"] = {label: [{"value": x, "loss": rec["stage2"]["loss"], "valid_NDCG@10": _valid_ndcg(rec),
+                                       "test": rec["test"]} for x, rec in rows]
                               for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
 
     if missing:

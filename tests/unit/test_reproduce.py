@@ -100,7 +100,10 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     for name in ("SASRec (BPR)", "SASRec (CE)", "LLM-ESR", "LLM-CFSR + residual cross-attn against:",
                  "w/o Cro against:"):
         assert name in text
-    raw = json.loads((tmp_path / "out" / "toy.json").read_text())
+    def no_nan(constant):
+        raise AssertionError(f"invalid JSON constant {constant} in toy.json")
+
+    raw = json.loads((tmp_path / "out" / "toy.json").read_text(), parse_constant=no_nan)
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
                                     "LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT", "w/o Cro",
                                     "LLM-CFSR (GRU4Rec)"}
@@ -319,6 +322,34 @@ def test_report_lists_variants_outside_the_study_sections(tmp_path):
     assert "| my row | " in other and "**0.3000**" in other
 
 
+def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_page(tmp_path, monkeypatch):
+    """Pop never ranks a tail item on the real data: its gain is undefined. ``json.dumps`` would write
+    NaN, which is not JSON; the raw file says null and the page says n/a."""
+    import json
+
+    import pandas as pd
+
+    from benchmarks import reproduce as rp
+
+    def rec(valid, test):
+        return {**record(valid, test), "stage2": {"seed": 0, "dropout": 0.2, "loss": "ce"}}
+
+    ours, pop = rec(0.2, 0.3), rec(0.1, 0.0)
+    per_user = {id(ours): [0.5, 0.0, 1.0, 0.2], id(pop): [0.0, 0.0, 0.0, 0.0]}
+    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group:
+                        pd.Series(per_user[id(records[0])], index=["u1", "u2", "u3", "u4"]))
+    study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0,))
+    text = rp.write_report(study, {"Pop": {"ce": [pop]}, "LLM-CFSR": {"ce": [ours]}}, {}).read_text()
+
+    def no_nan(constant):
+        raise AssertionError(f"invalid JSON constant {constant}")
+
+    raw = json.loads((tmp_path / "out" / "toy.json").read_text(), parse_constant=no_nan)
+    cell = raw["significance"]["LLM-CFSR"]["Pop"]["full"]["Tail item"]
+    assert cell["gain"] is None and 0 < cell["p"] < 1
+    assert "| Pop | full | n/a (zero baseline) |" in text
+
+
 def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_path, monkeypatch):
     """r points keep the study's K and K points its r; the point equal to the study's stage 1 is the
     LLM-CFSR variant itself (no second training under another name); table, JSON and plot written."""
@@ -357,6 +388,8 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
     assert all(f"| {p} | CE |" in text for p in ("r=0.1", "r=0.2", "r=0.4", "K=2", "K=3"))
     raw = json.loads((tmp_path / "out" / "toy.json").read_text())
     assert [p["value"] for p in raw["sensitivity"]["r"]] == [0.1, 0.2, 0.4]
+    assert [p["loss"] for p in raw["sensitivity"]["K"]] == ["ce", "ce"]
+    assert (raw["study"]["sensitivity_r"], raw["study"]["sensitivity_k"]) == ([0.1, 0.2, 0.4], [2, 3])
     assert (tmp_path / "out" / "toy_sensitivity.png").stat().st_size > 0
     import pytest
 
