@@ -490,9 +490,16 @@ def paired_p(study: Study, a: list[dict], b: list[dict], protocol: str, group: s
     return p, float(gain)
 
 
-def _json_number(x: float) -> float | None:
-    """NaN (no test possible, zero baseline) becomes JSON null: ``json.dumps`` would write the invalid ``NaN``."""
-    return float(x) if math.isfinite(x) else None
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (no test possible, zero baseline, missing metric) as None:
+    ``json.dumps`` would write the invalid ``NaN``; JSON readers get null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _fmt(mean: float, std: float, rank: int) -> str:
@@ -673,8 +680,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                     for group in ("Overall", "Tail item"):
                         p, gain = paired_p(study, ours, theirs, protocol, group)
                         cells += [f"{gain:+.1%}" if math.isfinite(gain) else "n/a (zero baseline)", f"{p:.2g}"]
-                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": _json_number(p),
-                                                                                     "gain": _json_number(gain)}
+                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain}
                     lines.append(f"| {other} | {protocol} | " + " | ".join(cells) + " |")
             lines.append("")
 
@@ -703,7 +709,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                   "cached and are left out (the same command without `--report-only` trains them):", ""]
         lines += [f"- {m}" for m in missing] + [""]
         raw["missing_runs"] = list(missing)
-    atomic_write_json(out / f"{name}.json", raw)
+    atomic_write_json(out / f"{name}.json", _json_safe(raw))
     report = out / f"{name}.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

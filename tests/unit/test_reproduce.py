@@ -12,6 +12,16 @@ def record(valid: float, test: float) -> dict:
     return {"valid": {"Overall": {"NDCG@10": valid}}, "test": {"full": summary, "sampled": summary}}
 
 
+def strict_json(path) -> dict:
+    """Load a report's raw JSON, refusing NaN / Infinity (valid for ``json``, not JSON)."""
+    import json
+
+    def refuse(constant):
+        raise AssertionError(f"invalid JSON constant {constant} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def toy_dataset(tmp_path, items: dict, interactions: dict):
     """A dataset folder in the shared layout (items.csv, interactions.csv) from column dicts."""
     import pandas as pd
@@ -66,8 +76,6 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
     """The whole pipeline on a 60-user toy dataset with a tiny random BERT: stage 1 -> stage 2 ->
     report (tables, significance for every LLM-CFSR form, JSON); a second call trains nothing."""
-    import json
-
     import numpy as np
     import pandas as pd
 
@@ -100,10 +108,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     for name in ("SASRec (BPR)", "SASRec (CE)", "LLM-ESR", "LLM-CFSR + residual cross-attn against:",
                  "w/o Cro against:"):
         assert name in text
-    def no_nan(constant):
-        raise AssertionError(f"invalid JSON constant {constant} in toy.json")
-
-    raw = json.loads((tmp_path / "out" / "toy.json").read_text(), parse_constant=no_nan)
+    raw = strict_json(tmp_path / "out" / "toy.json")
     assert set(raw["variants"]) == {"Pop", "SASRec", "LLM2X", "SAID", "LLM-ESR", "LLM-CFSR",
                                     "LLM-CFSR + residual cross-attn", "w/o Cro frozen", "w/o Cro pairCFT", "w/o Cro",
                                     "LLM-CFSR (GRU4Rec)"}
@@ -133,7 +138,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     partial = dataclasses.replace(study, seeds=(0, 1), variants=("w/o Cro", "w/o Share"), report_only=True,
                                   out_dir=tmp_path / "partial")
     text = rp.run_study(partial).read_text()
-    raw = json.loads((tmp_path / "partial" / "toy.json").read_text())
+    raw = strict_json(tmp_path / "partial" / "toy.json")
     assert "w/o Share" not in raw["variants"] and "SASRec (1 seed)" in text and "SASRec (CE, 1 seed)" in text
     assert "| Pop |" in text and "Pop (1 seed)" not in text  # popularity is deterministic: one run is all there is
     missing = raw["missing_runs"]
@@ -325,8 +330,6 @@ def test_report_lists_variants_outside_the_study_sections(tmp_path):
 def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_page(tmp_path, monkeypatch):
     """Pop never ranks a tail item on the real data: its gain is undefined. ``json.dumps`` would write
     NaN, which is not JSON; the raw file says null and the page says n/a."""
-    import json
-
     import pandas as pd
 
     from benchmarks import reproduce as rp
@@ -341,10 +344,7 @@ def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_
     study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0,))
     text = rp.write_report(study, {"Pop": {"ce": [pop]}, "LLM-CFSR": {"ce": [ours]}}, {}).read_text()
 
-    def no_nan(constant):
-        raise AssertionError(f"invalid JSON constant {constant}")
-
-    raw = json.loads((tmp_path / "out" / "toy.json").read_text(), parse_constant=no_nan)
+    raw = strict_json(tmp_path / "out" / "toy.json")
     cell = raw["significance"]["LLM-CFSR"]["Pop"]["full"]["Tail item"]
     assert cell["gain"] is None and 0 < cell["p"] < 1
     assert "| Pop | full | n/a (zero baseline) |" in text
@@ -353,8 +353,6 @@ def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_
 def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_path, monkeypatch):
     """r points keep the study's K and K points its r; the point equal to the study's stage 1 is the
     LLM-CFSR variant itself (no second training under another name); table, JSON and plot written."""
-    import json
-
     import numpy as np
 
     from benchmarks import reproduce as rp
@@ -386,7 +384,7 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
     assert sorted(trained) == sorted(["LLM-CFSR r=0.1 K=2", "LLM-CFSR", "LLM-CFSR r=0.4 K=2",
                                       "LLM-CFSR", "LLM-CFSR r=0.2 K=3"])
     assert all(f"| {p} | CE |" in text for p in ("r=0.1", "r=0.2", "r=0.4", "K=2", "K=3"))
-    raw = json.loads((tmp_path / "out" / "toy.json").read_text())
+    raw = strict_json(tmp_path / "out" / "toy.json")
     assert [p["value"] for p in raw["sensitivity"]["r"]] == [0.1, 0.2, 0.4]
     assert [p["loss"] for p in raw["sensitivity"]["K"]] == ["ce", "ce"]
     assert (raw["study"]["sensitivity_r"], raw["study"]["sensitivity_k"]) == ([0.1, 0.2, 0.4], [2, 3])
