@@ -572,6 +572,14 @@ def _seeds(records: list[dict]) -> str:
     return f"{len(records)} seed" + "s" * (len(records) > 1)
 
 
+def _reseed_sentence(study: Study) -> str:
+    """Which rows the best loss is run again for, with which seeds (or that every row has one seed)."""
+    if len(study.seeds) < 2:
+        return f"; every row has one seed ({study.seeds[0]})."
+    rows = "the main table" + (f" and {list(study.all_seeds)}" if study.all_seeds else "")
+    return f"; it alone is run again with seeds {list(study.seeds[1:])} for {rows}, other rows have one seed."
+
+
 def _losses_sentence(losses: tuple[str, ...]) -> str:
     names = {"bpr": "BPR (one uniform negative per position)", "ce": "full-softmax cross-entropy (CE)"}
     if set(losses) == set(LOSSES):
@@ -602,9 +610,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                    if study.stage2.length_buckets else "") + ". "
              + _losses_sentence(study.losses) + f" the grid {dict(study.grid)} is searched per variant and "
              f"loss on validation N@10 (first seed). The loss whose chosen point validates better is the variant's "
-             f"best loss (the rows without a loss in their name); it alone is run again with seeds "
-             f"{list(study.seeds[1:]) or 'none'} for the main table" + (f" and {list(study.all_seeds)}" if study.all_seeds
-                                                                         else "") + ", other rows have one seed.", "",
+             f"best loss (the rows without a loss in their name)" + _reseed_sentence(study), "",
              "Leave-one-out; test metrics; mean ± std over seeds. **bold** = best, *italic* = second. "
              "Tail/head item: Pareto 20% most popular items (training popularity); tail/head user: "
              "20% longest training histories are head.", ""]

@@ -325,6 +325,10 @@ def test_report_lists_variants_outside_the_study_sections(tmp_path):
     text = rp.write_report(study, results, {}).read_text()
     other = text.split("## Other variants: full ranking over all items")[1]
     assert "| my row | " in other and "**0.3000**" in other
+    assert "every row has one seed (0)." in text and "seeds none" not in text
+    three = dataclasses.replace(study, seeds=(0, 1, 2), all_seeds=("my row",))
+    assert ("run again with seeds [1, 2] for the main table and ['my row'], other rows have one seed."
+            in rp.write_report(three, results, {}).read_text())
 
 
 def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_page(tmp_path, monkeypatch):
