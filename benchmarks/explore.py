@@ -28,6 +28,8 @@ CONCAT = ("fusion", "concat")
 ONE_VIEW = ("use_semantic", False)
 PCA_ADAPTER = ("adapter_init", "pca")
 PAIRS = ("pair_prob", 0.5)
+PAIRS_2EP = (PAIRS, ("epochs", 2), ("max_steps", None))
+PAIRS_MASKED = (PAIRS, ("mask_known_positives", True))
 
 EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of
@@ -53,6 +55,14 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # "w/o Cro frozen" and "w/o Cro pairCFT" are study variants (reproduce.PARTS["improved"])
     Variant("LLM-CFSR pairCFT", stage1=(PAIRS,)),
     Variant("w/o Se-view pairCFT", head=(ONE_VIEW,), stage1=(PAIRS,)),
+    # the same pair CFT run for two epochs over the items instead of the study's step budget
+    # (--cft-steps): on amazon_beauty 200 steps of 32 touch about half of the items once
+    Variant("w/o Se-view pairCFT 2ep", head=(ONE_VIEW,), stage1=PAIRS_2EP),
+    Variant("w/o Cro pairCFT 2ep", head=(CONCAT,), stage1=PAIRS_2EP),
+    # the pair CFT with partners left out of the in-batch negatives (ItemEmbedder.fit's default
+    # mask_known_positives; the rows above push an anchor's partners away when they share its batch)
+    Variant("w/o Cro pairCFT masked", head=(CONCAT,), stage1=PAIRS_MASKED),
+    Variant("w/o Se-view pairCFT masked", head=(ONE_VIEW,), stage1=PAIRS_MASKED),
 ]}
 
 

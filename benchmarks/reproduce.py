@@ -82,6 +82,8 @@ class Stage1:
     tuned: bool = True                # False: the un-tuned model (LLM2X, SAID, LLM-ESR, w/o CFT)
     pair_prob: float = 0.0            # > 0: items that follow each other in training histories are
                                       # positives too (ItemEmbedder.fit positive_pairs; beyond the paper)
+    mask_known_positives: bool = False  # with pairs: leave partners out of the in-batch negatives (the
+                                        # library's default; the study's pair rows were run before it existed)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Stage2:
 
 # Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
 # hold these values, so that adding a setting does not invalidate finished runs.
-STAGE1_LATER_FIELDS = {"pair_prob": 0.0}
+STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False}
 STAGE2_LATER_FIELDS = {"length_buckets": 0}
 
 
@@ -256,7 +258,7 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
         pairs = {}
         if settings.pair_prob > 0:  # training histories only: leave-one-out's valid/test items are held out
             pairs = {"positive_pairs": sequence_pairs(interactions, holdout_last=2),
-                     "pair_prob": settings.pair_prob}
+                     "pair_prob": settings.pair_prob, "mask_known_positives": settings.mask_known_positives}
         # checkpoints every 50 steps: an interrupted fine-tune resumes from the last one
         embedder.fit(items, id_column="item_id", epochs=settings.epochs, batch_size=settings.batch_size,
                      lr=settings.lr, max_steps=settings.max_steps, seed=settings.seed,

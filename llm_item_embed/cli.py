@@ -246,7 +246,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, output_dir=str(out), resume_from=args.resume_from,
     )
     if pairs is not None:
-        fit_kwargs.update(positive_pairs=pairs, pair_prob=args.pair_prob)
+        fit_kwargs.update(positive_pairs=pairs, pair_prob=args.pair_prob,
+                          mask_known_positives=not args.negatives_include_partners)
         logger.info("%d positive pairs from %s (pair_prob %.2f)", len(pairs), args.interactions, args.pair_prob)
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--holdout-last", type=int, default=2,
                    help="interactions per user left out of the pairs (default 2: leave-one-out's validation "
                         "and test items)")
+    c.add_argument("--negatives-include-partners", action="store_true",
+                   help="keep an anchor's partners among its in-batch negatives (default: left out)")
     fit.set_defaults(func=cmd_fit)
 
     enc = sub.add_parser("encode", parents=[common], help="encode an items table into an embeddings file",

@@ -179,13 +179,16 @@ class ItemEmbedder:
         self.template.validate(df, id_column)
 
     def fit(self, df: Any, id_column: str = "item_id", epochs: int = 1, batch_size: int = 64, lr: float = 2e-4,
-            *, positive_pairs: Any = None, pair_prob: float = 0.5, **fit_config: Any) -> "ItemEmbedder":
+            *, positive_pairs: Any = None, pair_prob: float = 0.5, mask_known_positives: bool = True,
+            **fit_config: Any) -> "ItemEmbedder":
         """Contrastive LoRA fine-tuning on the items of ``df`` (two dropped views per item are positives).
 
         ``positive_pairs`` (beyond the paper): a two-column table (or ``(n, 2)`` array) of item ids that
         users consume together, e.g. from :func:`llm_item_embed.pairs.sequence_pairs`. With it, each view
         after the first is, with probability ``pair_prob``, a dropped view of one of the item's partners
-        instead of the item itself, so collaborative neighbours become positives too.
+        instead of the item itself, so collaborative neighbours become positives too. With
+        ``mask_known_positives`` (default), an in-batch candidate that is a partner of the anchor (or
+        renders the same prompt) is left out of the anchor's negatives instead of being pushed away.
 
         Extra keyword arguments go to :class:`llm_item_embed.training.FitConfig` (seed, mixed precision,
         mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table, the pairs and
@@ -225,19 +228,27 @@ class ItemEmbedder:
                 return views, group_ids[idx]
             sources = [idx] + [pair_index.sample(idx, pair_prob, rng) for _ in range(n_views - 1)]
             views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in src] for src in sources]
-            return views, group_ids[idx]
+            if not mask_known_positives:
+                return views, group_ids[idx]
+            # candidate k of view b shows item src[k]: not a negative of anchor i when it is one of
+            # item i's partners or renders the same prompt as item i
+            known = np.stack([pair_index.linked(idx, src) | (group_ids[idx][:, None] == group_ids[src][None, :])
+                              for src in sources])
+            return views, None, known
 
         loss = self.loss_module
         if loss is None:
             loss = ContrastiveLoss(similarity=_SIMILARITY[self.similarity], temperature=self.temperature)
         trainer = ContrastiveTrainer(encoder, loss, config)
-        result = trainer.train(make_views, n_items, data_fingerprint=_data_fingerprint(
-            full, pair_index, {"drop_prob": drop_prob, "n_views": n_views,
-                               "pair_prob": float(pair_prob) if pair_index else None}))
+        view_settings = {"drop_prob": drop_prob, "n_views": n_views, "pair_prob": float(pair_prob) if pair_index else None}
+        if pair_index is not None and mask_known_positives:  # (added later: unmasked runs keep their fingerprint)
+            view_settings["mask_known_positives"] = True
+        result = trainer.train(make_views, n_items, data_fingerprint=_data_fingerprint(full, pair_index, view_settings))
         self.loss_module = loss
         self.temperature = float(loss.temperature)
         summary = {"n_items": int(n_items), "n_unique_prompts": int(group_ids.max() + 1),
-                   **({"positive_pairs": pair_index.n_pairs, "pair_prob": float(pair_prob)} if pair_index else {}),
+                   **({"positive_pairs": pair_index.n_pairs, "pair_prob": float(pair_prob),
+                       "mask_known_positives": bool(mask_known_positives)} if pair_index else {}),
                    "fit_config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {}}
         if isinstance(result, list) and result and isinstance(result[-1], Mapping):  # loss history
             summary.update(steps=int(result[-1].get("step", len(result))), first_loss=result[0].get("loss"),

@@ -21,6 +21,11 @@ of views ``(a, b)`` and anchor ``i``::
 * **Duplicate prompts**: ``group_ids[B]``; if ``group_ids[i] == group_ids[k]`` and ``k != i`` the
   logit ``[i, k]`` is set to ``-inf`` (an identical prompt is not a negative; the positive itself is
   always kept).
+* **Known positives** (``negative_mask``): a bool ``[B, B]`` or ``[K, B, B]`` tensor over the
+  *global* batch; ``True`` at ``[b, i, k]`` (or ``[i, k]`` for every view) removes candidate ``k`` of
+  view ``b`` from anchor ``i``'s denominator, exactly like a duplicate prompt (e.g. an item that
+  users consume together with ``i``, when collaborative pairs are positives; the positive ``k = i``
+  is always kept). Each process passes the rows of its own anchors: ``[..., B_local, B]``.
 * **Temperature**: ``tau = exp(-log_scale)``. The parameter ``log_scale`` is trainable and clamped
   to ``[log(1/max_temperature), log(1/min_temperature)]`` (in the forward pass and, via
   ``clamp_()``, after each optimizer step). Defaults: cosine ``tau = 0.05`` (logit scale 20, as
@@ -100,7 +105,7 @@ class ContrastiveLoss(nn.Module):
         min_temperature, max_temperature: clamp range of ``tau``.
         gather_across_processes: use the negatives of every process when distributed.
 
-    Call: ``loss(views [K, B, d], group_ids [B] | None) -> scalar``.
+    Call: ``loss(views [K, B, d], group_ids [B] | None, negative_mask [(K,) B, B_global] | None) -> scalar``.
     """
 
     def __init__(
@@ -158,7 +163,7 @@ class ContrastiveLoss(nn.Module):
                 f"range=[{self.min_temperature}, {self.max_temperature}]")
 
     # -- loss ------------------------------------------------------------------------------
-    def forward(self, views: Tensor, group_ids: Tensor | None = None) -> Tensor:
+    def forward(self, views: Tensor, group_ids: Tensor | None = None, negative_mask: Tensor | None = None) -> Tensor:
         if views.dim() != 3:
             raise ValueError(f"views must have shape [K, B, d], got {tuple(views.shape)}")
         k_views, b_local, _ = views.shape
@@ -187,12 +192,21 @@ class ContrastiveLoss(nn.Module):
         offset = rank * b_local
         labels = torch.arange(b_local, device=x.device) + offset
 
-        mask = None
+        mask = None  # [b, n_cand] or [K, b, n_cand]: True = not a negative
         if group_ids is not None:
-            same = group_ids[:, None] == all_groups[None, :]  # [b, n_cand]
-            same[torch.arange(b_local, device=x.device), labels] = False
-            if same.any():
-                mask = same
+            mask = group_ids[:, None] == all_groups[None, :]
+        if negative_mask is not None:
+            known = torch.as_tensor(negative_mask, device=x.device).bool()
+            if known.shape not in ((b_local, n_cand), (k_views, b_local, n_cand)):
+                raise ValueError(f"negative_mask must have shape [{b_local}, {n_cand}] or "
+                                 f"[{k_views}, {b_local}, {n_cand}] (anchors x global candidates), "
+                                 f"got {tuple(known.shape)}")
+            mask = known if mask is None else (mask | known)
+        if mask is not None:
+            mask = mask.clone()
+            mask[..., torch.arange(b_local, device=x.device), labels] = False  # the positive stays
+            if not mask.any():
+                mask = None
 
         scale = self.logit_scale()
         total = x.new_zeros(())
@@ -203,7 +217,7 @@ class ContrastiveLoss(nn.Module):
                     continue
                 logits = (x[a] @ candidates[b].T) * scale  # [b_local, n_cand]
                 if mask is not None:
-                    logits = logits.masked_fill(mask, float("-inf"))
+                    logits = logits.masked_fill(mask if mask.dim() == 2 else mask[b], float("-inf"))
                 total = total + F.cross_entropy(logits, labels)
                 n_pairs += 1
         return total * (2.0 / n_pairs)

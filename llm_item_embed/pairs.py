@@ -108,3 +108,17 @@ class PairIndex:
         swap = (deg > 0) & (rng.random(len(rows)) < prob)
         pick = self.offsets[rows] + (rng.random(len(rows)) * np.maximum(deg, 1)).astype(np.int64)
         return np.where(swap, self.neighbours[np.minimum(pick, len(self.neighbours) - 1)], rows)
+
+    def linked(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Bool ``[len(anchors), len(candidates)]``: True where the candidate row is one of the anchor
+        row's positives (a row is not its own positive here)."""
+        anchors = np.asarray(anchors, np.int64)
+        candidates = np.asarray(candidates, np.int64)
+        deg = self.degree(anchors)
+        owner = np.repeat(np.arange(len(anchors), dtype=np.int64), deg)
+        # position of every positive of every anchor in the CSR array
+        within = np.arange(int(deg.sum()), dtype=np.int64) - np.repeat(np.cumsum(deg) - deg, deg)
+        partners = self.neighbours[np.repeat(self.offsets[anchors], deg) + within]
+        n_rows = len(self.offsets) - 1
+        query = np.arange(len(anchors), dtype=np.int64)[:, None] * n_rows + candidates[None, :]
+        return np.isin(query, owner * n_rows + partners)

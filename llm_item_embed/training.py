@@ -189,10 +189,12 @@ def _call_make_views(fn: Callable, idx: np.ndarray, rng: np.random.Generator, ep
     return fn(idx, rng)
 
 
-def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]], np.ndarray | None]:
-    """Normalise ``views`` or ``(views, group_ids)`` and check shapes."""
-    views, groups = result, None
-    if isinstance(result, tuple) and len(result) == 2 and (
+def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]], np.ndarray | None, np.ndarray | None]:
+    """Normalise ``views``, ``(views, group_ids)`` or ``(views, group_ids, negative_mask)`` and check shapes."""
+    views, groups, known = result, None, None
+    if isinstance(result, tuple) and len(result) == 3:
+        views, groups, known = result
+    elif isinstance(result, tuple) and len(result) == 2 and (
         result[1] is None or isinstance(result[1], (np.ndarray, torch.Tensor))
         or (isinstance(result[1], (list, tuple)) and result[1] and not isinstance(result[1][0], str))
     ):
@@ -211,7 +213,12 @@ def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]]
         if groups.shape != (n,):
             raise ValueError(f"make_views: group_ids has shape {groups.shape}, expected ({n},) at step {step}")
         groups = groups.astype(np.int64)
-    return views, groups
+    if known is not None:
+        known = np.asarray(known if not isinstance(known, torch.Tensor) else known.cpu().numpy())
+        if known.dtype != np.bool_ or known.shape not in ((n, n), (len(views), n, n)):
+            raise ValueError(f"make_views: negative_mask must be a bool array of shape ({n}, {n}) or "
+                             f"({len(views)}, {n}, {n}), got {known.dtype} {known.shape} at step {step}")
+    return views, groups, known
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -294,6 +301,11 @@ class ContrastiveTrainer:
         """Run the loop; returns the loss history ``[{"step", "epoch", "loss", "temperature", "lr"}]``
         (1-based steps; on resume, the history loaded from the checkpoint continues).
 
+        ``make_views(item_indices, rng)`` renders the global batch: ``views`` (``K`` lists of texts),
+        ``(views, group_ids)`` (items with equal ids are not each other's negatives) or
+        ``(views, group_ids, negative_mask)`` (bool ``[B, B]`` or ``[K, B, B]``, see
+        :class:`ContrastiveLoss`; ``group_ids`` may be ``None``).
+
         ``data_fingerprint``: any string that identifies what ``make_views`` draws from (items, prompts,
         positive pairs); it is stored in every checkpoint, and resuming with a different one is refused."""
         cfg = self.config
@@ -361,15 +373,20 @@ class ContrastiveTrainer:
                 idx = self._batch_indices(int(n_items), b, spe, epoch, i)
                 bl = len(idx) // P
                 rng = np.random.default_rng([cfg.seed, step])
-                views, gids = _split_views_result(_call_make_views(make_views, idx, rng, epoch, step), len(idx), step + 1)
+                views, gids, known = _split_views_result(_call_make_views(make_views, idx, rng, epoch, step),
+                                                         len(idx), step + 1)
                 k = len(views)
                 lo, hi = rank * bl, (rank + 1) * bl
                 texts = [t for v in views for t in v[lo:hi]]
                 g_local = torch.as_tensor(gids[lo:hi], device=device) if gids is not None else None
+                # this process's anchors against every candidate of the global batch
+                known_local = torch.as_tensor(known[..., lo:hi, :], device=device) if known is not None else None
                 torch.manual_seed(_derived_seed(cfg.seed, step, rank))
 
                 def loss_fn(reps: torch.Tensor) -> torch.Tensor:
-                    return self.loss(reps.reshape(k, bl, -1), g_local)
+                    if known_local is None:
+                        return self.loss(reps.reshape(k, bl, -1), g_local)
+                    return self.loss(reps.reshape(k, bl, -1), g_local, known_local)
 
                 if cfg.mini_batch_size is None:
                     feats = {kk: v.to(device) for kk, v in self.encoder.tokenize(texts).items()}

@@ -266,6 +266,7 @@ def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, 
     assert f"saved the fine-tuned embedder to {run_dir}" in out
     cfg = json.loads((run_dir / "item_embedder_config.json").read_text())
     assert cfg["training"]["positive_pairs"] == 3 and cfg["training"]["pair_prob"] == 0.3
+    assert cfg["training"]["mask_known_positives"] is True  # partners are left out of the negatives
     from llm_item_embed.prompts import PromptTemplate
 
     assert PromptTemplate.from_dict(cfg["template"]).fields == {"title": "name", "brand": "brand"}

@@ -100,6 +100,38 @@ def test_duplicate_prompt_masking_exact() -> None:
         ContrastiveLoss()(v, torch.arange(3))
 
 
+def test_negative_mask_per_view_matches_hand_loops() -> None:
+    """A [K, B, B] mask removes candidate k of view b from anchor i's denominator in every pair (a, b);
+    the positive stays even when the mask marks it."""
+    k_views, n = 3, 5
+    v = _views(k=k_views, b=n, seed=4)
+    rng = np.random.default_rng(0)
+    known = rng.random((k_views, n, n)) < 0.3
+    known[:, np.arange(n), np.arange(n)] = True  # marked positives are kept anyway
+    loss = ContrastiveLoss(temperature=1.0)(v, None, torch.as_tensor(known))
+    off_diag = known & ~np.eye(n, dtype=bool)
+    pairs = [(a, b) for a in range(k_views) for b in range(k_views) if a != b]
+    expected = 2 * np.mean([_np_infonce(v[a].double().numpy(), v[b].double().numpy(), 1.0, off_diag[b])
+                            for a, b in pairs])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # one [B, B] mask for every view == the same mask repeated per view
+    flat = ContrastiveLoss(temperature=1.0)(v, None, torch.as_tensor(known[1]))
+    stacked = ContrastiveLoss(temperature=1.0)(v, None, torch.as_tensor(np.stack([known[1]] * k_views)))
+    assert flat.item() == pytest.approx(stacked.item(), rel=1e-6)
+    # a mask built from group ids == group ids; both together == their union
+    groups = torch.tensor([0, 1, 0, 2, 1])
+    same = (groups[:, None] == groups[None, :])
+    assert ContrastiveLoss(temperature=1.0)(v, None, same).item() == pytest.approx(
+        ContrastiveLoss(temperature=1.0)(v, groups).item(), rel=1e-6)
+    union = ContrastiveLoss(temperature=1.0)(v, groups, torch.as_tensor(known[1]))
+    assert union.item() == pytest.approx(
+        ContrastiveLoss(temperature=1.0)(v, None, same | torch.as_tensor(known[1])).item(), rel=1e-6)
+    assert ContrastiveLoss(temperature=1.0)(v, None, torch.zeros(n, n, dtype=torch.bool)).item() == pytest.approx(
+        ContrastiveLoss(temperature=1.0)(v).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="negative_mask"):
+        ContrastiveLoss()(v, None, torch.zeros(n, n - 1, dtype=torch.bool))
+
+
 def test_all_duplicates_is_finite() -> None:
     v = _views(b=3)
     loss = ContrastiveLoss()(v, torch.zeros(3, dtype=torch.long))

@@ -3,7 +3,8 @@
 The parent computes the single-process reference in-process, launches this same file as the worker
 under ``python -m torch.distributed.run --nproc_per_node 2``, and compares what the workers wrote
 (safetensors + JSON): (a) the loss and the DDP-averaged gradients of ``ContrastiveLoss`` with
-cross-process negatives; (b) three ``ContrastiveTrainer`` steps, plain and with GradCache.
+cross-process negatives; (b) three ``ContrastiveTrainer`` steps, plain, with GradCache and with a
+known-positives mask that spans both processes.
 """
 from __future__ import annotations
 
@@ -31,11 +32,15 @@ def _texts() -> tuple[list[list[str]], np.ndarray]:
     return views, groups
 
 
-def _make_views(items: list[str]):
+def _make_views(items: list[str], known_positives: bool = False):
     def make_views(idx: np.ndarray, rng: np.random.Generator):
         views = [[" ".join(w for w in items[i].split() if rng.random() > 0.3) or items[i] for i in idx]
                  for _ in range(K)]
-        return views, np.asarray(idx)
+        if not known_positives:
+            return views, np.asarray(idx)
+        # a per-view mask that links items across the two processes' halves of the batch
+        known = np.stack([(idx[:, None] + idx[None, :] + v) % 3 == 0 for v in range(K)])
+        return views, None, known
     return make_views
 
 
@@ -78,11 +83,12 @@ def run_case(tok_path: str, out: Path) -> None:
 
     # (b) the trainer, plain and GradCache
     items = [f"{v0}" for v0 in views[0]] * 2  # 16 items -> 2 steps per epoch
-    for tag, mini in (("plain", None), ("gc", 3)):
+    for tag, mini in (("plain", None), ("gc", 3), ("known", None)):
         enc, lf = TinyEncoder(tok_path), ContrastiveLoss()
         cfg = FitConfig(batch_size=B, max_steps=STEPS, lr=5e-2, warmup_ratio=0.0, show_progress_bar=False,
                         mini_batch_size=mini, seed=11)
-        hist = ContrastiveTrainer(enc, lf, cfg, accelerator=acc).train(_make_views(items), len(items))
+        hist = ContrastiveTrainer(enc, lf, cfg, accelerator=acc).train(
+            _make_views(items, known_positives=tag == "known"), len(items))
         info[f"hist.{tag}"] = hist
         for n, p in enc.named_parameters():
             if p.requires_grad:
@@ -139,7 +145,8 @@ def test_two_processes_match_one(tiny_bert_dir: str, tmp_path: Path) -> None:
                 torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7,
                                            msg=lambda m, k=key: f"{k}: {m}")
         # (b) trainer: same loss history and final parameters on every rank
-        for tag in ("plain", "gc"):
+        assert ref_info["hist.known"][0]["loss"] != pytest.approx(ref_info["hist.plain"][0]["loss"], abs=1e-3)
+        for tag in ("plain", "gc", "known"):
             for h1, h2 in zip(ref_info[f"hist.{tag}"], info[f"hist.{tag}"], strict=True):
                 assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5), (tag, h1, h2)
                 assert h2["temperature"] == pytest.approx(h1["temperature"], abs=1e-6)

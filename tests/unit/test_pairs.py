@@ -52,6 +52,36 @@ def test_pair_index_is_symmetric_and_samples_only_partners():
         PairIndex.build([("a", "a")], ids)
 
 
+def test_linked_marks_exactly_the_partners():
+    rng = np.random.default_rng(1)
+    n = 30
+    raw = rng.integers(0, n, size=(60, 2))
+    index = PairIndex.build(raw.astype(str), [str(i) for i in range(n)])
+    partners = {(a, b) for a, b in raw if a != b} | {(b, a) for a, b in raw if a != b}
+    anchors, candidates = rng.integers(0, n, 12), rng.integers(0, n, 17)
+    got = index.linked(anchors, candidates)
+    assert got.shape == (12, 17)
+    assert got.tolist() == [[(int(a), int(c)) in partners for c in candidates] for a in anchors]
+    assert not index.linked(np.arange(n), np.arange(n)).diagonal().any()  # an item is not its own partner
+
+
+def test_partner_conflict_count():
+    from benchmarks.bench_pair_conflicts import partner_conflicts
+
+    ids = ["a", "b", "c", "d", "e", "f"]
+    every = PairIndex.build([(x, y) for x in ids[:4] for y in ids[:4] if x < y] + [("e", "f")], ids)
+    # one batch of the four linked items: every off-diagonal candidate of both views is a partner
+    # or the anchor itself
+    four = partner_conflicts(every, 4, batch_size=4, pair_prob=0.5, n_views=2, n_batches=20)
+    assert four == {"anchors_with_a_partner": 1.0, "masked_logits_per_batch": 2 * 4 * 3}
+    # a batch of a and b alone: each is the other's partner
+    sparse = PairIndex.build([("a", "b"), ("e", "f")], ids)
+    assert partner_conflicts(sparse, 2, batch_size=2, pair_prob=1.0)["anchors_with_a_partner"] == 1.0
+    lone = PairIndex.build([("e", "f")], ids)
+    assert partner_conflicts(lone, 4, batch_size=4, pair_prob=1.0) == {"anchors_with_a_partner": 0.0,
+                                                                        "masked_logits_per_batch": 0.0}
+
+
 def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
     import llm_item_embed.training as training
 
@@ -67,14 +97,42 @@ def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
     fit = dict(epochs=1, batch_size=4, lr=5e-3, show_progress_bar=False, seed=0, max_steps=1)
     emb = ItemEmbedder(tiny_bert_dir, max_length=32, drop_prob=0.0, n_views=3)
     emb.fit(df, positive_pairs=[("a", "b"), ("c", "d")], pair_prob=1.0, **fit)
-    (views, _), = seen
+    (views, groups, known), = seen
     a, b, c, d = emb.render(df)  # drop_prob 0: each view is an item's whole prompt
     assert views[0] == [a, b, c, d]
     for v in views[1:]:  # every later view is the partner's prompt
         assert v == [b, a, d, c]
+    # partners are not negatives: in view 0 the candidate is the item (a's partner is b), in the
+    # later views it is the item's partner (candidate b shows a, a's own prompt)
+    pair = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], bool)
+    assert groups is None and known.shape == (3, 4, 4)
+    assert (known[0] == (pair | np.eye(4, dtype=bool))).all()
+    for k in (1, 2):
+        assert (known[k] == np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool))).all()
     assert emb.training_summary["positive_pairs"] == 2 and emb.training_summary["pair_prob"] == 1.0
+    assert emb.training_summary["mask_known_positives"] is True
     meta = emb.encode(df).metadata["training"]  # the embeddings file says how it was made
     assert meta["positive_pairs"] == 2 and meta["steps"] == 1
+
+
+def test_partners_can_stay_negatives(tiny_bert_dir, monkeypatch):
+    import llm_item_embed.training as training
+
+    seen = []
+    original = training.ContrastiveTrainer.train
+
+    def spy(self, make_views, n_items, **kwargs):
+        seen.append(make_views(np.arange(n_items), np.random.default_rng(0)))
+        return original(self, make_views, n_items, **kwargs)
+
+    monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
+    df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["alpha", "bravo", "alpha", "delta"]})
+    emb = ItemEmbedder(tiny_bert_dir, max_length=32, drop_prob=0.0)
+    emb.fit(df, positive_pairs=[("a", "b")], pair_prob=1.0, mask_known_positives=False, epochs=1, batch_size=4,
+            show_progress_bar=False, max_steps=1)
+    (views, groups), = seen  # only identical prompts (a and c) are kept out of the negatives
+    assert groups[0] == groups[2] and len(set(groups)) == 3
+    assert emb.training_summary["mask_known_positives"] is False
 
 
 def test_bad_pairs_fail_before_model_work(tiny_bert_dir, no_model):

@@ -359,3 +359,26 @@ def test_non_finite_gradient_stops(tok_path: str) -> None:
     with pytest.raises(NonFiniteLossError, match="gradient norm at step 1"):
         ContrastiveTrainer(enc, ContrastiveLoss(), _cfg(max_steps=2)).train(make_views_fn(items), 8)
     assert torch.equal(enc.lora_B.detach(), before)
+
+
+def test_negative_mask_from_make_views_reaches_the_loss(tok_path: str) -> None:
+    """A third element of make_views' result is the known-positives mask over the global batch:
+    masking every candidate but the positive leaves a loss of exactly 0; a bad mask is named."""
+    items = make_items(8)
+    plain = make_views_fn(items)
+
+    def all_known(idx: np.ndarray, rng: np.random.Generator):
+        views, _ = plain(idx, rng)
+        return views, None, np.ones((len(idx), len(idx)), dtype=bool)
+
+    hist = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(max_steps=2)).train(all_known, 8)
+    assert [h["loss"] for h in hist] == [0.0, 0.0]
+    ref = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(max_steps=1)).train(plain, 8)
+    assert ref[0]["loss"] > 0.1
+
+    def bad(idx: np.ndarray, rng: np.random.Generator):
+        views, _ = plain(idx, rng)
+        return views, None, np.ones((len(idx), len(idx) - 1), dtype=bool)
+
+    with pytest.raises(ValueError, match="negative_mask must be a bool array"):
+        ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(max_steps=1)).train(bad, 8)
