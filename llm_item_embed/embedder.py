@@ -240,7 +240,8 @@ class ItemEmbedder:
         if loss is None:
             loss = ContrastiveLoss(similarity=_SIMILARITY[self.similarity], temperature=self.temperature)
         trainer = ContrastiveTrainer(encoder, loss, config)
-        view_settings = {"drop_prob": drop_prob, "n_views": n_views, "pair_prob": float(pair_prob) if pair_index else None}
+        view_settings = {"drop_prob": drop_prob, "n_views": n_views,
+                         "pair_prob": float(pair_prob) if pair_index else None}
         if pair_index is not None and mask_known_positives:  # (added later: unmasked runs keep their fingerprint)
             view_settings["mask_known_positives"] = True
         result = trainer.train(make_views, n_items, data_fingerprint=_data_fingerprint(full, pair_index, view_settings))

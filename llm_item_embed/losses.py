@@ -21,7 +21,7 @@ of views ``(a, b)`` and anchor ``i``::
 * **Duplicate prompts**: ``group_ids[B]``; if ``group_ids[i] == group_ids[k]`` and ``k != i`` the
   logit ``[i, k]`` is set to ``-inf`` (an identical prompt is not a negative; the positive itself is
   always kept).
-* **Known positives** (``negative_mask``): a bool ``[B, B]`` or ``[K, B, B]`` tensor over the
+* **Known positives** (``known_positives``): a bool ``[B, B]`` or ``[K, B, B]`` tensor over the
   *global* batch; ``True`` at ``[b, i, k]`` (or ``[i, k]`` for every view) removes candidate ``k`` of
   view ``b`` from anchor ``i``'s denominator, exactly like a duplicate prompt (e.g. an item that
   users consume together with ``i``, when collaborative pairs are positives; the positive ``k = i``
@@ -105,7 +105,7 @@ class ContrastiveLoss(nn.Module):
         min_temperature, max_temperature: clamp range of ``tau``.
         gather_across_processes: use the negatives of every process when distributed.
 
-    Call: ``loss(views [K, B, d], group_ids [B] | None, negative_mask [(K,) B, B_global] | None) -> scalar``.
+    Call: ``loss(views [K, B, d], group_ids [B] | None, known_positives [(K,) B, B_global] | None) -> scalar``.
     """
 
     def __init__(
@@ -163,7 +163,7 @@ class ContrastiveLoss(nn.Module):
                 f"range=[{self.min_temperature}, {self.max_temperature}]")
 
     # -- loss ------------------------------------------------------------------------------
-    def forward(self, views: Tensor, group_ids: Tensor | None = None, negative_mask: Tensor | None = None) -> Tensor:
+    def forward(self, views: Tensor, group_ids: Tensor | None = None, known_positives: Tensor | None = None) -> Tensor:
         if views.dim() != 3:
             raise ValueError(f"views must have shape [K, B, d], got {tuple(views.shape)}")
         k_views, b_local, _ = views.shape
@@ -195,10 +195,10 @@ class ContrastiveLoss(nn.Module):
         mask = None  # [b, n_cand] or [K, b, n_cand]: True = not a negative
         if group_ids is not None:
             mask = group_ids[:, None] == all_groups[None, :]
-        if negative_mask is not None:
-            known = torch.as_tensor(negative_mask, device=x.device).bool()
+        if known_positives is not None:
+            known = torch.as_tensor(known_positives, device=x.device).bool()
             if known.shape not in ((b_local, n_cand), (k_views, b_local, n_cand)):
-                raise ValueError(f"negative_mask must have shape [{b_local}, {n_cand}] or "
+                raise ValueError(f"known_positives must have shape [{b_local}, {n_cand}] or "
                                  f"[{k_views}, {b_local}, {n_cand}] (anchors x global candidates), "
                                  f"got {tuple(known.shape)}")
             mask = known if mask is None else (mask | known)

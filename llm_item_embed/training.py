@@ -190,7 +190,7 @@ def _call_make_views(fn: Callable, idx: np.ndarray, rng: np.random.Generator, ep
 
 
 def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]], np.ndarray | None, np.ndarray | None]:
-    """Normalise ``views``, ``(views, group_ids)`` or ``(views, group_ids, negative_mask)`` and check shapes."""
+    """Normalise ``views``, ``(views, group_ids)`` or ``(views, group_ids, known_positives)`` and check shapes."""
     views, groups, known = result, None, None
     if isinstance(result, tuple) and len(result) == 3:
         views, groups, known = result
@@ -216,7 +216,7 @@ def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]]
     if known is not None:
         known = np.asarray(known if not isinstance(known, torch.Tensor) else known.cpu().numpy())
         if known.dtype != np.bool_ or known.shape not in ((n, n), (len(views), n, n)):
-            raise ValueError(f"make_views: negative_mask must be a bool array of shape ({n}, {n}) or "
+            raise ValueError(f"make_views: known_positives must be a bool array of shape ({n}, {n}) or "
                              f"({len(views)}, {n}, {n}), got {known.dtype} {known.shape} at step {step}")
     return views, groups, known
 
@@ -303,7 +303,7 @@ class ContrastiveTrainer:
 
         ``make_views(item_indices, rng)`` renders the global batch: ``views`` (``K`` lists of texts),
         ``(views, group_ids)`` (items with equal ids are not each other's negatives) or
-        ``(views, group_ids, negative_mask)`` (bool ``[B, B]`` or ``[K, B, B]``, see
+        ``(views, group_ids, known_positives)`` (bool ``[B, B]`` or ``[K, B, B]``, see
         :class:`ContrastiveLoss`; ``group_ids`` may be ``None``).
 
         ``data_fingerprint``: any string that identifies what ``make_views`` draws from (items, prompts,

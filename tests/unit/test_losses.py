@@ -100,7 +100,7 @@ def test_duplicate_prompt_masking_exact() -> None:
         ContrastiveLoss()(v, torch.arange(3))
 
 
-def test_negative_mask_per_view_matches_hand_loops() -> None:
+def test_known_positives_per_view_matches_hand_loops() -> None:
     """A [K, B, B] mask removes candidate k of view b from anchor i's denominator in every pair (a, b);
     the positive stays even when the mask marks it."""
     k_views, n = 3, 5
@@ -128,7 +128,7 @@ def test_negative_mask_per_view_matches_hand_loops() -> None:
         ContrastiveLoss(temperature=1.0)(v, None, same | torch.as_tensor(known[1])).item(), rel=1e-6)
     assert ContrastiveLoss(temperature=1.0)(v, None, torch.zeros(n, n, dtype=torch.bool)).item() == pytest.approx(
         ContrastiveLoss(temperature=1.0)(v).item(), rel=1e-6)
-    with pytest.raises(ValueError, match="negative_mask"):
+    with pytest.raises(ValueError, match="known_positives"):
         ContrastiveLoss()(v, None, torch.zeros(n, n - 1, dtype=torch.bool))
 
 

@@ -361,7 +361,7 @@ def test_non_finite_gradient_stops(tok_path: str) -> None:
     assert torch.equal(enc.lora_B.detach(), before)
 
 
-def test_negative_mask_from_make_views_reaches_the_loss(tok_path: str) -> None:
+def test_known_positives_from_make_views_reaches_the_loss(tok_path: str) -> None:
     """A third element of make_views' result is the known-positives mask over the global batch:
     masking every candidate but the positive leaves a loss of exactly 0; a bad mask is named."""
     items = make_items(8)
@@ -380,5 +380,5 @@ def test_negative_mask_from_make_views_reaches_the_loss(tok_path: str) -> None:
         views, _ = plain(idx, rng)
         return views, None, np.ones((len(idx), len(idx) - 1), dtype=bool)
 
-    with pytest.raises(ValueError, match="negative_mask must be a bool array"):
+    with pytest.raises(ValueError, match="known_positives must be a bool array"):
         ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(max_steps=1)).train(bad, 8)
