@@ -29,8 +29,8 @@ def partner_conflicts(index: PairIndex, n_items: int, batch_size: int = 32, pair
         idx = rng.permutation(n_items)[:batch_size]
         sources = [idx] + [index.sample(idx, pair_prob, rng) for _ in range(n_views - 1)]
         # a candidate showing one of the anchor's partners, or the anchor's own item (a partner's view)
-        known = np.stack([index.linked(idx, src) | (idx[:, None] == src[None, :]) for src in sources])
-        known[:, np.arange(len(idx)), np.arange(len(idx))] = False      # the positive itself
+        known = index.known_positives(idx, sources)
+        known[:, np.arange(len(idx)), np.arange(len(idx))] = False  # the positive itself
         anchors_hit.append(known.any(axis=(0, 2)).mean())
         logits.append(known.sum())
     return {"anchors_with_a_partner": float(np.mean(anchors_hit)), "masked_logits_per_batch": float(np.mean(logits))}

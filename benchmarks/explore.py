@@ -2,8 +2,9 @@
 
 Each variant here changes one or two settings (item-table init scale, PCA-started adapter, fusion,
 frozen vs CFT embeddings, CFT with collaborative positive pairs, longer or with partners masked out
-of the negatives) to find out *why* a form wins or loses; they are not part of the paper's tables. Every option of ``benchmarks.reproduce`` applies (``--quick``,
-``--epochs``, ``--cft-steps`` ...); ``--losses`` defaults to CE only and the report goes to
+of the negatives) to find out *why* a form wins or loses; they are not part of the paper's tables.
+Every option of ``benchmarks.reproduce`` applies (``--quick``, ``--epochs``, ``--cft-steps`` ...);
+``--losses`` defaults to CE only and the report goes to
 ``runs/explore/`` so that ``docs/results`` is never overwritten::
 
     python -m benchmarks.explore --dataset amazon_scientific --names "SAID std0.02" "w/o Cro frozen" \\

@@ -230,11 +230,9 @@ class ItemEmbedder:
             views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in src] for src in sources]
             if not mask_known_positives:
                 return views, group_ids[idx]
-            # candidate k of view b shows item src[k]: not a negative of anchor i when it is one of
-            # item i's partners or renders the same prompt as item i
-            known = np.stack([pair_index.linked(idx, src) | (group_ids[idx][:, None] == group_ids[src][None, :])
-                              for src in sources])
-            return views, None, known
+            # candidate k of view b shows item sources[b][k]: not a negative of anchor i when it is one
+            # of item i's partners or renders the same prompt as item i
+            return views, None, pair_index.known_positives(idx, sources, group_ids)
 
         loss = self.loss_module
         if loss is None:

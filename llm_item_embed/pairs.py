@@ -122,3 +122,19 @@ class PairIndex:
         n_rows = len(self.offsets) - 1
         query = np.arange(len(anchors), dtype=np.int64)[:, None] * n_rows + candidates[None, :]
         return np.isin(query, owner * n_rows + partners)
+
+    def known_positives(self, anchors: np.ndarray, sources: Sequence[np.ndarray],
+                        groups: np.ndarray | None = None) -> np.ndarray:
+        """Bool ``[K, B, B]`` for :class:`~llm_item_embed.losses.ContrastiveLoss`: ``sources[b][k]`` is the
+        row whose prompt stands for item ``k`` in view ``b``; True where that row is one of anchor ``i``'s
+        positives or anchor ``i``'s own row (with ``groups``, any row rendering the same prompt)."""
+        anchors = np.asarray(anchors, np.int64)
+        masks = []
+        for src in sources:
+            src = np.asarray(src, np.int64)
+            if groups is None:
+                same = anchors[:, None] == src[None, :]
+            else:
+                same = groups[anchors][:, None] == groups[src][None, :]
+            masks.append(self.linked(anchors, src) | same)
+        return np.stack(masks)

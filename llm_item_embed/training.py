@@ -384,7 +384,7 @@ class ContrastiveTrainer:
                 torch.manual_seed(_derived_seed(cfg.seed, step, rank))
 
                 def loss_fn(reps: torch.Tensor) -> torch.Tensor:
-                    if known_local is None:
+                    if known_local is None:  # a custom loss may take (views, group_ids) only
                         return self.loss(reps.reshape(k, bl, -1), g_local)
                     return self.loss(reps.reshape(k, bl, -1), g_local, known_local)
 

@@ -9,6 +9,23 @@ from llm_item_embed import ItemEmbedder, sequence_pairs
 from llm_item_embed.pairs import PairIndex
 
 
+@pytest.fixture
+def first_batch(monkeypatch) -> list:
+    """Filled by every ``ContrastiveTrainer.train`` call with what ``make_views`` renders for the whole
+    table (item order, seed 0): the views fit trains on and their masks."""
+    import llm_item_embed.training as training
+
+    seen: list = []
+    original = training.ContrastiveTrainer.train
+
+    def spy(self, make_views, n_items, **kwargs):
+        seen.append(make_views(np.arange(n_items), np.random.default_rng(0)))
+        return original(self, make_views, n_items, **kwargs)
+
+    monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
+    return seen
+
+
 def histories() -> pd.DataFrame:
     # u1: a b c d (time order differs from file order), u2: c c e
     return pd.DataFrame({"user_id": ["u1", "u1", "u1", "u1", "u2", "u2", "u2"],
@@ -63,6 +80,16 @@ def test_linked_marks_exactly_the_partners():
     assert got.shape == (12, 17)
     assert got.tolist() == [[(int(a), int(c)) in partners for c in candidates] for a in anchors]
     assert not index.linked(np.arange(n), np.arange(n)).diagonal().any()  # an item is not its own partner
+    # per view: partners, the anchor's own row, and (with groups) rows rendering the same prompt
+    views = [anchors, rng.integers(0, n, 12)]
+    groups = np.arange(n) // 2  # rows 2j and 2j+1 render the same prompt
+    by_row = index.known_positives(anchors, views)
+    by_group = index.known_positives(anchors, views, groups)
+    for b, src in enumerate(views):
+        linked = index.linked(anchors, src)
+        assert (by_row[b] == (linked | (anchors[:, None] == src[None, :]))).all()
+        assert (by_group[b] == (linked | (anchors[:, None] // 2 == src[None, :] // 2))).all()
+    assert by_group.sum() > by_row.sum()
 
 
 def test_partner_conflict_count():
@@ -82,22 +109,12 @@ def test_partner_conflict_count():
                                                                         "masked_logits_per_batch": 0.0}
 
 
-def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
-    import llm_item_embed.training as training
-
-    seen = []
-    original = training.ContrastiveTrainer.train
-
-    def spy(self, make_views, n_items, **kwargs):
-        seen.append(make_views(np.arange(n_items), np.random.default_rng(0)))
-        return original(self, make_views, n_items, **kwargs)
-
-    monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
+def test_fit_makes_partner_prompts_positives(tiny_bert_dir, first_batch):
     df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["alpha", "bravo", "charlie", "delta"]})
     fit = dict(epochs=1, batch_size=4, lr=5e-3, show_progress_bar=False, seed=0, max_steps=1)
     emb = ItemEmbedder(tiny_bert_dir, max_length=32, drop_prob=0.0, n_views=3)
     emb.fit(df, positive_pairs=[("a", "b"), ("c", "d")], pair_prob=1.0, **fit)
-    (views, groups, known), = seen
+    (views, groups, known), = first_batch
     a, b, c, d = emb.render(df)  # drop_prob 0: each view is an item's whole prompt
     assert views[0] == [a, b, c, d]
     for v in views[1:]:  # every later view is the partner's prompt
@@ -115,22 +132,12 @@ def test_fit_makes_partner_prompts_positives(tiny_bert_dir, monkeypatch):
     assert meta["positive_pairs"] == 2 and meta["steps"] == 1
 
 
-def test_partners_can_stay_negatives(tiny_bert_dir, monkeypatch):
-    import llm_item_embed.training as training
-
-    seen = []
-    original = training.ContrastiveTrainer.train
-
-    def spy(self, make_views, n_items, **kwargs):
-        seen.append(make_views(np.arange(n_items), np.random.default_rng(0)))
-        return original(self, make_views, n_items, **kwargs)
-
-    monkeypatch.setattr(training.ContrastiveTrainer, "train", spy)
+def test_partners_can_stay_negatives(tiny_bert_dir, first_batch):
     df = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "title": ["alpha", "bravo", "alpha", "delta"]})
     emb = ItemEmbedder(tiny_bert_dir, max_length=32, drop_prob=0.0)
     emb.fit(df, positive_pairs=[("a", "b")], pair_prob=1.0, mask_known_positives=False, epochs=1, batch_size=4,
             show_progress_bar=False, max_steps=1)
-    (views, groups), = seen  # only identical prompts (a and c) are kept out of the negatives
+    (views, groups), = first_batch  # only identical prompts (a and c) are kept out of the negatives
     assert groups[0] == groups[2] and len(set(groups)) == 3
     assert emb.training_summary["mask_known_positives"] is False
 
