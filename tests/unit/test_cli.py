@@ -248,15 +248,35 @@ def test_push_error_redacts_token(tmp_path, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------ end to end
+def write_histories(folder: Path) -> Path:
+    """interactions.csv with three users of four items each (u0: it00 it01 it02 it03; the last two
+    of each history are held out by --holdout-last's default, so each user gives one pair)."""
+    inter = folder / "interactions.csv"
+    pd.DataFrame({"user_id": [f"u{u}" for u in range(3) for _ in range(4)],
+                  "item_id": [f"it{u * 4 + t:02d}" for u in range(3) for t in range(4)],
+                  "timestamp": list(range(4)) * 3}).to_csv(inter, index=False)
+    return inter
+
+
+def test_fit_negatives_include_partners_turns_the_mask_off(tiny_bert_dir, items_csv, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(
+        capsys, "fit", str(items_csv), "--model", tiny_bert_dir, "--output-dir", str(run_dir),
+        "--batch-size", "4", "--max-steps", "1", "--lora-r", "4", "--no-progress", "-q",
+        "--interactions", str(write_histories(tmp_path)), "--pair-prob", "1.0", "--negatives-include-partners",
+    )
+    assert code == 0, err
+    training = json.loads((run_dir / "item_embedder_config.json").read_text())["training"]
+    assert training["positive_pairs"] == 3 and training["pair_prob"] == 1.0
+    assert training["mask_known_positives"] is False
+
+
 def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     template = tmp_path / "template.json"
     template.write_text(json.dumps({"instruction": "This beauty product has the following attributes:",
                                     "fields": {"title": "name", "brand": "brand"}}))
-    inter = tmp_path / "interactions.csv"  # u0: it00 it01 it02 it03 (the last two are held out), ...
-    pd.DataFrame({"user_id": [f"u{u}" for u in range(3) for _ in range(4)],
-                  "item_id": [f"it{u * 4 + t:02d}" for u in range(3) for t in range(4)],
-                  "timestamp": list(range(4)) * 3}).to_csv(inter, index=False)
+    inter = write_histories(tmp_path)
     code, out, err = run(
         capsys, "fit", str(items_csv), "--model", tiny_bert_dir, "--template-json", str(template),
         "--output-dir", str(run_dir), "--batch-size", "4", "--max-steps", "2", "--seed", "3",
