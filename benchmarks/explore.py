@@ -31,6 +31,8 @@ PCA_ADAPTER = ("adapter_init", "pca")
 PAIRS = ("pair_prob", 0.5)
 PAIRS_2EP = (PAIRS, ("epochs", 2), ("max_steps", None))
 PAIRS_MASKED = (PAIRS, ("mask_known_positives", True))
+PAIRS_WEIGHTED = (PAIRS, ("pair_weighted", True))
+PAIRS_STRONG = (PAIRS, ("pair_weighted", True), ("pair_min_count", 2))
 
 EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of
@@ -64,6 +66,11 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # mask_known_positives; the rows above push an anchor's partners away when they share its batch)
     Variant("w/o Cro pairCFT masked", head=(CONCAT,), stage1=PAIRS_MASKED),
     Variant("w/o Se-view pairCFT masked", head=(ONE_VIEW,), stage1=PAIRS_MASKED),
+    # partners drawn in proportion to how often the pair occurs in training histories instead of
+    # uniformly (most distinct pairs occur once), and only pairs seen at least twice ("strong")
+    Variant("w/o Se-view pairCFT weighted", head=(ONE_VIEW,), stage1=PAIRS_WEIGHTED),
+    Variant("w/o Cro pairCFT weighted", head=(CONCAT,), stage1=PAIRS_WEIGHTED),
+    Variant("w/o Se-view pairCFT strong", head=(ONE_VIEW,), stage1=PAIRS_STRONG),
 ]}
 
 

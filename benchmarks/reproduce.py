@@ -84,6 +84,8 @@ class Stage1:
                                       # positives too (ItemEmbedder.fit positive_pairs; beyond the paper)
     mask_known_positives: bool = False  # with pairs: leave partners out of the in-batch negatives (the
                                         # library's default; the study's pair rows were run before it existed)
+    pair_min_count: int = 1           # with pairs: only pairs seen in at least this many transitions
+    pair_weighted: bool = False       # with pairs: draw partners in proportion to their transition count
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class Stage2:
 
 # Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
 # hold these values, so that adding a setting does not invalidate finished runs.
-STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False}
+STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
+                       "pair_weighted": False}
 STAGE2_LATER_FIELDS = {"length_buckets": 0}
 
 
@@ -257,7 +260,8 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
     if settings.tuned:
         pairs = {}
         if settings.pair_prob > 0:  # training histories only: leave-one-out's valid/test items are held out
-            pairs = {"positive_pairs": sequence_pairs(interactions, holdout_last=2),
+            pairs = {"positive_pairs": sequence_pairs(interactions, holdout_last=2, min_count=settings.pair_min_count,
+                                                      counts=settings.pair_weighted),
                      "pair_prob": settings.pair_prob, "mask_known_positives": settings.mask_known_positives}
         # checkpoints every 50 steps: an interrupted fine-tune resumes from the last one
         embedder.fit(items, id_column="item_id", epochs=settings.epochs, batch_size=settings.batch_size,

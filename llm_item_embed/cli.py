@@ -90,9 +90,11 @@ def read_items(path: str | os.PathLike, id_column: str) -> Any:
     return df
 
 
-def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int) -> Any:
+def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_count: int = 1,
+               counts: bool = False) -> Any:
     """Positive pairs from an interactions table (user_id, item_id[, timestamp]): consecutive items of each
-    user's history, the last ``holdout_last`` interactions of each user left out. Unknown items are named."""
+    user's history, the last ``holdout_last`` interactions of each user left out, pairs seen fewer than
+    ``min_count`` times dropped (``counts``: with a count column). Unknown items are named."""
     from .pairs import sequence_pairs
 
     path = Path(path)
@@ -107,10 +109,11 @@ def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int) -> Any
         raise CLIError(f"interactions file {path}: {len(unknown)} item id(s) are not in the items table, "
                        f"e.g. {unknown[:5]}")
     pairs = sequence_pairs(df, time_column="timestamp" if "timestamp" in df.columns else None,
-                           holdout_last=holdout_last)
+                           holdout_last=holdout_last, min_count=min_count, counts=counts)
     if len(pairs) == 0:
         raise CLIError(f"interactions file {path}: no two different consecutive items in any history "
-                       f"(after holding out the last {holdout_last} per user)")
+                       f"(after holding out the last {holdout_last} per user"
+                       + (f", seen at least {min_count} times)" if min_count > 1 else ")"))
     return pairs
 
 
@@ -237,9 +240,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--pair-prob must be in (0, 1], got {args.pair_prob}")
     if args.holdout_last < 0:
         raise CLIError(f"--holdout-last must be >= 0, got {args.holdout_last}")
+    if args.pair_min_count < 1:
+        raise CLIError(f"--pair-min-count must be at least 1, got {args.pair_min_count}")
     df = read_items(args.items, args.id_column)
     check_table(df, template, args.id_column, args.items)
-    pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last) if args.interactions else None
+    pairs = None
+    if args.interactions:
+        pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last, args.pair_min_count,
+                           counts=args.pair_weighting == "count")
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -248,7 +256,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if pairs is not None:
         fit_kwargs.update(positive_pairs=pairs, pair_prob=args.pair_prob,
                           mask_known_positives=not args.negatives_include_partners)
-        logger.info("%d positive pairs from %s (pair_prob %.2f)", len(pairs), args.interactions, args.pair_prob)
+        logger.info("%d positive pairs from %s (pair_prob %.2f, %s partners)", len(pairs), args.interactions,
+                    args.pair_prob, "count-weighted" if args.pair_weighting == "count" else "uniform")
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
@@ -400,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--holdout-last", type=int, default=2,
                    help="interactions per user left out of the pairs (default 2: leave-one-out's validation "
                         "and test items)")
+    c.add_argument("--pair-min-count", type=int, default=1,
+                   help="only pairs that follow each other in at least this many histories' steps (default: 1)")
+    c.add_argument("--pair-weighting", choices=["uniform", "count"], default="uniform",
+                   help="draw an item's partners uniformly (default) or in proportion to how often the pair occurs")
     c.add_argument("--negatives-include-partners", action="store_true",
                    help="keep an anchor's partners among its in-batch negatives (default: left out)")
     fit.set_defaults(func=cmd_fit)

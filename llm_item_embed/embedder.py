@@ -186,7 +186,9 @@ class ItemEmbedder:
         ``positive_pairs`` (beyond the paper): a two-column table (or ``(n, 2)`` array) of item ids that
         users consume together, e.g. from :func:`llm_item_embed.pairs.sequence_pairs`. With it, each view
         after the first is, with probability ``pair_prob``, a dropped view of one of the item's partners
-        instead of the item itself, so collaborative neighbours become positives too. With
+        instead of the item itself, so collaborative neighbours become positives too. A third column
+        (``sequence_pairs(..., counts=True)``) weights the partners: each is drawn in proportion to it
+        instead of uniformly. With
         ``mask_known_positives`` (default), an in-batch candidate that is a partner of the anchor (or
         renders the same prompt) is left out of the anchor's negatives instead of being pushed away.
 
@@ -247,7 +249,8 @@ class ItemEmbedder:
         self.temperature = float(loss.temperature)
         summary = {"n_items": int(n_items), "n_unique_prompts": int(group_ids.max() + 1),
                    **({"positive_pairs": pair_index.n_pairs, "pair_prob": float(pair_prob),
-                       "mask_known_positives": bool(mask_known_positives)} if pair_index else {}),
+                       "mask_known_positives": bool(mask_known_positives),
+                       "pair_weighted": pair_index.weights is not None} if pair_index else {}),
                    "fit_config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {}}
         if isinstance(result, list) and result and isinstance(result[-1], Mapping):  # loss history
             summary.update(steps=int(result[-1].get("step", len(result))), first_loss=result[0].get("loss"),
@@ -639,6 +642,8 @@ def _data_fingerprint(prompts: Sequence[str], pair_index: Any, settings: Mapping
     if pair_index is not None:
         h.update(np.ascontiguousarray(pair_index.offsets, dtype=np.int64).tobytes())
         h.update(np.ascontiguousarray(pair_index.neighbours, dtype=np.int64).tobytes())
+        if pair_index.weights is not None:  # (uniform indices keep their earlier fingerprint)
+            h.update(np.ascontiguousarray(pair_index.weights, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 

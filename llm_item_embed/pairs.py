@@ -13,6 +13,7 @@ few interactions through their text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,13 +21,16 @@ import pandas as pd
 
 
 def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", item_column: str = "item_id",
-                   time_column: str | None = "timestamp", window: int = 1, holdout_last: int = 0) -> pd.DataFrame:
+                   time_column: str | None = "timestamp", window: int = 1, holdout_last: int = 0,
+                   min_count: int = 1, counts: bool = False) -> pd.DataFrame:
     """``(item_id, positive_id)`` pairs of items that follow each other within ``window`` steps in a
     user's history (ordered by ``time_column``; file order where it is None or ties).
 
     ``holdout_last`` drops each user's last interactions first: with leave-one-out evaluation pass 2, so that
     no validation or test item is ever a training positive. Repeats (an item followed by itself) are dropped;
-    the pairs are unordered and de-duplicated.
+    the pairs are unordered and de-duplicated. ``min_count`` keeps only pairs seen at least that many times
+    (over all users and gaps); ``counts=True`` adds that number as a third column ``count``, which
+    :meth:`ItemEmbedder.fit` then uses as the partner's sampling weight.
     """
     for col in (user_column, item_column, *([time_column] if time_column else [])):
         if col not in interactions.columns:
@@ -35,6 +39,8 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
         raise ValueError(f"window must be >= 1, got {window}")
     if holdout_last < 0:
         raise ValueError(f"holdout_last must be >= 0, got {holdout_last}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
     df = interactions[[user_column, item_column] + ([time_column] if time_column else [])]
     if time_column:
         df = df.sort_values([user_column, time_column], kind="stable")
@@ -52,25 +58,42 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
         right.append(b[keep])
     a, b = np.concatenate(left), np.concatenate(right)
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    out = pd.DataFrame({"item_id": lo, "positive_id": hi}).drop_duplicates(ignore_index=True)
-    return out
+    out = (pd.DataFrame({"item_id": lo, "positive_id": hi})
+           .groupby(["item_id", "positive_id"], sort=False).size().reset_index(name="count"))
+    out = out[out["count"] >= min_count].reset_index(drop=True)
+    return out if counts else out[["item_id", "positive_id"]]
 
 
 @dataclass(frozen=True)
 class PairIndex:
-    """Positives per item row, as CSR arrays over the rows of the training table (both directions)."""
+    """Positives per item row, as CSR arrays over the rows of the training table (both directions).
+
+    ``weights`` (aligned with ``neighbours``; None = uniform) are the partners' sampling weights."""
 
     offsets: np.ndarray     # [n_items + 1]
     neighbours: np.ndarray  # [2 * n_pairs] row indices
+    weights: np.ndarray | None = None  # [2 * n_pairs] float64 > 0, or None
 
     @classmethod
     def build(cls, pairs: Any, ids: Sequence[str]) -> "PairIndex":
-        """From a two-column DataFrame or an ``(n, 2)`` array of item ids; every id must be in ``ids``."""
+        """From a DataFrame or an ``(n, 2)`` array of item ids; every id must be in ``ids``.
+
+        A DataFrame has two columns (item id, positive id), or three where the third is a positive
+        sampling weight (e.g. :func:`sequence_pairs`' ``count``); a pair given twice is kept once (with
+        weights, their sum)."""
+        weights = None
         if isinstance(pairs, pd.DataFrame):
-            if pairs.shape[1] != 2:
-                raise ValueError(f"positive_pairs must have 2 columns (item id, positive id), got "
-                                 f"{list(pairs.columns)}")
-            arr = pairs.astype(str).to_numpy()
+            if pairs.shape[1] not in (2, 3):
+                raise ValueError(f"positive_pairs must have 2 columns (item id, positive id) or 3 (and a "
+                                 f"weight), got {list(pairs.columns)}")
+            arr = pairs.iloc[:, :2].astype(str).to_numpy()
+            if pairs.shape[1] == 3:
+                column = pairs.columns[2]
+                weights = pd.to_numeric(pairs[column], errors="coerce").to_numpy(np.float64)
+                bad = np.flatnonzero(~(np.isfinite(weights) & (weights > 0)))
+                if len(bad):
+                    raise ValueError(f"positive_pairs: weight column {column!r} must hold finite numbers > 0; "
+                                     f"row {int(bad[0])} has {pairs[column].iloc[bad[0]]!r}")
         else:
             arr = np.asarray(pairs, dtype=object)
             if arr.ndim != 2 or arr.shape[1] != 2:
@@ -87,11 +110,18 @@ class PairIndex:
             raise ValueError("positive_pairs has no pair of two different items")
         order = np.lexsort((dst, src))
         src, dst = src[order], dst[order]
-        dup = np.r_[False, (src[1:] == src[:-1]) & (dst[1:] == dst[:-1])]
-        src, dst = src[~dup], dst[~dup]
+        first = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]
+        if weights is not None:
+            w = np.concatenate([weights[keep], weights[keep]])[order]
+            weights = np.add.reduceat(w, np.flatnonzero(first))
+        src, dst = src[first], dst[first]
         offsets = np.zeros(len(ids) + 1, np.int64)
         np.add.at(offsets, src + 1, 1)
-        return cls(np.cumsum(offsets), dst)
+        return cls(np.cumsum(offsets), dst, weights)
+
+    @cached_property
+    def _cumulative_weights(self) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(self.weights)])
 
     @property
     def n_pairs(self) -> int:
@@ -102,11 +132,19 @@ class PairIndex:
 
     def sample(self, rows: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
         """For each row: with probability ``prob`` (and where it has positives) one of its positives,
-        uniformly; otherwise the row itself."""
+        uniformly or in proportion to ``weights``; otherwise the row itself."""
         rows = np.asarray(rows, np.int64)
         deg = self.degree(rows)
         swap = (deg > 0) & (rng.random(len(rows)) < prob)
-        pick = self.offsets[rows] + (rng.random(len(rows)) * np.maximum(deg, 1)).astype(np.int64)
+        u = rng.random(len(rows))
+        start = self.offsets[rows]
+        if self.weights is None:
+            pick = start + (u * np.maximum(deg, 1)).astype(np.int64)
+        else:  # inverse CDF within each row's slice of the cumulative weights
+            cum = self._cumulative_weights
+            lo, hi = cum[start], cum[start + deg]
+            pick = np.searchsorted(cum, lo + u * (hi - lo), side="right") - 1
+            pick = np.clip(pick, start, start + np.maximum(deg, 1) - 1)
         return np.where(swap, self.neighbours[np.minimum(pick, len(self.neighbours) - 1)], rows)
 
     def linked(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -182,6 +182,11 @@ def test_bad_items_files(tmp_path, capsys):
     short = _write(tmp_path, "short.csv", pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"]}))
     cases.append((["fit", ok, *out, "--interactions", short], "no two different consecutive items"))
     cases.append((["fit", ok, *out, "--interactions", short, "--pair-prob", "0"], "--pair-prob must be in (0, 1]"))
+    cases.append((["fit", ok, *out, "--interactions", short, "--pair-min-count", "0"],
+                  "--pair-min-count must be at least 1"))
+    once = _write(tmp_path, "once.csv", pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "b", "a", "b"]}))
+    cases.append((["fit", ok, *out, "--interactions", once, "--holdout-last", "0", "--pair-min-count", "4"],
+                  "seen at least 4 times"))
     cases.append((["encode", ok, "-o", str(tmp_path / "e.safetensors"), "--embedder", str(tmp_path / "run"),
                    "--field", "name=title"], "do not combine it with --model"))
     cases.append((["encode", ok, "-o", str(tmp_path)], "is a folder"))
@@ -258,17 +263,21 @@ def write_histories(folder: Path) -> Path:
     return inter
 
 
-def test_fit_negatives_include_partners_turns_the_mask_off(tiny_bert_dir, items_csv, tmp_path, capsys):
+@pytest.mark.parametrize("options, expected", [
+    ((), {"positive_pairs": 3, "mask_known_positives": True, "pair_weighted": False}),
+    (("--negatives-include-partners",), {"positive_pairs": 3, "mask_known_positives": False}),
+    (("--pair-weighting", "count"), {"positive_pairs": 3, "pair_weighted": True}),
+])
+def test_fit_pair_options_reach_the_training(tiny_bert_dir, items_csv, tmp_path, capsys, options, expected):
     run_dir = tmp_path / "run"
     code, out, err = run(
         capsys, "fit", str(items_csv), "--model", tiny_bert_dir, "--output-dir", str(run_dir),
         "--batch-size", "4", "--max-steps", "1", "--lora-r", "4", "--no-progress", "-q",
-        "--interactions", str(write_histories(tmp_path)), "--pair-prob", "1.0", "--negatives-include-partners",
+        "--interactions", str(write_histories(tmp_path)), "--pair-prob", "1.0", *options,
     )
     assert code == 0, err
     training = json.loads((run_dir / "item_embedder_config.json").read_text())["training"]
-    assert training["positive_pairs"] == 3 and training["pair_prob"] == 1.0
-    assert training["mask_known_positives"] is False
+    assert {k: training[k] for k in expected} == expected
 
 
 def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, monkeypatch):

@@ -49,6 +49,40 @@ def test_sequence_pairs_follow_time_order_drop_repeats_and_hold_out_the_last_ite
         sequence_pairs(histories(), window=0)
 
 
+def test_sequence_pairs_count_transitions_and_filter_rare_pairs():
+    # u1: a b a b (a-b three times), u2: b c a (b-c once, c-a once), u3: c b (b-c again)
+    df = pd.DataFrame({"user_id": ["u1"] * 4 + ["u2"] * 3 + ["u3"] * 2,
+                       "item_id": ["a", "b", "a", "b", "b", "c", "a", "c", "b"], "timestamp": range(9)})
+    counted = sequence_pairs(df, counts=True)
+    assert list(counted.columns) == ["item_id", "positive_id", "count"]
+    assert {(x, y): n for x, y, n in counted.to_numpy()} == {("a", "b"): 3, ("b", "c"): 2, ("a", "c"): 1}
+    assert as_set(sequence_pairs(df, min_count=2)) == {("a", "b"), ("b", "c")}
+    assert list(sequence_pairs(df).columns) == ["item_id", "positive_id"]  # the default stays two columns
+    assert sequence_pairs(df, min_count=4).empty
+    with pytest.raises(ValueError, match="min_count"):
+        sequence_pairs(df, min_count=0)
+
+
+def test_weighted_pair_index_samples_partners_in_proportion():
+    ids = ["a", "b", "c", "d"]
+    # (a, b) given twice: weights add up to 6; a's partners b : c : d = 6 : 3 : 1
+    pairs = pd.DataFrame({"x": ["a", "b", "a", "d"], "y": ["b", "a", "c", "a"], "count": [2, 4, 3, 1]})
+    index = PairIndex.build(pairs, ids)
+    assert index.n_pairs == 3
+    got = index.sample(np.zeros(20000, np.int64), 1.0, np.random.default_rng(0))
+    share = np.bincount(got, minlength=4) / len(got)
+    assert share[0] == 0 and np.allclose(share[1:], [0.6, 0.3, 0.1], atol=0.015)
+    # rows with one partner always get it, whatever its weight; rows without keep themselves
+    assert (index.sample(np.full(50, 2), 1.0, np.random.default_rng(1)) == 0).all()
+    assert set(PairIndex.build(pairs.iloc[:, :2], ids).sample(np.zeros(3000, np.int64), 1.0,
+                                                             np.random.default_rng(2))) == {1, 2, 3}
+    for bad in (0, -1.0, float("nan"), "many"):
+        with pytest.raises(ValueError, match="'count'.*row 1"):
+            PairIndex.build(pairs.assign(count=[1, bad, 1, 1]), ids)
+    with pytest.raises(ValueError, match="3 \\(and a weight\\)"):
+        PairIndex.build(pairs.assign(extra=1), ids)
+
+
 def test_pair_index_is_symmetric_and_samples_only_partners():
     ids = ["a", "b", "c", "d", "lonely"]
     index = PairIndex.build(pd.DataFrame({"x": ["a", "a", "b", "a"], "y": ["b", "c", "a", "a"]}), ids)
@@ -150,6 +184,8 @@ def test_bad_pairs_fail_before_model_work(tiny_bert_dir, no_model):
     with pytest.raises(ValueError, match="pair_prob"):
         emb.fit(df, positive_pairs=[("a", "b")], pair_prob=0.0)
     with pytest.raises(ValueError, match="2 columns"):
+        emb.fit(df, positive_pairs=pd.DataFrame({"x": ["a"], "y": ["b"], "z": [1], "w": [1]}))
+    with pytest.raises(ValueError, match="weight column 'z'.*row 0 has 'b'"):
         emb.fit(df, positive_pairs=pd.DataFrame({"x": ["a"], "y": ["b"], "z": ["b"]}))
 
 
@@ -165,5 +201,8 @@ def test_resume_refuses_a_checkpoint_made_from_other_pairs_or_prompts(tiny_bert_
     with pytest.raises(ValueError, match="training data differ"):  # same ids, other prompts
         ItemEmbedder(tiny_bert_dir, max_length=32).fit(df.assign(title=["w", "x", "y", "z"]),
                                                        positive_pairs=[("a", "b")], **more)
+    weighted = pd.DataFrame({"x": ["a"], "y": ["b"], "count": [3]})  # same pair, drawn by weight
+    with pytest.raises(ValueError, match="training data differ"):
+        ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, positive_pairs=weighted, **more)
     resumed = ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, positive_pairs=[("b", "a")], **more)
     assert resumed.training_summary["steps"] == 1  # same data (a pair is a pair either way): resumed

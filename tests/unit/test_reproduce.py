@@ -72,6 +72,8 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
     old1 = {k: v for k, v in dataclasses.asdict(Stage1()).items() if k not in STAGE1_LATER_FIELDS}
     assert stage1_key(Stage1()) == old1 and stage1_key(Stage1(pair_prob=0.5))["pair_prob"] == 0.5
     assert stage1_key(Stage1(pair_prob=0.5, mask_known_positives=True))["mask_known_positives"] is True
+    strong = stage1_key(Stage1(pair_prob=0.5, pair_min_count=2, pair_weighted=True))
+    assert strong["pair_min_count"] == 2 and strong["pair_weighted"] is True
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
