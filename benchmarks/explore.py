@@ -69,7 +69,6 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # partners drawn in proportion to how often the pair occurs in training histories instead of
     # uniformly (most distinct pairs occur once), and only pairs seen at least twice ("strong")
     Variant("w/o Se-view pairCFT weighted", head=(ONE_VIEW,), stage1=PAIRS_WEIGHTED),
-    Variant("w/o Cro pairCFT weighted", head=(CONCAT,), stage1=PAIRS_WEIGHTED),
     Variant("w/o Se-view pairCFT strong", head=(ONE_VIEW,), stage1=PAIRS_STRONG),
 ]}
 

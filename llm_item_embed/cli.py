@@ -244,10 +244,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--pair-min-count must be at least 1, got {args.pair_min_count}")
     df = read_items(args.items, args.id_column)
     check_table(df, template, args.id_column, args.items)
+    weighted = args.pair_weighting == "count"
     pairs = None
     if args.interactions:
         pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last, args.pair_min_count,
-                           counts=args.pair_weighting == "count")
+                           counts=weighted)
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -257,7 +258,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         fit_kwargs.update(positive_pairs=pairs, pair_prob=args.pair_prob,
                           mask_known_positives=not args.negatives_include_partners)
         logger.info("%d positive pairs from %s (pair_prob %.2f, %s partners)", len(pairs), args.interactions,
-                    args.pair_prob, "count-weighted" if args.pair_weighting == "count" else "uniform")
+                    args.pair_prob, "count-weighted" if weighted else "uniform")
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
