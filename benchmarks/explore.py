@@ -70,6 +70,12 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # uniformly (most distinct pairs occur once), and only pairs seen at least twice ("strong")
     Variant("w/o Se-view pairCFT weighted", head=(ONE_VIEW,), stage1=PAIRS_WEIGHTED),
     Variant("w/o Se-view pairCFT strong", head=(ONE_VIEW,), stage1=PAIRS_STRONG),
+    # cosine scoring: user state and item vectors L2-normalised, logits divided by a temperature
+    # (DualViewConfig.score_temperature), for the ID-only anchor, SAID and the concatenation dual
+    # view alike, so that each gets the same temperature grid
+    *[Variant(f"{base.name} cos{tau}", semantic=base.semantic, head=(*base.head, ("score_temperature", tau)))
+      for base in (rp.VARIANTS["SASRec"], rp.VARIANTS["SAID"], rp.VARIANTS["w/o Cro frozen"])
+      for tau in (0.05, 0.1)],
 ]}
 
 

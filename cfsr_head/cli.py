@@ -96,7 +96,8 @@ def read_embeddings(path: str | Path) -> SemanticTable:
 
 # ---------------------------------------------------------------------------------- model
 def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.ndarray | None, *, d: int,
-                max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int):
+                max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int,
+                score_temperature: float | None = None):
     """The DualViewHead of one CLI variant ("sasrec": ID-only with a random table)."""
     import torch
 
@@ -108,7 +109,7 @@ def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.nd
         encoder = SASRecEncoder(d=d, n_layers=n_layers, n_heads=n_heads, max_len=max_len, dropout=dropout)
     else:
         encoder = GRU4RecEncoder(d=d, n_layers=1, dropout=dropout)
-    opts: dict[str, Any] = dict(d=d, dropout=dropout, loss=loss, seed=seed)
+    opts: dict[str, Any] = dict(d=d, dropout=dropout, loss=loss, seed=seed, score_temperature=score_temperature)
     if variant == "sasrec" or (variant == "no-semantic" and semantic is None):
         return DualViewHead(encoder, semantic=None, num_items=num_items, use_semantic=False,
                             collab_init="random", **opts)
@@ -179,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            f"(min(items, width) = {min(semantic.shape)})")
     model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
                         n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout, loss=args.loss,
-                        seed=args.seed)
+                        seed=args.seed, score_temperature=args.score_temperature)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
     trainer = Trainer(model, split, config)
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--dropout", type=_fraction, default=0.2)
+    t.add_argument("--score-temperature", type=_positive_float, default=None, metavar="TAU",
+                   help="score items by cosine similarity / TAU instead of the dot product (beyond the paper)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--sliding", action="store_true", help="train on every max_len window of long sequences")
     t.add_argument("--eval-protocol", choices=("full", "sampled"), default="full",

@@ -61,6 +61,11 @@ class DualViewConfig:
       or "fallback" (they get one learned fallback row per view).
     - ``loss`` / ``n_negatives``: default loss of ``loss()`` and how many negatives it samples
       per position when none are given.
+    - ``score_temperature``: None scores an item by the dot product of the user state and the item
+      representation (the paper); a float tau scores by their cosine similarity divided by tau
+      (beyond the paper: both vectors L2-normalised, in training and in ``score`` /
+      ``full_scores``, so that an item's norm, which grows with its training frequency, no longer
+      ranks it). ``user_state`` and ``item_representations`` stay unnormalised.
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
@@ -81,6 +86,7 @@ class DualViewConfig:
     missing_item_policy: str = "error"
     loss: str = "bpr"
     n_negatives: int = 1
+    score_temperature: float | None = None
     semantic_dim: int | None = None
     seed: int = 0
 
@@ -104,6 +110,8 @@ class DualViewConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.collab_init_std is not None and not self.collab_init_std > 0:
             raise ValueError(f"collab_init_std must be > 0 (or None), got {self.collab_init_std}")
+        if self.score_temperature is not None and not self.score_temperature > 0:
+            raise ValueError(f"score_temperature must be > 0 (or None), got {self.score_temperature}")
         if self.adapter_init == "pca" and not self.use_semantic:
             raise ValueError("adapter_init='pca' needs the semantic view (use_semantic=True)")
 
@@ -458,18 +466,29 @@ class DualViewHead(nn.Module):
         return out[torch.arange(out.shape[0], device=out.device), last]
 
     # ------------------------------------------------------------------ scoring
+    def _scored_states(self, states: Tensor) -> Tensor:
+        """User states as they enter the score: unchanged (dot product) or, with
+        ``score_temperature``, unit length divided by the temperature (cosine / tau)."""
+        tau = self.config.score_temperature
+        return states if tau is None else F.normalize(states, dim=-1) / tau
+
+    def _scored_items(self, items: Tensor) -> Tensor:
+        """Item vectors as they enter the score: unchanged or, with ``score_temperature``, unit
+        length (the zero padding row stays zero)."""
+        return items if self.config.score_temperature is None else F.normalize(items, dim=-1)
+
     def score(self, states: Tensor, candidates: Tensor) -> Tensor:
         """``states [B, D]``, ``candidates [B, C]`` (or ``[C]`` for all users) -> ``[B, C]``."""
         candidates = candidates.long()
         invalid = self._check_ids(candidates, "candidate")
-        rows = self._rows(candidates, invalid)
+        states, rows = self._scored_states(states), self._scored_items(self._rows(candidates, invalid))
         if candidates.ndim == 1:
             return states @ rows.T
         return torch.einsum("bd,bcd->bc", states, rows)
 
     def full_scores(self, states: Tensor) -> Tensor:
         """``[B, N+1]`` scores for every item index; column 0 (padding) is -inf."""
-        scores = states @ self.item_representations().T
+        scores = self._scored_states(states) @ self._scored_items(self.item_representations()).T
         scores[:, 0] = float("-inf")
         return scores
 
@@ -515,17 +534,17 @@ class DualViewHead(nn.Module):
         out = self._encode(x.view(*item_seq.shape, -1), padding_mask)
         if M == 0:
             return out.sum() * 0.0
-        states = out[valid]  # [M, D]
+        states, e_pos = self._scored_states(out[valid]), self._scored_items(e_pos)  # [M, D]
         s_pos = (states * e_pos).sum(-1)
         if loss_type == "ce":
-            table = self._table(with_fallback=True)
+            table = self._scored_items(self._table(with_fallback=True))
             logits = states @ table.T
             logits[:, 0] = float("-inf")
             if self.fallback_se is None and self.fallback_co is None:
                 logits[:, -1] = float("-inf")
             target = p.masked_fill(p_invalid, self._num_items + 1)
             return F.cross_entropy(logits, target)
-        e_neg = e_neg.view(M, -1, rows.shape[-1])
+        e_neg = self._scored_items(e_neg.view(M, -1, rows.shape[-1]))
         s_neg = torch.einsum("md,mnd->mn", states, e_neg)
         if loss_type == "bpr":
             return -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()

@@ -117,6 +117,18 @@ def test_variants(dataset, embeddings_file, tmp_path, variant, capsys):
     assert "Overall" in capsys.readouterr().out
 
 
+def test_score_temperature_reaches_the_model(dataset, embeddings_file, tmp_path):
+    out = tmp_path / "cos"
+    assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
+                           "--score-temperature", "0.1", "--epochs", "1", "--quiet")) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["score_temperature"] == 0.1
+    plain = tmp_path / "dot"
+    assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
+    assert json.loads((plain / "config.json").read_text())["config"]["score_temperature"] is None
+    with pytest.raises(SystemExit):
+        main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--score-temperature", "0"))
+
+
 def test_gru4rec_encoder(dataset, tmp_path):
     out = tmp_path / "gru"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--encoder", "gru4rec", "--epochs", "1",

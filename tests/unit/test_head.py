@@ -35,6 +35,7 @@ CONFIGS = {
     "random_init": {"collab_init": "random"},
     "gelu_residual": {"adapter_activation": "gelu", "cross_residual": True},
     "fallback_frozen": {"missing_item_policy": "fallback", "freeze_collaborative": True},
+    "cosine": {"fusion": "concat", "score_temperature": 0.1},
 }
 
 
@@ -428,6 +429,53 @@ def test_loss_definitions() -> None:
         assert head.loss(seq, pos, torch.cat([same, neg.unsqueeze(-1)], -1), loss_type="sampled_softmax") < 50
     with pytest.raises(ValueError, match="loss_type"):
         head.loss(seq, pos, neg, loss_type="hinge")
+
+
+def test_cosine_scoring_with_a_temperature() -> None:
+    """score_temperature: every score is cos(state, item) / tau, in score, full_scores and every loss,
+    so an item's norm no longer ranks it; the default stays the dot product."""
+    tau = 0.1
+    head = make_head(dropout=0.0, score_temperature=tau).eval()
+    seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
+    pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
+    neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+    F = torch.nn.functional
+    with torch.no_grad():
+        out = head(seq)[:, -3:].reshape(6, -1)
+        reps = head.item_representations()
+        cos = F.normalize(out, dim=-1) @ F.normalize(reps, dim=-1).T / tau  # [6, N+1]
+        sp = cos.gather(1, pos[:, -3:].reshape(6, 1)).squeeze(1)
+        sn = cos.gather(1, neg[:, -3:].reshape(6, 1)).squeeze(1)
+        torch.testing.assert_close(head.loss(seq, pos, neg), -F.logsigmoid(sp - sn).mean(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head.loss(seq, pos, neg, loss_type="bce"),
+                                   F.softplus(-sp).mean() + F.softplus(sn).mean(), atol=1e-5, rtol=1e-5)
+        ce_logits = cos.clone()
+        ce_logits[:, 0] = float("-inf")
+        torch.testing.assert_close(head.loss(seq, pos, loss_type="ce"),
+                                   F.cross_entropy(ce_logits, pos[:, -3:].reshape(6)), atol=1e-5, rtol=1e-5)
+        states = head.user_state(seq)
+        full = head.full_scores(states)
+        assert full[:, 1:].abs().max() <= 1 / tau + 1e-4
+        expected = F.normalize(states, dim=-1) @ F.normalize(reps, dim=-1).T / tau
+        torch.testing.assert_close(full[:, 1:], expected[:, 1:])
+        torch.testing.assert_close(head.score(states, torch.tensor([3, 8])), expected[:, [3, 8]])
+        torch.testing.assert_close(head.score(states, torch.tensor([[3, 8], [1, 2]])),
+                                   expected.gather(1, torch.tensor([[3, 8], [1, 2]])))
+    # an item's norm ranks it under the dot product, not under the cosine (one view, so that the
+    # item's whole vector is its ID row)
+    for temperature in (None, tau):
+        one_view = make_head(dropout=0.0, use_semantic=False, score_temperature=temperature).eval()
+        with torch.no_grad():
+            st = one_view.user_state(seq)
+            before = one_view.full_scores(st)[:, 4].clone()
+            one_view.item_embedding.weight[4] *= 10
+            after = one_view.full_scores(st)[:, 4]
+        if temperature is None:
+            torch.testing.assert_close(after, 10 * before)
+        else:
+            torch.testing.assert_close(after, before)
+    with pytest.raises(ValueError, match="score_temperature"):
+        make_head(score_temperature=0.0)
 
 
 # ---------------------------------------------------------------------------- ablation shapes
