@@ -76,6 +76,9 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     *[Variant(f"{base.name} cos{tau}", semantic=base.semantic, head=(*base.head, ("score_temperature", tau)))
       for base in (rp.VARIANTS["SASRec"], rp.VARIANTS["SAID"], rp.VARIANTS["w/o Cro frozen"])
       for tau in (0.05, 0.1)],
+    # the best Beauty single view (SAID on pair-CFT embeddings) with the temperature the cosine
+    # rows above chose on validation
+    Variant("w/o Se-view pairCFT cos0.1", head=(ONE_VIEW, ("score_temperature", 0.1)), stage1=(PAIRS,)),
 ]}
 
 
