@@ -66,6 +66,11 @@ class DualViewConfig:
       (beyond the paper: both vectors L2-normalised, in training and in ``score`` /
       ``full_scores``, so that an item's norm, which grows with its training frequency, no longer
       ranks it). ``user_state`` and ``item_representations`` stay unnormalised.
+    - ``view_loss_weight``: 0 trains on the fused score only (the paper). A weight w > 0 (beyond
+      the paper; needs both views) adds w times the same loss computed on each view's own score
+      (``e_se . u_se`` and ``e_co . u_co``, or their cosines / tau within the view), so that each
+      view must recommend on its own and the fused score acts as an ensemble of two recommenders
+      rather than two halves that only work together. Scoring at evaluation is unchanged.
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
@@ -87,6 +92,7 @@ class DualViewConfig:
     loss: str = "bpr"
     n_negatives: int = 1
     score_temperature: float | None = None
+    view_loss_weight: float = 0.0
     semantic_dim: int | None = None
     seed: int = 0
 
@@ -112,6 +118,10 @@ class DualViewConfig:
             raise ValueError(f"collab_init_std must be > 0 (or None), got {self.collab_init_std}")
         if self.score_temperature is not None and not self.score_temperature > 0:
             raise ValueError(f"score_temperature must be > 0 (or None), got {self.score_temperature}")
+        if not self.view_loss_weight >= 0:
+            raise ValueError(f"view_loss_weight must be >= 0, got {self.view_loss_weight}")
+        if self.view_loss_weight > 0 and not (self.use_semantic and self.use_collaborative):
+            raise ValueError("view_loss_weight > 0 needs both views (use_semantic and use_collaborative)")
         if self.adapter_init == "pca" and not self.use_semantic:
             raise ValueError("adapter_init='pca' needs the semantic view (use_semantic=True)")
 
@@ -534,24 +544,55 @@ class DualViewHead(nn.Module):
         out = self._encode(x.view(*item_seq.shape, -1), padding_mask)
         if M == 0:
             return out.sum() * 0.0
-        states, e_pos = self._scored_states(out[valid]), self._scored_items(e_pos)  # [M, D]
-        s_pos = (states * e_pos).sum(-1)
         if loss_type == "ce":
-            table = self._scored_items(self._table(with_fallback=True))
-            logits = states @ table.T
-            logits[:, 0] = float("-inf")
-            if self.fallback_se is None and self.fallback_co is None:
-                logits[:, -1] = float("-inf")
+            logit_sets = self._logit_sets(out[valid], self._table(with_fallback=True))  # each [M, N+2]
             target = p.masked_fill(p_invalid, self._num_items + 1)
-            return F.cross_entropy(logits, target)
-        e_neg = self._scored_items(e_neg.view(M, -1, rows.shape[-1]))
-        s_neg = torch.einsum("md,mnd->mn", states, e_neg)
-        if loss_type == "bpr":
-            return -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()
-        if loss_type == "bce":
-            return F.softplus(-s_pos).mean() + F.softplus(s_neg).mean()
-        logits = torch.cat([s_pos.unsqueeze(1), s_neg.masked_fill(neg_v == p.unsqueeze(1), float("-inf"))], 1)
-        return F.cross_entropy(logits, torch.zeros(M, dtype=torch.long, device=logits.device))
+            no_fallback = self.fallback_se is None and self.fallback_co is None
+        else:
+            candidates = torch.cat([e_pos.unsqueeze(1), e_neg.view(M, -1, rows.shape[-1])], 1)
+            logit_sets = self._logit_sets(out[valid], candidates)  # each [M, 1+n], the positive first
+
+        def one_loss(logits: Tensor) -> Tensor:
+            if loss_type == "ce":
+                logits[:, 0] = float("-inf")
+                if no_fallback:
+                    logits[:, -1] = float("-inf")
+                return F.cross_entropy(logits, target)
+            s_pos, s_neg = logits[:, 0], logits[:, 1:]
+            if loss_type == "bpr":
+                return -F.logsigmoid(s_pos.unsqueeze(1) - s_neg).mean()
+            if loss_type == "bce":
+                return F.softplus(-s_pos).mean() + F.softplus(s_neg).mean()
+            masked = torch.cat([s_pos.unsqueeze(1), s_neg.masked_fill(neg_v == p.unsqueeze(1), float("-inf"))], 1)
+            return F.cross_entropy(masked, torch.zeros(M, dtype=torch.long, device=masked.device))
+
+        fused, *per_view = [one_loss(logits) for logits in logit_sets]
+        return fused + self.config.view_loss_weight * sum(per_view) if per_view else fused
+
+    def _logit_sets(self, states: Tensor, items: Tensor) -> list[Tensor]:
+        """Scores of ``states [M, D]`` against ``items``: ``[C, D]`` (the same candidates for every
+        state) or ``[M, C, D]`` (candidates per state), as ``score`` computes them. With
+        ``view_loss_weight`` > 0, followed by each view's own scores (semantic, collaborative; the
+        cosine taken within the view). The per-view dot products are computed once and the fused
+        score is built from them, so the extra scores cost no extra matrix product."""
+        def dots(a: Tensor, b: Tensor) -> Tensor:
+            return a @ b.T if b.ndim == 2 else torch.einsum("md,mcd->mc", a, b)
+
+        cfg = self.config
+        if cfg.view_loss_weight == 0:
+            return [dots(self._scored_states(states), self._scored_items(items))]
+        d, tau = cfg.d, cfg.score_temperature
+        views = [(states[:, :d], items[..., :d]), (states[:, d:], items[..., d:])]
+        raw = [dots(s, e) for s, e in views]
+        if tau is None:
+            return [raw[0] + raw[1], *raw]
+
+        def cosine(r: Tensor, s: Tensor, e: Tensor) -> Tensor:  # r / (|s| |e| tau), as F.normalize's eps
+            inv_s = s.norm(dim=-1).clamp_min(1e-12).reciprocal() / tau
+            inv_e = e.norm(dim=-1).clamp_min(1e-12).reciprocal()
+            return r * inv_s.unsqueeze(1) * (inv_e.unsqueeze(0) if e.ndim == 2 else inv_e)
+
+        return [cosine(raw[0] + raw[1], states, items), *(cosine(r, s, e) for r, (s, e) in zip(raw, views))]
 
     # ------------------------------------------------------------------ cold start
     @torch.no_grad()

@@ -129,6 +129,20 @@ def test_score_temperature_reaches_the_model(dataset, embeddings_file, tmp_path)
         main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--score-temperature", "0"))
 
 
+def test_view_loss_weight_reaches_the_model(dataset, embeddings_file, tmp_path, capsys):
+    out = tmp_path / "vloss"
+    assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
+                           "--view-loss-weight", "0.5", "--epochs", "1", "--quiet")) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["view_loss_weight"] == 0.5
+    plain = tmp_path / "plain"
+    assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
+    assert json.loads((plain / "config.json").read_text())["config"]["view_loss_weight"] == 0.0
+    capsys.readouterr()
+    assert main(train_args(dataset, tmp_path / "one", "--variant", "sasrec", "--view-loss-weight", "1")) == 2
+    assert "--view-loss-weight needs both views; --variant sasrec" in capsys.readouterr().err
+    assert not (tmp_path / "one" / "checkpoints").exists()
+
+
 def test_gru4rec_encoder(dataset, tmp_path):
     out = tmp_path / "gru"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--encoder", "gru4rec", "--epochs", "1",

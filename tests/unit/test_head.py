@@ -576,3 +576,77 @@ def test_plain_sasrec_round_trip_and_sampled_negatives(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(plain.eval().user_state(seq), loaded.user_state(seq))
     assert loaded.semantic_table is None and loaded.num_items == N
+
+
+@pytest.mark.parametrize("tau", [None, 0.1])
+def test_view_loss_weight_adds_each_views_own_loss(tau: float | None) -> None:
+    """view_loss_weight=w: loss = fused loss + w * (semantic view's loss + collaborative view's loss),
+    each view scored on its own half (cosine within the half when tau is set); w=0 is the fused loss."""
+    F = torch.nn.functional
+    w = 0.7
+    head = make_head(dropout=0.0, fusion="concat", score_temperature=tau, view_loss_weight=w).eval()
+    plain = make_head(dropout=0.0, fusion="concat", score_temperature=tau).eval()
+    plain.load_state_dict(head.state_dict())
+    seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
+    pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
+    neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+
+    def scores(out: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
+        if tau is None:
+            return out @ reps.T
+        return F.normalize(out, dim=-1) @ F.normalize(reps, dim=-1).T / tau
+
+    with torch.no_grad():
+        out = head(seq)[:, -3:].reshape(6, -1)
+        reps = head.item_representations()
+        target, negs = pos[:, -3:].reshape(6, 1), neg[:, -3:].reshape(6, 1)
+        expected = {"ce": 0.0, "bpr": 0.0}
+        for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
+            s = scores(out[:, cols], reps[:, cols])
+            ce_logits = s.clone()
+            ce_logits[:, 0] = float("-inf")
+            weight = 1.0 if k == 0 else w
+            expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
+            expected["bpr"] += weight * -F.logsigmoid(s.gather(1, target) - s.gather(1, negs)).mean()
+        for loss_type, value in expected.items():
+            torch.testing.assert_close(head.loss(seq, pos, neg, loss_type=loss_type), value, atol=1e-5, rtol=1e-5)
+            fused_only = plain.loss(seq, pos, neg, loss_type=loss_type)
+            assert head.loss(seq, pos, neg, loss_type=loss_type) > fused_only + 1e-3
+        # evaluation scores ignore the weight
+        states = head.user_state(seq)
+        torch.testing.assert_close(head.full_scores(states), plain.full_scores(states))
+
+
+def test_view_loss_weight_trains_each_view_to_rank_alone() -> None:
+    """With the per-view losses each half of the state predicts the next item on its own."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, N + 1, (L + 1,), generator=g).tolist() for _ in range(8)]
+    full = torch.tensor(rows)
+    seq, pos = full[:, :-1], full[:, 1:]
+    view_losses = {}
+    for w in (0.0, 1.0):
+        head = make_head(dropout=0.0, fusion="concat", view_loss_weight=w, seed=1)
+        head.encoder.emb_dropout.p = 0.0
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            head.loss(seq, pos, loss_type="ce").backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            out, reps = head(seq), head.item_representations()
+            per_view = []
+            for cols in (slice(0, D), slice(D, 2 * D)):
+                logits = out[..., cols] @ reps[:, cols].T
+                logits[..., 0] = float("-inf")
+                per_view.append(F.cross_entropy(logits.reshape(-1, N + 1), pos.reshape(-1)).item())
+        view_losses[w] = per_view
+    assert all(a < b for a, b in zip(view_losses[1.0], view_losses[0.0])), view_losses
+
+
+def test_view_loss_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match="view_loss_weight must be >= 0"):
+        make_head(view_loss_weight=-0.1)
+    with pytest.raises(ValueError, match="needs both views"):
+        make_head(view_loss_weight=0.5, use_semantic=False)
