@@ -573,26 +573,15 @@ class DualViewHead(nn.Module):
         """Scores of ``states [M, D]`` against ``items``: ``[C, D]`` (the same candidates for every
         state) or ``[M, C, D]`` (candidates per state), as ``score`` computes them. With
         ``view_loss_weight`` > 0, followed by each view's own scores (semantic, collaborative; the
-        cosine taken within the view). The per-view dot products are computed once and the fused
-        score is built from them, so the extra scores cost no extra matrix product."""
+        cosine taken within the view)."""
         def dots(a: Tensor, b: Tensor) -> Tensor:
             return a @ b.T if b.ndim == 2 else torch.einsum("md,mcd->mc", a, b)
 
-        cfg = self.config
-        if cfg.view_loss_weight == 0:
-            return [dots(self._scored_states(states), self._scored_items(items))]
-        d, tau = cfg.d, cfg.score_temperature
-        views = [(states[:, :d], items[..., :d]), (states[:, d:], items[..., d:])]
-        raw = [dots(s, e) for s, e in views]
-        if tau is None:
-            return [raw[0] + raw[1], *raw]
-
-        def cosine(r: Tensor, s: Tensor, e: Tensor) -> Tensor:  # r / (|s| |e| tau), as F.normalize's eps
-            inv_s = s.norm(dim=-1).clamp_min(1e-12).reciprocal() / tau
-            inv_e = e.norm(dim=-1).clamp_min(1e-12).reciprocal()
-            return r * inv_s.unsqueeze(1) * (inv_e.unsqueeze(0) if e.ndim == 2 else inv_e)
-
-        return [cosine(raw[0] + raw[1], states, items), *(cosine(r, s, e) for r, (s, e) in zip(raw, views))]
+        pairs = [(states, items)]
+        if self.config.view_loss_weight > 0:
+            d = self.config.d
+            pairs += [(states[:, :d], items[..., :d]), (states[:, d:], items[..., d:])]
+        return [dots(self._scored_states(s), self._scored_items(e)) for s, e in pairs]
 
     # ------------------------------------------------------------------ cold start
     @torch.no_grad()
