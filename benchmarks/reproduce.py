@@ -656,7 +656,9 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
     covered = {n for _, names in sections for n in names}
     sections.append(("Other variants", ["SASRec", "LLM-CFSR", *[n for n in results if n not in covered]]))
     for title, names in sections:
-        if not any(n in results for n in names[1:] if n not in ("SASRec", "LLM-CFSR")) and title != "Main comparison":
+        # a section needs a row of its own; SASRec and LLM-CFSR only anchor the sections after the main one
+        anchors = () if title == "Main comparison" else ("SASRec", "LLM-CFSR")
+        if not any(n in results for n in names if n not in anchors):
             continue
         for protocol in PROTOCOLS:
             label = "full ranking over all items" if protocol == "full" else "1 positive + 100 sampled negatives"

@@ -334,6 +334,22 @@ def test_report_lists_variants_outside_the_study_sections(tmp_path):
             in rp.write_report(three, results, {}).read_text())
 
 
+def test_report_has_a_main_comparison_only_when_a_main_table_variant_ran(tmp_path):
+    from benchmarks import reproduce as rp
+
+    def rec(valid, test):
+        return {**record(valid, test), "stage2": {"seed": 0, "dropout": 0.2}}
+
+    study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0,))
+    text = rp.write_report(study, {"my row": {"ce": [rec(0.2, 0.3)]}}, {}).read_text()
+    assert "## Main comparison" not in text and "toy_main.png" not in text
+    assert not (tmp_path / "out" / "toy_main.png").exists()
+    assert "| my row | " in text.split("## Other variants: full ranking over all items")[1]
+    text = rp.write_report(study, {"SAID": {"ce": [rec(0.2, 0.3)]}, "my row": {"ce": [rec(0.1, 0.1)]}}, {}).read_text()
+    assert "| SAID | " in text.split("## Main comparison: full ranking over all items")[1].split("##")[0]
+    assert (tmp_path / "out" / "toy_main.png").exists()
+
+
 def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_page(tmp_path, monkeypatch):
     """Pop never ranks a tail item on the real data: its gain is undefined. ``json.dumps`` would write
     NaN, which is not JSON; the raw file says null and the page says n/a."""
