@@ -511,6 +511,8 @@ class DualViewHead(nn.Module):
         "ce"). Types: "bpr" (mean -log sigmoid(s_pos - s_neg)), "bce" (-log sigmoid(s_pos) -
         mean log sigmoid(-s_neg)), "ce" (full softmax over items 1..N), "sampled_softmax"
         (softmax over the positive and its negatives; negatives equal to the positive are masked).
+        With ``config.view_loss_weight`` w > 0 the result is the loss of the fused score plus w times
+        the loss of each view's own score.
         """
         loss_type = loss_type or self.config.loss
         if loss_type not in LOSSES:
