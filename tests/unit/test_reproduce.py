@@ -416,3 +416,35 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
 
     with pytest.raises(SystemExit):
         rp.parse_args(["--dataset", str(data), "--sensitivity-k", "1"])
+
+
+def test_bench_views_halves_add_up_to_the_fused_dot_product_and_score_like_full_scores():
+    import pytest
+    import torch
+
+    from benchmarks.bench_views import OneView
+    from cfsr_head import DualViewHead, SASRecEncoder
+
+    torch.manual_seed(0)
+    semantic = torch.randn(12, 16)
+    seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
+    cands = torch.tensor([[1, 7, 9], [2, 3, 11]])
+    for tau in (None, 0.1):
+        head = DualViewHead(SASRecEncoder(d=4, n_layers=1, n_heads=1, max_len=5), semantic, d=4,
+                            fusion="concat", score_temperature=tau).eval()
+        se, co = OneView(head, "semantic"), OneView(head, "collaborative")
+        with torch.no_grad():
+            states = head.user_state(seq)
+            halves = [view.full_scores(view.user_state(seq)) for view in (se, co)]
+            if tau is None:
+                torch.testing.assert_close(halves[0][:, 1:] + halves[1][:, 1:], head.full_scores(states)[:, 1:])
+            else:
+                items = head.item_representations()[:, :4]
+                expected = torch.nn.functional.normalize(states[:, :4], dim=-1) @ \
+                    torch.nn.functional.normalize(items, dim=-1).T / tau
+                torch.testing.assert_close(halves[0][:, 1:], expected[:, 1:])
+            for view, full in zip((se, co), halves):
+                torch.testing.assert_close(view.score(view.user_state(seq), cands), full.gather(1, cands))
+    with pytest.raises(ValueError, match="both views"):
+        OneView(DualViewHead(SASRecEncoder(d=4, n_layers=1, n_heads=1, max_len=5), semantic, d=4,
+                             use_semantic=False), "collaborative")

@@ -1,0 +1,104 @@
+"""Each view alone against the fused score, for cached dual-view runs.
+
+A dual-view head scores an item by ``[e_se : e_co] . [u_se : u_co]`` (or its cosine / tau). This
+script reloads the best checkpoint of cached ``benchmarks.reproduce`` / ``benchmarks.explore`` runs
+and ranks all items (full ranking) three ways: with the fused score, with the semantic half alone and
+with the collaborative half alone, each half scored as the head scores (cosine within the half when
+the head uses a temperature). It shows whether each view recommends on its own
+(``DualViewConfig.view_loss_weight``) or the halves only work together. Options are those of
+``benchmarks.explore`` (they select the cached runs; nothing is trained)::
+
+    python -m benchmarks.bench_views --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
+        --seeds 0 --names "w/o Cro frozen cos0.1" "w/o Cro frozen vloss1.0 cos0.1"
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from benchmarks import reproduce as rp
+from benchmarks.explore import build_study
+from cfsr_head import DualViewHead, evaluate
+from cfsr_head.io import read_json
+
+VIEWS = ("fused", "semantic", "collaborative")
+
+
+class OneView(nn.Module):
+    """One half of a dual-view head's state and item vectors, scored as the head scores them."""
+
+    def __init__(self, head: DualViewHead, view: str) -> None:
+        super().__init__()
+        if not (head.config.use_semantic and head.config.use_collaborative):
+            raise ValueError("OneView needs a head with both views")
+        d = head.config.d
+        self.head, self.half = head, {"semantic": slice(0, d), "collaborative": slice(d, 2 * d)}[view]
+        self.max_len = head.max_len
+
+    @property
+    def num_items(self) -> int:
+        return self.head.num_items
+
+    def user_state(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.head.user_state(item_seq, padding_mask)[:, self.half]
+
+    def _items(self) -> Tensor:
+        return self.head._scored_items(self.head.item_representations()[:, self.half])
+
+    def full_scores(self, states: Tensor) -> Tensor:
+        scores = self.head._scored_states(states) @ self._items().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def score(self, states: Tensor, candidates: Tensor) -> Tensor:
+        rows = self._items()[candidates.long()]
+        states = self.head._scored_states(states)
+        return states @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", states, rows)
+
+
+def cached_runs(study: rp.Study, name: str) -> list[dict]:
+    """Records of ``name``'s finished runs for the study's seeds, losses and epoch budget."""
+    folder = study.workdir / study.name / "runs"
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.count(".") > 1:  # per-protocol result files
+            continue
+        rec = read_json(path)
+        s2 = rec.get("stage2", {})
+        if (rec.get("variant") == name and s2.get("seed") in study.seeds and s2.get("loss") in study.losses
+                and s2.get("epochs") == study.stage2.epochs):
+            out.append(rec)
+    return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    study, rows = build_study(argv)
+    runner = rp.Runner(study)
+    print("| variant | loss | seed | split | " + " | ".join(f"{v} N@10 (tail)" for v in VIEWS) + " |")
+    print("|---|---|---|---|" + "---|" * len(VIEWS))
+    for name, variant in rows.items():
+        semantic, _ = runner.semantic(variant)
+        records = cached_runs(study, name)
+        if not records:
+            print(f"[views] no cached run of {name!r} for these settings", file=sys.stderr)
+        for rec in records:
+            s2 = rp.Stage2(**rec["stage2"])
+            head = rp.build_model(variant, s2, runner.split, semantic)
+            weights = Path(study.workdir / study.name / "runs" / f"{rec['key']}-ckpt" / "best" / "model.safetensors")
+            head.load_state_dict(load_file(str(weights)))
+            models = {"fused": head, **{v: OneView(head, v) for v in VIEWS[1:]}}
+            for split in ("valid", "test"):
+                cells = []
+                for view in VIEWS:
+                    res = evaluate(models[view], runner.split, split=split, protocol="full").summary()
+                    cells.append(f"{res['Overall']['NDCG@10']:.4f} ({res['Tail item']['NDCG@10']:.4f})")
+                print(f"| {name} | {s2.loss} | {s2.seed} | {split} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
