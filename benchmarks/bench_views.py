@@ -6,7 +6,8 @@ and ranks all items (full ranking) three ways: with the fused score, with the se
 with the collaborative half alone, each half scored as the head scores (cosine within the half when
 the head uses a temperature). It shows whether each view recommends on its own
 (``DualViewConfig.view_loss_weight``) or the halves only work together. Options are those of
-``benchmarks.explore`` (they select the cached runs; nothing is trained)::
+``benchmarks.explore`` (they select the cached runs and embeddings; nothing is trained or
+encoded)::
 
     python -m benchmarks.bench_views --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
         --seeds 0 --names "w/o Cro frozen cos0.1" "w/o Cro frozen vloss1.0 cos0.1"
@@ -14,7 +15,7 @@ the head uses a temperature). It shows whether each view recommends on its own
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 
 from benchmarks import reproduce as rp
 from benchmarks.explore import build_study
-from cfsr_head import DualViewHead, evaluate
+from benchmarks.reproduce import Variant
+from cfsr_head import DualViewHead, align_semantic, evaluate
 from cfsr_head.io import read_json
+from llm_item_embed import ItemEmbeddings
 
 VIEWS = ("fused", "semantic", "collaborative")
 
@@ -75,28 +78,46 @@ def cached_runs(study: rp.Study, name: str) -> list[dict]:
     return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    study, rows = build_study(argv)
+def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any]]:
+    """Full-ranking N@10 (Overall and Tail item) of every cached run of ``rows``, per split, for the
+    fused score and each view alone. Runs or embeddings that are not cached are skipped with a
+    message: nothing is trained or encoded."""
     runner = rp.Runner(study)
-    print("| variant | loss | seed | split | " + " | ".join(f"{v} N@10 (tail)" for v in VIEWS) + " |")
-    print("|---|---|---|---|" + "---|" * len(VIEWS))
+    out = []
     for name, variant in rows.items():
-        semantic, _ = runner.semantic(variant)
         records = cached_runs(study, name)
         if not records:
             print(f"[views] no cached run of {name!r} for these settings", file=sys.stderr)
+            continue
+        s1, semantic = runner.stage1_settings(variant), None
+        if s1 is not None:
+            path = rp.embeddings_path(study, s1)
+            if not path.exists():
+                print(f"[views] {name!r}: its embeddings {path} are not cached", file=sys.stderr)
+                continue
+            semantic = align_semantic(ItemEmbeddings.load(path), runner.split.item_index)
         for rec in records:
             s2 = rp.Stage2(**rec["stage2"])
             head = rp.build_model(variant, s2, runner.split, semantic)
-            weights = Path(study.workdir / study.name / "runs" / f"{rec['key']}-ckpt" / "best" / "model.safetensors")
-            head.load_state_dict(load_file(str(weights)))
+            head.load_state_dict(load_file(str(study.workdir / study.name / "runs" / f"{rec['key']}-ckpt" / "best"
+                                               / "model.safetensors")))
             models = {"fused": head, **{v: OneView(head, v) for v in VIEWS[1:]}}
             for split in ("valid", "test"):
-                cells = []
+                row: dict[str, Any] = {"variant": name, "loss": s2.loss, "seed": s2.seed, "split": split}
                 for view in VIEWS:
                     res = evaluate(models[view], runner.split, split=split, protocol="full").summary()
-                    cells.append(f"{res['Overall']['NDCG@10']:.4f} ({res['Tail item']['NDCG@10']:.4f})")
-                print(f"| {name} | {s2.loss} | {s2.seed} | {split} | " + " | ".join(cells) + " |", flush=True)
+                    row[view] = {g: res[g]["NDCG@10"] for g in ("Overall", "Tail item")}
+                out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    study, rows = build_study(argv)
+    print("| variant | loss | seed | split | " + " | ".join(f"{v} N@10 (tail)" for v in VIEWS) + " |")
+    print("|---|---|---|---|" + "---|" * len(VIEWS))
+    for r in view_scores(study, rows):
+        cells = [f"{r[v]['Overall']:.4f} ({r[v]['Tail item']:.4f})" for v in VIEWS]
+        print(f"| {r['variant']} | {r['loss']} | {r['seed']} | {r['split']} | " + " | ".join(cells) + " |")
     return 0
 
 

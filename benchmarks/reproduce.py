@@ -240,17 +240,22 @@ def item_template(items: pd.DataFrame):
                           fields={c: ATTRIBUTE_NAMES.get(c, c.replace("_", " ")) for c in columns})
 
 
+def embeddings_path(study: Study, settings: Stage1) -> Path:
+    """Where ``stage1_embeddings`` caches the embeddings of these settings (keyed by the settings and
+    the content of items.csv, and of interactions.csv when pairs are used)."""
+    fingerprint = {"stage1": stage1_key(settings), "items": file_digest(study.dataset / "items.csv")}
+    if settings.tuned and settings.pair_prob > 0:
+        fingerprint["interactions"] = file_digest(study.dataset / "interactions.csv")
+    return study.workdir / study.name / "embeddings" / f"{config_hash(fingerprint)}.safetensors"
+
+
 def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, interactions: pd.DataFrame):
     """Item embeddings of the dataset's items.csv, cached by settings and file content
     (``interactions`` give the positive pairs when ``settings.pair_prob > 0``)."""
     from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, sequence_pairs
 
-    fingerprint = {"stage1": stage1_key(settings), "items": file_digest(study.dataset / "items.csv")}
-    if settings.tuned and settings.pair_prob > 0:
-        fingerprint["interactions"] = file_digest(study.dataset / "interactions.csv")
-    key = config_hash(fingerprint)
-    folder = study.workdir / study.name / "embeddings"
-    path = folder / f"{key}.safetensors"
+    path = embeddings_path(study, settings)
+    folder, key = path.parent, path.name.removesuffix(".safetensors")
     if path.exists():
         return ItemEmbeddings.load(path)
     embedder = ItemEmbedder(settings.model, template=item_template(items), drop_prob=settings.drop_prob,
@@ -402,11 +407,16 @@ class Runner:
         print(f"[data] {study.name}: {self.split.num_users} users, {self.split.num_items} items, "
               f"{len(self.split.items)} interactions", flush=True)
 
+    def stage1_settings(self, variant: Variant) -> Stage1 | None:
+        """The stage-1 settings of the variant's item embeddings (None: it uses none)."""
+        if variant.semantic is None:
+            return None
+        return dataclasses.replace(self.study.stage1, tuned=(variant.semantic == "cft"), **dict(variant.stage1))
+
     def semantic(self, variant: Variant) -> tuple[np.ndarray | None, str | None]:
-        needs = variant.semantic
-        if needs is None:
+        s1 = self.stage1_settings(variant)
+        if s1 is None:
             return None, None
-        s1 = dataclasses.replace(self.study.stage1, tuned=(needs == "cft"), **dict(variant.stage1))
         key = config_hash(stage1_key(s1))
         if self.study.report_only:  # cached runs are found by the embeddings' key alone
             return None, key

@@ -137,6 +137,22 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     rp.run_study(study)
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
 
+    # bench_views reloads the best checkpoints of cached runs: the fused score gives back the run's
+    # validation N@10; a run whose embeddings are gone is skipped, never re-encoded
+    from benchmarks.bench_views import view_scores
+
+    rows = view_scores(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]})
+    assert {(r["loss"], r["split"]) for r in rows} == {(loss, split) for loss in ("bpr", "ce")
+                                                        for split in ("valid", "test")}
+    for r in rows:
+        rec = next(x for x in map(rp.read_json, (tmp_path / "work" / "toy" / "runs").glob("*.json"))
+                   if x.get("variant") == "w/o Cro" and x["stage2"]["loss"] == r["loss"])
+        expected = rec["valid"]["Overall"] if r["split"] == "valid" else rec["test"]["full"]["Overall"]
+        assert abs(r["fused"]["Overall"] - expected["NDCG@10"]) < 1e-9
+    for table in (tmp_path / "work" / "toy" / "embeddings").glob("*.safetensors"):
+        table.unlink()
+    assert view_scores(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}) == []
+
     # report only: a second seed and an ablation that were never run are listed, not trained
     partial = dataclasses.replace(study, seeds=(0, 1), variants=("w/o Cro", "w/o Share"), report_only=True,
                                   out_dir=tmp_path / "partial")
