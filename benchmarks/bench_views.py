@@ -49,6 +49,7 @@ class OneView(nn.Module):
     def user_state(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         return self.head.user_state(item_seq, padding_mask)[:, self.half]
 
+    # the head's own scoring functions, so that a temperature is applied exactly as in training
     def _items(self) -> Tensor:
         return self.head._scored_items(self.head.item_representations()[:, self.half])
 
@@ -63,8 +64,9 @@ class OneView(nn.Module):
         return states @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", states, rows)
 
 
-def cached_runs(study: rp.Study, name: str) -> list[dict]:
-    """Records of ``name``'s finished runs for the study's seeds, losses and epoch budget."""
+def cached_runs(study: rp.Study, name: str, embeddings_key: str | None) -> list[dict]:
+    """Records of ``name``'s finished runs on these embeddings (the run cache's key of the stage-1
+    settings; None: no embeddings) for the study's seeds, losses and epoch budget."""
     folder = study.workdir / study.name / "runs"
     out = []
     for path in sorted(folder.glob("*.json")):
@@ -72,8 +74,8 @@ def cached_runs(study: rp.Study, name: str) -> list[dict]:
             continue
         rec = read_json(path)
         s2 = rec.get("stage2", {})
-        if (rec.get("variant") == name and s2.get("seed") in study.seeds and s2.get("loss") in study.losses
-                and s2.get("epochs") == study.stage2.epochs):
+        if (rec.get("variant") == name and rec.get("embeddings") == embeddings_key and s2.get("seed") in study.seeds
+                and s2.get("loss") in study.losses and s2.get("epochs") == study.stage2.epochs):
             out.append(rec)
     return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
 
@@ -85,11 +87,11 @@ def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any
     runner = rp.Runner(study)
     out = []
     for name, variant in rows.items():
-        records = cached_runs(study, name)
+        s1, semantic = runner.stage1_settings(variant), None
+        records = cached_runs(study, name, None if s1 is None else rp.config_hash(rp.stage1_key(s1)))
         if not records:
             print(f"[views] no cached run of {name!r} for these settings", file=sys.stderr)
             continue
-        s1, semantic = runner.stage1_settings(variant), None
         if s1 is not None:
             path = rp.embeddings_path(study, s1)
             if not path.exists():
@@ -103,7 +105,8 @@ def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any
                                                / "model.safetensors")))
             models = {"fused": head, **{v: OneView(head, v) for v in VIEWS[1:]}}
             for split in ("valid", "test"):
-                row: dict[str, Any] = {"variant": name, "loss": s2.loss, "seed": s2.seed, "split": split}
+                row: dict[str, Any] = {"variant": name, "loss": s2.loss, "dropout": s2.dropout, "seed": s2.seed,
+                                       "split": split}
                 for view in VIEWS:
                     res = evaluate(models[view], runner.split, split=split, protocol="full").summary()
                     row[view] = {g: res[g]["NDCG@10"] for g in ("Overall", "Tail item")}
@@ -113,11 +116,12 @@ def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     study, rows = build_study(argv)
-    print("| variant | loss | seed | split | " + " | ".join(f"{v} N@10 (tail)" for v in VIEWS) + " |")
-    print("|---|---|---|---|" + "---|" * len(VIEWS))
+    print("| variant | loss | dropout | seed | split | " + " | ".join(f"{v} N@10 (tail)" for v in VIEWS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(VIEWS))
     for r in view_scores(study, rows):
         cells = [f"{r[v]['Overall']:.4f} ({r[v]['Tail item']:.4f})" for v in VIEWS]
-        print(f"| {r['variant']} | {r['loss']} | {r['seed']} | {r['split']} | " + " | ".join(cells) + " |")
+        print(f"| {r['variant']} | {r['loss']} | {r['dropout']} | {r['seed']} | {r['split']} | "
+              + " | ".join(cells) + " |")
     return 0
 
 

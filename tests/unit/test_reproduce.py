@@ -149,6 +149,15 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
                    if x.get("variant") == "w/o Cro" and x["stage2"]["loss"] == r["loss"])
         expected = rec["valid"]["Overall"] if r["split"] == "valid" else rec["test"]["full"]["Overall"]
         assert abs(r["fused"]["Overall"] - expected["NDCG@10"]) < 1e-9
+    # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
+    # when embeddings for those settings are cached
+    import shutil
+
+    other = dataclasses.replace(study, stage1=dataclasses.replace(study.stage1, max_steps=3))
+    other_cft = dataclasses.replace(other.stage1, tuned=True)
+    shutil.copy(rp.embeddings_path(study, dataclasses.replace(study.stage1, tuned=True)),
+                rp.embeddings_path(other, other_cft))
+    assert view_scores(other, {"w/o Cro": rp.VARIANTS["w/o Cro"]}) == []
     for table in (tmp_path / "work" / "toy" / "embeddings").glob("*.safetensors"):
         table.unlink()
     assert view_scores(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}) == []
