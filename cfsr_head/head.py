@@ -69,8 +69,9 @@ class DualViewConfig:
     - ``view_loss_weight``: 0 trains on the fused score only (the paper). A weight w > 0 (beyond
       the paper; needs both views) adds w times the same loss computed on each view's own score
       (``e_se . u_se`` and ``e_co . u_co``, or their cosines / tau within the view), so that each
-      view must recommend on its own and the fused score acts as an ensemble of two recommenders
-      rather than two halves that only work together. Scoring at evaluation is unchanged.
+      view must recommend on its own (trained on the fused score alone, the semantic half of the
+      concatenation form ranks almost nothing by itself: ``benchmarks/bench_views.py``). Scoring
+      at evaluation is unchanged; each step computes three losses instead of one.
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
