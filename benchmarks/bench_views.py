@@ -14,6 +14,7 @@ encoded)::
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -64,19 +65,18 @@ class OneView(nn.Module):
         return states @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", states, rows)
 
 
-def cached_runs(study: rp.Study, name: str, embeddings_key: str | None) -> list[dict]:
-    """Records of ``name``'s finished runs on these embeddings (the run cache's key of the stage-1
-    settings; None: no embeddings) for the study's seeds, losses and epoch budget."""
+def finished_runs(study: rp.Study) -> list[dict]:
+    """Every finished run record of the study's dataset (read once; per-protocol result files skipped)."""
     folder = study.workdir / study.name / "runs"
-    out = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name.count(".") > 1:  # per-protocol result files
-            continue
-        rec = read_json(path)
-        s2 = rec.get("stage2", {})
-        if (rec.get("variant") == name and rec.get("embeddings") == embeddings_key and s2.get("seed") in study.seeds
-                and s2.get("loss") in study.losses and s2.get("epochs") == study.stage2.epochs):
-            out.append(rec)
+    return [read_json(p) for p in sorted(folder.glob("*.json")) if p.name.count(".") == 1]
+
+
+def matching_runs(records: list[dict], study: rp.Study, name: str, embeddings_key: str | None) -> list[dict]:
+    """``name``'s records on these embeddings (the run cache's key, as ``Runner.semantic`` gives it;
+    None: no embeddings) for the study's seeds, losses and epoch budget."""
+    out = [r for r in records if r.get("variant") == name and r.get("embeddings") == embeddings_key
+           and r["stage2"]["seed"] in study.seeds and r["stage2"]["loss"] in study.losses
+           and r["stage2"]["epochs"] == study.stage2.epochs]
     return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
 
 
@@ -84,16 +84,17 @@ def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any
     """Full-ranking N@10 (Overall and Tail item) of every cached run of ``rows``, per split, for the
     fused score and each view alone. Runs or embeddings that are not cached are skipped with a
     message: nothing is trained or encoded."""
-    runner = rp.Runner(study)
-    out = []
+    runner = rp.Runner(dataclasses.replace(study, report_only=True))  # report-only: never trains embeddings
+    all_runs, out = finished_runs(study), []
     for name, variant in rows.items():
-        s1, semantic = runner.stage1_settings(variant), None
-        records = cached_runs(study, name, None if s1 is None else rp.config_hash(rp.stage1_key(s1)))
+        _, embeddings_key = runner.semantic(variant)
+        records = matching_runs(all_runs, study, name, embeddings_key)
         if not records:
             print(f"[views] no cached run of {name!r} for these settings", file=sys.stderr)
             continue
-        if s1 is not None:
-            path = rp.embeddings_path(study, s1)
+        semantic = None
+        if embeddings_key is not None:
+            path = rp.embeddings_path(study, runner.stage1_settings(variant))
             if not path.exists():
                 print(f"[views] {name!r}: its embeddings {path} are not cached", file=sys.stderr)
                 continue
