@@ -117,26 +117,20 @@ def test_variants(dataset, embeddings_file, tmp_path, variant, capsys):
     assert "Overall" in capsys.readouterr().out
 
 
-def test_score_temperature_reaches_the_model(dataset, embeddings_file, tmp_path):
+def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, capsys):
+    """--score-temperature and --view-loss-weight land in the saved config; defaults stay off."""
     out = tmp_path / "cos"
     assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
-                           "--score-temperature", "0.1", "--epochs", "1", "--quiet")) == 0
-    assert json.loads((out / "config.json").read_text())["config"]["score_temperature"] == 0.1
+                           "--score-temperature", "0.1", "--view-loss-weight", "0.5", "--epochs", "1",
+                           "--quiet")) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["score_temperature"] == 0.1 and config["view_loss_weight"] == 0.5
     plain = tmp_path / "dot"
     assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
-    assert json.loads((plain / "config.json").read_text())["config"]["score_temperature"] is None
+    config = json.loads((plain / "config.json").read_text())["config"]
+    assert config["score_temperature"] is None and config["view_loss_weight"] == 0.0
     with pytest.raises(SystemExit):
         main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--score-temperature", "0"))
-
-
-def test_view_loss_weight_reaches_the_model(dataset, embeddings_file, tmp_path, capsys):
-    out = tmp_path / "vloss"
-    assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
-                           "--view-loss-weight", "0.5", "--epochs", "1", "--quiet")) == 0
-    assert json.loads((out / "config.json").read_text())["config"]["view_loss_weight"] == 0.5
-    plain = tmp_path / "plain"
-    assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
-    assert json.loads((plain / "config.json").read_text())["config"]["view_loss_weight"] == 0.0
     capsys.readouterr()
     assert main(train_args(dataset, tmp_path / "one", "--variant", "sasrec", "--view-loss-weight", "1")) == 2
     assert "--view-loss-weight needs both views; --variant sasrec" in capsys.readouterr().err
