@@ -548,18 +548,19 @@ class DualViewHead(nn.Module):
         if M == 0:
             return out.sum() * 0.0
         if loss_type == "ce":
-            logit_sets = self._logit_sets(out[valid], self._table(with_fallback=True))  # each [M, N+2]
-            target = p.masked_fill(p_invalid, self._num_items + 1)
-            no_fallback = self.fallback_se is None and self.fallback_co is None
+            # candidates are the real items 1..N (and the fallback row when there is one): slicing
+            # the padding row away, rather than masking its column with -inf, spares an in-place
+            # write and its zero-filled gradient copy over the [M, N] logits
+            table = self._table(with_fallback=True)
+            has_fallback = self.fallback_se is not None or self.fallback_co is not None
+            logit_sets = self._logit_sets(out[valid], table[1:] if has_fallback else table[1:-1])
+            target = p.masked_fill(p_invalid, self._num_items + 1) - 1  # row i of the slice is item i+1
         else:
             candidates = torch.cat([e_pos.unsqueeze(1), e_neg.view(M, -1, rows.shape[-1])], 1)
             logit_sets = self._logit_sets(out[valid], candidates)  # each [M, 1+n], the positive first
 
         def one_loss(logits: Tensor) -> Tensor:
             if loss_type == "ce":
-                logits[:, 0] = float("-inf")
-                if no_fallback:
-                    logits[:, -1] = float("-inf")
                 return F.cross_entropy(logits, target)
             s_pos, s_neg = logits[:, 0], logits[:, 1:]
             if loss_type == "bpr":

@@ -539,6 +539,12 @@ def test_unknown_item_ids_error_or_fallback() -> None:
     assert fb.fallback_co.grad is not None and fb.fallback_co.grad.abs().sum() > 0
     assert fb.fallback_se.grad is not None and fb.fallback_se.grad.abs().sum() > 0
     fb.eval()
+    with torch.no_grad():  # CE: the fallback row is one more candidate, and an unknown target's class
+        tgt = torch.tensor([[0, 0, 3, 4, N + 4]])
+        out = fb(ok)[0, 2:]
+        cand = torch.cat([fb.item_representations()[1:], torch.cat([fb.fallback_se, fb.fallback_co])[None]])
+        expected = torch.nn.functional.cross_entropy(out @ cand.T, torch.tensor([2, 3, N]))
+        torch.testing.assert_close(fb.loss(ok, tgt, loss_type="ce"), expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # cached table path: unknown ids share one fallback row
         a = fb.user_state(torch.tensor([[0, 3, N + 1]]))
         b = fb.user_state(torch.tensor([[0, 3, N + 7]]))
