@@ -3,14 +3,21 @@
     python -m benchmarks.bench_head                                  # amazon_beauty, random [N, 384] table
     python -m benchmarks.bench_head --embeddings emb.safetensors     # a real semantic table
     python -m benchmarks.bench_head --max-steps 20 --eval-users 2000 # a smoke run
+    python -m benchmarks.bench_head --loss ce --fusion concat --score-temperature 0.1 --view-loss-weight 1
+                                     # the cost of per-view losses: a third model, the same dual head with them
 
 Both models: ``SASRecEncoder(d, n_layers=2, n_heads, max_len)`` with the same d and max_len; the
 plain one is ``DualViewHead(use_semantic=False, collab_init="random")`` (one ID table), the dual
 one is the full head (adapter, PCA-initialised table, cross-attention both ways, shared encoder).
 
+``--loss``, ``--fusion`` and ``--score-temperature`` apply to every model (fusion to the dual ones);
+with ``--view-loss-weight w > 0`` a third model, "dual+vloss", is the dual head trained with per-view
+losses of weight w, and its ratio to "dual" is the cost of those losses.
+
 Measured:
-- training time per epoch (BPR, Adam, one negative per position, batches built once up front so
-  that only model work is timed; epochs of the two models alternate to share machine noise);
+- training time per epoch (``--loss``, default BPR with one negative per position; Adam; batches
+  built once up front so that only model work is timed; epochs of the models alternate to share
+  machine noise);
 - full-ranking throughput in users/s on the test inputs: ``user_state`` + ``full_scores`` +
   top-10, under ``torch.no_grad`` in eval mode.
 Goals (issue 3): training-time ratio dual/plain <= 1.6; throughput ratio dual/plain >= 0.8.
@@ -33,10 +40,12 @@ def build(kind: str, semantic: np.ndarray | None, num_items: int, args: argparse
     torch.manual_seed(args.seed)
     enc = SASRecEncoder(d=args.d, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len,
                         dropout=args.dropout)
+    common = dict(d=args.d, dropout=args.dropout, seed=args.seed, loss=args.loss,
+                  score_temperature=args.score_temperature)
     if kind == "plain":
-        return DualViewHead(enc, None, d=args.d, num_items=num_items, use_semantic=False,
-                            collab_init="random", dropout=args.dropout, seed=args.seed)
-    return DualViewHead(enc, semantic, d=args.d, n_cross_heads=args.heads, dropout=args.dropout, seed=args.seed)
+        return DualViewHead(enc, None, num_items=num_items, use_semantic=False, collab_init="random", **common)
+    return DualViewHead(enc, semantic, n_cross_heads=args.heads, fusion=args.fusion,
+                        view_loss_weight=args.view_loss_weight if kind == "dual+vloss" else 0.0, **common)
 
 
 def train_epoch(model: DualViewHead, opt: torch.optim.Optimizer, batches: list) -> float:
@@ -44,7 +53,7 @@ def train_epoch(model: DualViewHead, opt: torch.optim.Optimizer, batches: list) 
     t0 = time.perf_counter()
     for seq, pos, neg in batches:
         opt.zero_grad(set_to_none=True)
-        model.loss(seq, pos, neg, loss_type="bpr").backward()
+        model.loss(seq, pos, None if model.config.loss == "ce" else neg).backward()
         opt.step()
     return time.perf_counter() - t0
 
@@ -68,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--loss", choices=["bpr", "ce"], default="bpr", help="training loss of every model")
+    p.add_argument("--fusion", choices=["cross", "concat"], default="cross", help="fusion of the dual heads")
+    p.add_argument("--score-temperature", type=float, default=None, help="cosine scoring / tau (default: dot)")
+    p.add_argument("--view-loss-weight", type=float, default=0.0,
+                   help="> 0: also time the dual head with per-view losses of this weight")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--length-buckets", type=int, default=0,
+                   help="k > 0: length-bucketed batches with all-padding columns dropped, as the Trainer trains")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per model (alternating)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on batches per epoch (smoke runs)")
     p.add_argument("--eval-users", type=int, default=None, help="cap on users for the throughput test")
@@ -93,20 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
 
     batches = []
-    for i, (seq, pos, neg) in enumerate(split.train_batches(args.batch_size, args.max_len, rng=args.seed)):
+    for i, (seq, pos, neg) in enumerate(split.train_batches(args.batch_size, args.max_len, rng=args.seed,
+                                                             length_buckets=args.length_buckets)):
         if args.max_steps is not None and i >= args.max_steps:
             break
+        if args.length_buckets:  # the Trainer's trim_padding: drop columns that are padding in every row
+            first = int((seq != 0).any(0).to(torch.int8).argmax())
+            seq, pos, neg = seq[:, first:], pos[:, first:], neg[:, first:]
         batches.append((seq.to(dev), pos.to(dev), neg.to(dev)))
     inputs, _, _ = split.eval_inputs("test", args.max_len)
     if args.eval_users is not None:
         inputs = inputs[: args.eval_users]
     inputs = inputs.to(dev)
 
-    t_build = time.perf_counter()
     models = {"plain": build("plain", None, N, args).to(dev)}
     t_build = time.perf_counter()
     models["dual"] = build("dual", semantic, N, args).to(dev)
     build_dual_s = time.perf_counter() - t_build
+    if args.view_loss_weight > 0:
+        models["dual+vloss"] = build("dual+vloss", semantic, N, args).to(dev)
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     for k, m in models.items():  # warm-up steps, not timed
         train_epoch(m, opts[k], batches[:2])
@@ -115,20 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.epochs):
         for k, m in models.items():
             times[k].append(train_epoch(m, opts[k], batches))
-    thr = {k: throughput(m, inputs, args.eval_batch) for k, m in models.items()}
+    # per-view losses change training only: "dual+vloss" scores exactly as "dual"
+    thr = {k: throughput(models[k], inputs, args.eval_batch) for k in ("plain", "dual")}
     epoch = {k: float(np.median(v)) for k, v in times.items()}
     ratio_t = epoch["dual"] / epoch["plain"]
     ratio_s = thr["dual"] / thr["plain"]
 
     print(f"dataset {folder.name}: {split.num_users} users, {N} items; d={args.d}, max_len={args.max_len}, "
           f"batch {args.batch_size}, {len(batches)} batches/epoch, semantic width {semantic.shape[1]}, "
-          f"threads {torch.get_num_threads()}, device {dev}")
+          f"threads {torch.get_num_threads()}, device {dev}; loss {args.loss}, fusion {args.fusion}, "
+          f"score temperature {args.score_temperature}")
     print(f"dual head build (incl. PCA init): {build_dual_s:.2f} s")
-    print(f"{'model':<8}{'s/epoch (median)':>18}{'users/s':>12}")
+    print(f"{'model':<12}{'s/epoch (median)':>18}{'users/s':>12}")
     for k in models:
-        print(f"{k:<8}{epoch[k]:>18.2f}{thr[k]:>12.0f}")
+        print(f"{k:<12}{epoch[k]:>18.2f}{thr[k] if k in thr else float('nan'):>12.0f}")
     print(f"train time ratio dual/plain: {ratio_t:.2f} (goal <= 1.6: {'met' if ratio_t <= 1.6 else 'NOT met'})")
     print(f"throughput ratio dual/plain: {ratio_s:.2f} (goal >= 0.8: {'met' if ratio_s >= 0.8 else 'NOT met'})")
+    if "dual+vloss" in models:
+        print(f"train time ratio dual+vloss/dual (cost of the per-view losses): "
+              f"{epoch['dual+vloss'] / epoch['dual']:.2f}")
     if args.json:
         from cfsr_head.io import atomic_write_json
 

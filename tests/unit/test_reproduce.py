@@ -473,3 +473,34 @@ def test_bench_views_halves_add_up_to_the_fused_dot_product_and_score_like_full_
     with pytest.raises(ValueError, match="both views"):
         OneView(DualViewHead(SASRecEncoder(d=4, n_layers=1, n_heads=1, max_len=5), semantic, d=4,
                              use_semantic=False), "collaborative")
+
+
+def test_bench_head_times_the_per_view_losses_as_a_third_model(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from benchmarks import bench_head
+
+    rng = np.random.default_rng(0)
+    items = [f"i{k}" for k in range(20)]
+    users = {"user_id": [], "item_id": [], "timestamp": []}
+    for u in range(24):
+        for t, it in enumerate(rng.choice(items, size=int(rng.integers(3, 9)), replace=False)):
+            users["user_id"].append(f"u{u}"), users["item_id"].append(it), users["timestamp"].append(t)
+    data = toy_dataset(tmp_path, {"item_id": items, "title": items}, users)
+    out = tmp_path / "bench.json"
+    argv = ["--data", str(data), "--d", "8", "--heads", "2", "--max-len", "8", "--batch-size", "8", "--epochs", "1",
+            "--loss", "ce", "--fusion", "concat", "--score-temperature", "0.1", "--view-loss-weight", "0.5",
+            "--length-buckets", "2", "--json", str(out)]
+    assert bench_head.main(argv) == 0
+    got = strict_json(out)
+    assert set(got["epoch_s"]) == {"plain", "dual", "dual+vloss"} and set(got["users_per_s"]) == {"plain", "dual"}
+    assert got["args"]["view_loss_weight"] == 0.5 and got["args"]["loss"] == "ce"
+
+    ns = argparse.Namespace(**got["args"])  # the options as the script parsed them
+    dual, vloss = (bench_head.build(k, rng.standard_normal((20, 16)).astype(np.float32), 20, ns)
+                   for k in ("dual", "dual+vloss"))
+    assert (dual.config.view_loss_weight, vloss.config.view_loss_weight) == (0.0, 0.5)
+    assert dual.config.fusion == vloss.config.fusion == "concat" and dual.config.loss == "ce"
+    assert dual.config.score_temperature == 0.1
