@@ -83,6 +83,10 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # (DualViewConfig.view_loss_weight), at the temperature chosen above
     Variant("w/o Cro frozen vloss1.0 cos0.1", semantic="frozen",
             head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 1.0))),
+    # the same on the pair-CFT embeddings, and the paper's cross-attention form with per-view losses
+    Variant("w/o Cro pairCFT vloss1.0 cos0.1", head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 1.0)),
+            stage1=(PAIRS,)),
+    Variant("LLM-CFSR vloss1.0 cos0.1", head=(("score_temperature", 0.1), ("view_loss_weight", 1.0))),
 ]}
 
 
