@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cfsr_head import DualViewHead, SASRecEncoder, align_semantic, default_data_dir, leave_one_out, load_dataset
+from cfsr_head.train import trim_leading_padding
 
 
 def build(kind: str, semantic: np.ndarray | None, num_items: int, args: argparse.Namespace) -> DualViewHead:
@@ -113,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              length_buckets=args.length_buckets)):
         if args.max_steps is not None and i >= args.max_steps:
             break
-        if args.length_buckets:  # the Trainer's trim_padding: drop columns that are padding in every row
-            first = int((seq != 0).any(0).to(torch.int8).argmax())
-            seq, pos, neg = seq[:, first:], pos[:, first:], neg[:, first:]
+        if args.length_buckets:  # as the Trainer trains (TrainConfig.trim_padding)
+            seq, pos, neg = trim_leading_padding(seq, pos, neg)
         batches.append((seq.to(dev), pos.to(dev), neg.to(dev)))
     inputs, _, _ = split.eval_inputs("test", args.max_len)
     if args.eval_users is not None:

@@ -255,7 +255,7 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
     from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, sequence_pairs
 
     path = embeddings_path(study, settings)
-    folder, key = path.parent, path.name.removesuffix(".safetensors")
+    folder, key = path.parent, path.stem
     if path.exists():
         return ItemEmbeddings.load(path)
     embedder = ItemEmbedder(settings.model, template=item_template(items), drop_prob=settings.drop_prob,

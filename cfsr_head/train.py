@@ -307,6 +307,18 @@ def _metric_k(metric: str) -> int | None:
         return None
 
 
+def trim_leading_padding(seq: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns of a left-padded batch that are padding (0) in every row of ``seq``,
+    and the same columns of each ``aligned`` tensor (``[B, L, ...]``). Exact up to float rounding for
+    the built-in encoders, whose positions count real items only; short-sequence datasets train much
+    faster. At least one column is kept."""
+    real = (seq != 0).any(0)
+    first = int(real.to(torch.int8).argmax()) if bool(real.any()) else seq.shape[1] - 1
+    if first <= 0:
+        return (seq, *aligned)
+    return (seq[:, first:], *(a[:, first:] for a in aligned))
+
+
 class Trainer:
     """Train a protocol model on a ``SplitData``.
 
@@ -528,13 +540,8 @@ class Trainer:
             return torch.as_tensor(x).to(dev, non_blocking=True).long()
 
         seq, pos, neg = t(raw[0]), t(raw[1]), t(raw[2])
-        if self.config.trim_padding and seq.shape[1] > 1:
-            # drop leading columns that are padding in every row (exact up to float rounding for the built-in encoders,
-            # whose positions count real items only): short-sequence datasets train much faster
-            real = (seq != 0).any(0)
-            first = int(real.to(torch.int8).argmax()) if bool(real.any()) else seq.shape[1] - 1
-            if first > 0 and not bool((seq[:, :first] != 0).any()):
-                seq, pos, neg = seq[:, first:], pos[:, first:], neg[:, first:]
+        if self.config.trim_padding:
+            seq, pos, neg = trim_leading_padding(seq, pos, neg)
         extras = tuple(torch.as_tensor(x).to(dev) if isinstance(x, (np.ndarray, torch.Tensor)) else x
                        for x in raw[3:])
         return TrainBatch(seq, pos, neg, seq == 0, extras, epoch, step)

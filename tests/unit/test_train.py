@@ -529,3 +529,15 @@ def test_trim_padding_is_exact_for_built_in_encoders():
     assert out[True][0] == 4 and out[False][0] == 12
     torch.testing.assert_close(out[True][1], out[False][1])
     torch.testing.assert_close(out[True][2], out[False][2])
+
+
+def test_trim_leading_padding_cuts_aligned_columns_and_keeps_one():
+    from cfsr_head.train import trim_leading_padding
+
+    seq = torch.tensor([[0, 0, 0, 3, 4], [0, 0, 1, 2, 3]])
+    neg = torch.arange(30).view(2, 5, 3)
+    s, n = trim_leading_padding(seq, neg)
+    assert s.tolist() == [[0, 3, 4], [1, 2, 3]] and torch.equal(n, neg[:, 2:])
+    full = torch.tensor([[1, 2], [0, 3]])
+    assert trim_leading_padding(full)[0] is full
+    assert trim_leading_padding(torch.zeros(2, 4, dtype=torch.long))[0].shape == (2, 1)
