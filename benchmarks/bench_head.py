@@ -6,11 +6,12 @@
     python -m benchmarks.bench_head --loss ce --fusion concat --score-temperature 0.1 --view-loss-weight 1
                                      # the cost of per-view losses: a third model, the same dual head with them
 
-Both models: ``SASRecEncoder(d, n_layers=2, n_heads, max_len)`` with the same d and max_len; the
+Every model: ``SASRecEncoder(d, n_layers=2, n_heads, max_len)`` with the same d and max_len; the
 plain one is ``DualViewHead(use_semantic=False, collab_init="random")`` (one ID table), the dual
-one is the full head (adapter, PCA-initialised table, cross-attention both ways, shared encoder).
+one is the full head (adapter, PCA-initialised table, shared encoder, and by default
+cross-attention both ways).
 
-``--loss``, ``--fusion`` and ``--score-temperature`` apply to every model (fusion to the dual ones);
+``--loss`` and ``--score-temperature`` apply to every model, ``--fusion`` to the dual ones;
 with ``--view-loss-weight w > 0`` a third model, "dual+vloss", is the dual head trained with per-view
 losses of weight w, and its ratio to "dual" is the cost of those losses.
 
