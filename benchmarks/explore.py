@@ -87,6 +87,11 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     Variant("w/o Cro pairCFT vloss1.0 cos0.1", head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 1.0)),
             stage1=(PAIRS,)),
     Variant("LLM-CFSR vloss1.0 cos0.1", head=(("score_temperature", 0.1), ("view_loss_weight", 1.0))),
+    # the view-loss weight around the 1.0 above, and the per-view losses with dot-product scoring on
+    # the pair-CFT embeddings (the dual view with the best full-ranking Tail-item N@10)
+    *[Variant(f"w/o Cro frozen vloss{w} cos0.1", semantic="frozen",
+              head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", w))) for w in (0.5, 2.0)],
+    Variant("w/o Cro pairCFT vloss1.0", head=(CONCAT, ("view_loss_weight", 1.0)), stage1=(PAIRS,)),
 ]}
 
 
