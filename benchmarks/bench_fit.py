@@ -14,6 +14,8 @@ per method; each times ``--steps`` optimizer steps after ``--warmup`` untimed st
 
     python benchmarks/bench_fit.py --batch-size 32 --steps 10            # full comparison
     python benchmarks/bench_fit.py --batch-size 8 --steps 2 --warmup 1 --items 64   # smoke run
+    python benchmarks/bench_fit.py --batch-size 32 --steps 10 --repeats 4 --skip-gradcache  # order alternated
+    python benchmarks/bench_fit.py --batch-size 32 --steps 8 --model-level   # the models alone, no loops
 """
 from __future__ import annotations
 
@@ -102,18 +104,13 @@ def run_ours(args: argparse.Namespace, mini_batch_size: int | None) -> dict:
             "step_s": secs / args.steps, "peak_mb": _peak_memory_mb(device), "trainable": n_trainable}
 
 
-def run_st(args: argparse.Namespace) -> dict:
+def _st_model(args: argparse.Namespace, device: str):
+    """The bundled MiniLM as a SentenceTransformer, with the same LoRA as ours."""
     import peft
-    import torch
-    from sentence_transformers import InputExample, SentenceTransformer
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from torch.utils.data import DataLoader
+    from sentence_transformers import SentenceTransformer
 
     from llm_item_embed.backbone import default_model_path, resolve_lora_targets
 
-    torch.manual_seed(args.seed)
-    pairs = make_pairs(args.items, args.drop_prob, args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(args.model or default_model_path(), device=device)
     model.max_seq_length = args.max_length
     transformer = model[0]
@@ -121,6 +118,71 @@ def run_st(args: argparse.Namespace) -> dict:
     cfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           target_modules=targets, exclude_modules=exclude or None, bias="none")
     transformer.model = peft.get_peft_model(transformer.auto_model, cfg)  # ST's add_adapter needs peft>=0.22
+    return model
+
+
+def run_model_level(args: argparse.Namespace) -> dict:
+    """Forward + backward of the two models alone, on the same batches, alternating in one process.
+
+    No optimizer, scheduler, data loader or training loop: if the two are level here, a gap in the
+    full comparison comes from the loops around the models, not from the models.
+    """
+    import torch
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import batch_to_device
+
+    from llm_item_embed.backbone import BackboneSettings, default_model_path, load_text_encoder
+    from llm_item_embed.losses import ContrastiveLoss
+
+    torch.manual_seed(args.seed)
+    pairs = make_pairs(args.items, args.drop_prob, args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
+                                             max_length=args.max_length), _lora(args)).to(device)
+    st = _st_model(args, device)
+    enc.train()
+    st.train()
+    ours_loss = ContrastiveLoss(similarity="cosine", temperature=0.05)
+    mnrl = MultipleNegativesRankingLoss(st)
+    b = args.batch_size
+
+    def step(which: str, i: int) -> float:
+        chunk = pairs[(i * b) % len(pairs):][:b]
+        first, second = [x for x, _ in chunk], [y for _, y in chunk]
+        t0 = time.perf_counter()
+        if which == "ours":
+            reps = enc(**{k: v.to(device) for k, v in enc.tokenize(first + second).items()})
+            loss = ours_loss(reps.reshape(2, len(chunk), -1), None)
+        else:
+            feats = [batch_to_device(st.preprocess(t), device) for t in (first, second)]
+            loss = mnrl(feats, None)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        (enc if which == "ours" else st).zero_grad(set_to_none=True)
+        return secs
+
+    for i in range(args.warmup):
+        step("ours", i), step("st", i)
+    times: dict[str, list[float]] = {"ours": [], "st": []}
+    for i in range(args.steps):
+        for which in (("ours", "st") if i % 2 == 0 else ("st", "ours")):
+            times[which].append(step(which, args.warmup + i))
+    return {k: {"median_s": float(np.median(v)), "min_s": float(min(v)), "max_s": float(max(v))}
+            for k, v in times.items()}
+
+
+def run_st(args: argparse.Namespace) -> dict:
+    import torch
+    from sentence_transformers import InputExample
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(args.seed)
+    pairs = make_pairs(args.items, args.drop_prob, args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _st_model(args, device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loss = MultipleNegativesRankingLoss(model)
     examples = [InputExample(texts=[a, b]) for a, b in pairs]
@@ -158,6 +220,11 @@ def _child(args: argparse.Namespace, phase: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["pairs_per_s"])[(len(runs) - 1) // 2]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=32)
@@ -177,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="default: the bundled MiniLM")
     p.add_argument("--phase", default=None, choices=["ours", "st", "gradcache"], help=argparse.SUPPRESS)
     p.add_argument("--skip-gradcache", action="store_true")
+    p.add_argument("--model-level", action="store_true",
+                   help="time forward+backward of the two models alone (no training loops), in one process")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="pairs of measurements, the order alternating (ST first on odd repeats); "
+                        "the table reports each method's median run")
     args = p.parse_args(argv)
     if args.mini_batch_size is None:
         args.mini_batch_size = max(1, (2 * args.batch_size) // 4)
@@ -190,12 +262,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "st":
         print(json.dumps(run_st(args)))
         return
+    if args.model_level:
+        got = run_model_level(args)
+        print(f"model level, forward+backward of {args.batch_size} pairs ({args.steps} steps each, alternating; "
+              f"ours one pass of {2 * args.batch_size} texts, sentence-transformers two of {args.batch_size}):")
+        for name, label in (("st", "sentence-transformers"), ("ours", "ours")):
+            r = got[name]
+            print(f"  {label:22s} median {r['median_s']:.3f}s  min {r['min_s']:.3f}s  max {r['max_s']:.3f}s")
+        print(f"step-time ratio sentence-transformers / ours: {got['st']['median_s'] / got['ours']['median_s']:.2f}x")
+        print(json.dumps({"args": vars(args), "model_level": got}))
+        return
 
     print(f"bench_fit: batch {args.batch_size} pairs, {args.steps} timed steps (+{args.warmup} warm-up), "
           f"max_length {args.max_length}, LoRA r={args.lora_r} alpha={args.lora_alpha}, "
           f"mixed_precision={args.mixed_precision}, {args.items} items of amazon_scientific")
-    st = _child(args, "st")
-    ours = _child(args, "ours")
+    # alternate the order over repeats: on a shared or boosting CPU the second child of a pair
+    # can be slower for reasons of its own
+    measured = []
+    for rep in range(args.repeats):
+        order = ("st", "ours") if rep % 2 == 0 else ("ours", "st")
+        got = {phase: _child(args, phase) for phase in order}
+        measured.append((got["st"], got["ours"]))
+        if args.repeats > 1:
+            print(f"repeat {rep + 1} ({' then '.join(order)}): ratio "
+                  f"{got['ours']['pairs_per_s'] / got['st']['pairs_per_s']:.2f}x")
+    st, ours = (_median_run([pr[i] for pr in measured]) for i in (0, 1))
     print(f"sentence-transformers (old_fit + MNRL): {st['pairs_per_s']:8.2f} pairs/s  "
           f"step {st['step_s']:.3f}s  peak {st['peak_mb']:.0f} MB")
     print(f"ours (ContrastiveTrainer):              {ours['pairs_per_s']:8.2f} pairs/s  "
@@ -204,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"WARNING: trainable parameters differ: ST {st['trainable']} vs ours {ours['trainable']}")
     print(f"throughput ratio ours / sentence-transformers: {ours['pairs_per_s'] / st['pairs_per_s']:.2f}x "
           "(goal >= 1.0x)")
-    result = {"args": vars(args), "sentence_transformers": st, "ours": ours}
+    result = {"args": vars(args), "sentence_transformers": st, "ours": ours,
+              "repeats": [{"sentence_transformers": a, "ours": b} for a, b in measured]}
     if not args.skip_gradcache:
         gc = _child(args, "gradcache")
         print(f"ours + GradCache (mini_batch_size={args.mini_batch_size} texts): {gc['pairs_per_s']:8.2f} pairs/s  "
