@@ -164,12 +164,13 @@ def run_model_level(args: argparse.Namespace) -> dict:
         return secs
 
     for i in range(args.warmup):
-        step("ours", i), step("st", i)
+        step("ours", i)
+        step("st", i)
     times: dict[str, list[float]] = {"ours": [], "st": []}
     for i in range(args.steps):
         for which in (("ours", "st") if i % 2 == 0 else ("st", "ours")):
             times[which].append(step(which, args.warmup + i))
-    return {k: {"median_s": float(np.median(v)), "min_s": float(min(v)), "max_s": float(max(v))}
+    return {k: {"median_s": float(np.median(v)), "min_s": float(min(v)), "max_s": float(max(v)), "steps": len(v)}
             for k, v in times.items()}
 
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="time forward+backward of the two models alone (no training loops), in one process")
     p.add_argument("--repeats", type=int, default=1,
                    help="pairs of measurements, the order alternating (ST first on odd repeats); "
-                        "the table reports each method's median run")
+                        "the summary reports each method's median run")
     args = p.parse_args(argv)
     if args.mini_batch_size is None:
         args.mini_batch_size = max(1, (2 * args.batch_size) // 4)
