@@ -64,19 +64,25 @@ def _lora(args: argparse.Namespace):
     return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
 
 
+def _our_encoder_and_loss(args: argparse.Namespace):
+    """Our LoRA text encoder and the contrastive loss that matches MNRL (cosine, scale 20)."""
+    from llm_item_embed.backbone import BackboneSettings, default_model_path, load_text_encoder
+    from llm_item_embed.losses import ContrastiveLoss
+
+    enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
+                                             max_length=args.max_length), _lora(args))
+    return enc, ContrastiveLoss(similarity="cosine", temperature=0.05)  # = MNRL's scale 20
+
+
 # --------------------------------------------------------------------------------------------- phases
 def run_ours(args: argparse.Namespace, mini_batch_size: int | None) -> dict:
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    from llm_item_embed.backbone import BackboneSettings, default_model_path, load_text_encoder
-    from llm_item_embed.losses import ContrastiveLoss
     from llm_item_embed.training import ContrastiveTrainer, FitConfig
 
     pairs = make_pairs(args.items, args.drop_prob, args.seed)
-    enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
-                                             max_length=args.max_length), _lora(args))
-    loss = ContrastiveLoss(similarity="cosine", temperature=0.05)  # = MNRL's scale 20
+    enc, loss = _our_encoder_and_loss(args)
     n_trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
 
     def make_views(idx: np.ndarray, rng: np.random.Generator):
@@ -131,18 +137,14 @@ def run_model_level(args: argparse.Namespace) -> dict:
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import batch_to_device
 
-    from llm_item_embed.backbone import BackboneSettings, default_model_path, load_text_encoder
-    from llm_item_embed.losses import ContrastiveLoss
-
     torch.manual_seed(args.seed)
     pairs = make_pairs(args.items, args.drop_prob, args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    enc = load_text_encoder(BackboneSettings(model_name_or_path=args.model or default_model_path(),
-                                             max_length=args.max_length), _lora(args)).to(device)
+    enc, ours_loss = _our_encoder_and_loss(args)
+    enc.to(device)
     st = _st_model(args, device)
     enc.train()
     st.train()
-    ours_loss = ContrastiveLoss(similarity="cosine", temperature=0.05)
     mnrl = MultipleNegativesRankingLoss(st)
     b = args.batch_size
 
@@ -151,11 +153,9 @@ def run_model_level(args: argparse.Namespace) -> dict:
         first, second = [x for x, _ in chunk], [y for _, y in chunk]
         t0 = time.perf_counter()
         if which == "ours":
-            reps = enc(**{k: v.to(device) for k, v in enc.tokenize(first + second).items()})
-            loss = ours_loss(reps.reshape(2, len(chunk), -1), None)
+            loss = ours_loss(enc.encode_batch(first + second).reshape(2, len(chunk), -1), None)
         elif which == "ours_two_passes":  # our model fed as sentence-transformers feeds its own
-            reps = torch.stack([enc(**{k: v.to(device) for k, v in enc.tokenize(t).items()}) for t in (first, second)])
-            loss = ours_loss(reps, None)
+            loss = ours_loss(torch.stack([enc.encode_batch(first), enc.encode_batch(second)]), None)
         else:
             feats = [batch_to_device(st.preprocess(t), device) for t in (first, second)]
             loss = mnrl(feats, None)
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_st(args)))
         return
     if args.model_level:
+        if args.mixed_precision != "no" or args.repeats != 1:
+            p.error("--model-level runs in float32, once: drop --mixed-precision and --repeats")
         got = run_model_level(args)
         print(f"model level, forward+backward of {args.batch_size} pairs ({args.steps} steps each, alternating; "
               f"ours one pass of {2 * args.batch_size} texts, sentence-transformers two of {args.batch_size}):")
