@@ -98,7 +98,8 @@ def read_embeddings(path: str | Path) -> SemanticTable:
 # ---------------------------------------------------------------------------------- model
 def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.ndarray | None, *, d: int,
                 max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int,
-                score_temperature: float | None = None, view_loss_weight: float = 0.0):
+                score_temperature: float | None = None, view_loss_weight: float = 0.0,
+                collab_anchor_weight: float = 0.0):
     """The DualViewHead of one CLI variant ("sasrec": ID-only with a random table)."""
     import torch
 
@@ -111,7 +112,7 @@ def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.nd
     else:
         encoder = GRU4RecEncoder(d=d, n_layers=1, dropout=dropout)
     opts: dict[str, Any] = dict(d=d, dropout=dropout, loss=loss, seed=seed, score_temperature=score_temperature,
-                                view_loss_weight=view_loss_weight)
+                                view_loss_weight=view_loss_weight, collab_anchor_weight=collab_anchor_weight)
     if variant == "sasrec" or (variant == "no-semantic" and semantic is None):
         return DualViewHead(encoder, semantic=None, num_items=num_items, use_semantic=False,
                             collab_init="random", **opts)
@@ -169,6 +170,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("--variant sasrec uses no semantic table; drop --embeddings or use --variant no-semantic")
     if args.view_loss_weight and args.variant in ONE_VIEW_VARIANTS:
         raise CLIError(f"--view-loss-weight needs both views; --variant {args.variant} has one")
+    if args.collab_anchor_weight and args.variant in ("sasrec", "no-collaborative"):
+        raise CLIError(f"--collab-anchor-weight needs a PCA-initialised ID table; --variant {args.variant} "
+                       + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
@@ -185,7 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
                         n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout, loss=args.loss,
                         seed=args.seed, score_temperature=args.score_temperature,
-                        view_loss_weight=args.view_loss_weight or 0.0)
+                        view_loss_weight=args.view_loss_weight or 0.0,
+                        collab_anchor_weight=args.collab_anchor_weight or 0.0)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
     trainer = Trainer(model, split, config)
@@ -310,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--view-loss-weight", type=_positive_float, default=None, metavar="W",
                    help="add W times the loss of each view's own score to the fused loss (beyond the paper; "
                         "variants with both views)")
+    t.add_argument("--collab-anchor-weight", type=_positive_float, default=None, metavar="A",
+                   help="add A times the mean squared distance of the ID table from its PCA initialisation "
+                        "to the loss (beyond the paper; variants with a PCA-initialised ID table)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--sliding", action="store_true", help="train on every max_len window of long sequences")
     t.add_argument("--eval-protocol", choices=("full", "sampled"), default="full",

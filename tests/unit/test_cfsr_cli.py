@@ -118,23 +118,28 @@ def test_variants(dataset, embeddings_file, tmp_path, variant, capsys):
 
 
 def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, capsys):
-    """--score-temperature and --view-loss-weight land in the saved config; defaults stay off."""
+    """--score-temperature, --view-loss-weight and --collab-anchor-weight land in the saved config;
+    defaults stay off."""
     out = tmp_path / "cos"
     assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
-                           "--score-temperature", "0.1", "--view-loss-weight", "0.5", "--epochs", "1",
-                           "--quiet")) == 0
+                           "--score-temperature", "0.1", "--view-loss-weight", "0.5", "--collab-anchor-weight",
+                           "2", "--epochs", "1", "--quiet")) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["score_temperature"] == 0.1 and config["view_loss_weight"] == 0.5
+    assert config["collab_anchor_weight"] == 2.0
     plain = tmp_path / "dot"
     assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
     config = json.loads((plain / "config.json").read_text())["config"]
     assert config["score_temperature"] is None and config["view_loss_weight"] == 0.0
+    assert config["collab_anchor_weight"] == 0.0
     with pytest.raises(SystemExit):
         main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--score-temperature", "0"))
     capsys.readouterr()
     assert main(train_args(dataset, tmp_path / "one", "--variant", "sasrec", "--view-loss-weight", "1")) == 2
     assert "--view-loss-weight needs both views; --variant sasrec" in capsys.readouterr().err
     assert not (tmp_path / "one" / "checkpoints").exists()
+    assert main(train_args(dataset, tmp_path / "rnd", "--variant", "sasrec", "--collab-anchor-weight", "1")) == 2
+    assert "PCA-initialised ID table" in capsys.readouterr().err
 
 
 def test_gru4rec_encoder(dataset, tmp_path):

@@ -656,3 +656,81 @@ def test_view_loss_weight_is_checked() -> None:
         make_head(view_loss_weight=-0.1)
     with pytest.raises(ValueError, match="needs both views"):
         make_head(view_loss_weight=0.5, use_semantic=False)
+
+
+def test_collab_anchor_weight_adds_the_mean_squared_drift_from_the_pca_init() -> None:
+    """collab_anchor_weight=a: loss = plain loss + a * mean_i ||E_co[i] - E_co0[i]||^2 (items 1..N);
+    zero at initialisation, scoring unchanged."""
+    a = 3.0
+    plain = make_head(dropout=0.0, fusion="concat").eval()
+    head = make_head(dropout=0.0, fusion="concat", collab_anchor_weight=a).eval()
+    head.load_state_dict(plain.state_dict())
+    assert head.collab_anchor_penalty().item() == pytest.approx(0.0, abs=1e-10)
+    init = head.item_embedding.weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for h in (plain, head):
+            h.item_embedding.weight[1:] += torch.randn(N, D, generator=g.manual_seed(5)) * 0.1
+    expected = (head.item_embedding.weight[1:] - init[1:]).pow(2).sum(-1).mean()
+    torch.testing.assert_close(head.collab_anchor_penalty(), expected)
+    seq = pad_batch([[1, 2, 3], [4, 5, 6, 7]], "left")
+    pos = pad_batch([[2, 3, 8], [5, 6, 7, 9]], "left")
+    for loss_type in ("ce", "bpr"):
+        torch.manual_seed(0)
+        base = plain.loss(seq, pos, loss_type=loss_type)
+        torch.manual_seed(0)
+        torch.testing.assert_close(head.loss(seq, pos, loss_type=loss_type), base + a * expected)
+    states = head.user_state(seq)
+    torch.testing.assert_close(head.full_scores(states), plain.full_scores(states))
+
+
+def test_collab_anchor_weight_keeps_unseen_items_near_their_semantic_rows() -> None:
+    """Under full-softmax CE with Adam, items that never occur in training still move (their rows
+    get the softmax's negative gradient); the anchor keeps them near their PCA coordinates."""
+    g = torch.Generator().manual_seed(0)
+    seen = 10  # training uses items 1..10 only; 11..N are never positives nor inputs
+    full = torch.randint(1, seen + 1, (8, L + 1), generator=g)
+    seq, pos = full[:, :-1], full[:, 1:]
+    drift = {}
+    for a in (0.0, 10.0):
+        head = make_head(dropout=0.0, use_semantic=False, collab_anchor_weight=a, seed=1)
+        head.encoder.emb_dropout.p = 0.0
+        init = head.item_embedding.weight.detach().clone()
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(40):
+            opt.zero_grad()
+            head.loss(seq, pos, loss_type="ce").backward()
+            opt.step()
+        moved = (head.item_embedding.weight.detach() - init).norm(dim=-1)
+        drift[a] = moved[seen + 1:].mean().item()
+    assert drift[10.0] < 0.5 * drift[0.0], drift
+
+
+def test_collab_anchor_follows_loaded_weights_and_added_items(tmp_path) -> None:
+    """The anchor target is recomputed from the stored PCA after a state dict is loaded (no stale
+    cache), survives save/load, and new rows from add_items start at zero penalty."""
+    head = make_head(use_semantic=False, collab_anchor_weight=1.0)
+    assert head.collab_anchor_penalty().item() == pytest.approx(0.0, abs=1e-10)
+    other = DualViewHead(make_encoder("sasrec"), semantic_table(seed=7), d=D, use_semantic=False,
+                         collab_anchor_weight=1.0)
+    with torch.no_grad():
+        other.item_embedding.weight[1:] += 0.2
+    expected = other.collab_anchor_penalty().item()
+    assert expected > 0
+    head.load_state_dict(other.state_dict())  # in-place copies: the cached target must not be reused
+    assert head.collab_anchor_penalty().item() == pytest.approx(expected, rel=1e-5)
+    head.save_pretrained(tmp_path / "h")
+    loaded = DualViewHead.from_pretrained(tmp_path / "h")
+    assert loaded.config.collab_anchor_weight == 1.0
+    assert loaded.collab_anchor_penalty().item() == pytest.approx(expected, rel=1e-5)
+    loaded.add_items(semantic_table(3, seed=9))
+    assert loaded.collab_anchor_penalty().item() == pytest.approx(expected * N / (N + 3), rel=1e-5)
+
+
+def test_collab_anchor_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match="collab_anchor_weight must be >= 0"):
+        make_head(collab_anchor_weight=-1.0)
+    with pytest.raises(ValueError, match="collab_init='pca'"):
+        make_head(collab_anchor_weight=1.0, collab_init="random")
+    with pytest.raises(ValueError, match="collab_init='pca'"):
+        make_head(collab_anchor_weight=1.0, use_collaborative=False)

@@ -149,6 +149,15 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
                    if x.get("variant") == "w/o Cro" and x["stage2"]["loss"] == r["loss"])
         expected = rec["valid"]["Overall"] if r["split"] == "valid" else rec["test"]["full"]["Overall"]
         assert abs(r["fused"]["Overall"] - expected["NDCG@10"]) < 1e-9
+    # bench_drift reloads the same checkpoints: trained rows have moved from their PCA start; the
+    # ID-only SASRec (random table) is skipped
+    from benchmarks.bench_drift import drift_table
+
+    drift = drift_table(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "SASRec": rp.VARIANTS["SASRec"]})
+    assert sorted(r["loss"] for r in drift) == ["bpr", "ce"] and {r["variant"] for r in drift} == {"w/o Cro"}
+    for r in drift:
+        for g in ("Head item", "Tail item"):
+            assert -1.0 <= r[g]["cosine"] < 1.0 and r[g]["relative drift"] > 0.0
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
     # when embeddings for those settings are cached
     import shutil
@@ -504,3 +513,30 @@ def test_bench_head_times_the_per_view_losses_as_a_third_model(tmp_path):
     assert (dual.config.view_loss_weight, vloss.config.view_loss_weight) == (0.0, 0.5)
     assert dual.config.fusion == vloss.config.fusion == "concat" and dual.config.loss == "ce"
     assert dual.config.score_temperature == 0.1
+
+
+def test_bench_drift_row_drift_reports_each_group_from_the_pca_start():
+    """row_drift: cosine 1 / drift 0 for rows still at their PCA coordinates; a head row doubled in
+    length has cosine 1 and relative drift 1, a negated tail row cosine -1 and drift 2 (group means)."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from benchmarks.bench_drift import row_drift
+    from cfsr_head import DualViewHead, SASRecEncoder
+
+    table = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
+    head = DualViewHead(SASRecEncoder(d=4, n_layers=1, n_heads=1, max_len=5), table, d=4, use_semantic=False)
+    head_item = np.array([True, True, False, False, False, False])
+    fresh = row_drift(head, head_item)
+    for g in ("Head item", "Tail item"):
+        assert fresh[g]["cosine"] == pytest.approx(1.0, abs=1e-5) and fresh[g]["relative drift"] == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        head.item_embedding.weight[1] *= 2.0   # item 1: a head item
+        head.item_embedding.weight[3] *= -1.0  # item 3: a tail item
+    moved = row_drift(head, head_item)
+    assert moved["Head item"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert moved["Head item"]["relative drift"] == pytest.approx(0.5, abs=1e-5)  # mean of 1 and 0
+    assert moved["Tail item"]["cosine"] == pytest.approx(0.5, abs=1e-5)  # (-1 + 1 + 1 + 1) / 4
+    assert moved["Tail item"]["relative drift"] == pytest.approx(0.5, abs=1e-5)  # (2 + 0 + 0 + 0) / 4
+
