@@ -158,6 +158,33 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     for r in drift:
         for g in ("Head item", "Tail item"):
             assert -1.0 <= r[g]["cosine"] < 1.0 and r[g]["relative drift"] > 0.0
+    # bench_popadjust chooses beta on validation from the grid (0 included, so the adjusted
+    # validation N@10 is never below the run's own), caches the adjusted per-user results beside the
+    # run, and a second call reads them instead of evaluating again
+    from benchmarks import bench_popadjust
+
+    got = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "Pop": rp.VARIANTS["Pop"]},
+                                    betas=(0.0, 0.5, 2.0))
+    assert set(got) == {"w/o Cro"} and len(got["w/o Cro"]) == 1  # Pop skipped; one seed
+    cached = [rp.read_json(f) for f in (tmp_path / "work" / "toy" / "runs").glob("*.json") if f.name.count(".") == 1]
+    cached = [x for x in cached if x.get("variant") == "w/o Cro"]
+    best = max(cached, key=lambda x: x["valid"]["Overall"]["NDCG@10"])  # the loss chosen on validation
+    assert got["w/o Cro"][0][0]["key"] == best["key"]
+    for rec, adj in got["w/o Cro"]:
+        assert adj["beta"] in (0.0, 0.5, 2.0) and adj["run"] == rec["key"]
+        assert abs(adj["valid"]["0.0"] - rec["valid"]["Overall"]["NDCG@10"]) < 1e-9
+        assert adj["valid"][str(adj["beta"])] == max(adj["valid"].values())
+        if adj["beta"] == 0.0:
+            assert abs(adj["test"]["full"]["Overall"]["NDCG@10"] - rec["test"]["full"]["Overall"]["NDCG@10"]) < 1e-9
+    monkeypatch.setattr(bench_popadjust, "evaluate", no_training)
+    again = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, betas=(0.0, 0.5, 2.0))
+    assert [a for _, a in again["w/o Cro"]] == [a for _, a in got["w/o Cro"]]
+    text, raw = bench_popadjust.report(study, got)
+    assert "| w/o Cro | 1 |" in text and "w/o Cro adjusted vs plain" in text
+    assert {t["protocol"] for t in raw["tests"]} == {"full", "sampled"}
+    popadj_files = sorted(f.name for f in (tmp_path / "work" / "toy" / "runs").glob("*.popadj*.json"))
+    assert len(popadj_files) == 3  # choice + adjusted per-user results of both protocols
+    n_records += len(popadj_files)
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
     # when embeddings for those settings are cached
     import shutil
