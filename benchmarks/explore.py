@@ -92,13 +92,10 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     *[Variant(f"w/o Cro frozen vloss{w} cos0.1", semantic="frozen",
               head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", w))) for w in (0.5, 2.0)],
     Variant("w/o Cro pairCFT vloss1.0", head=(CONCAT, ("view_loss_weight", 1.0)), stage1=(PAIRS,)),
-    # the ID table pulled toward its PCA initialisation (DualViewConfig.collab_anchor_weight), so
-    # that rare items keep their semantic coordinates: SAID and the per-view-loss dual view
+    # SAID's ID table pulled toward its PCA initialisation (DualViewConfig.collab_anchor_weight),
+    # so that rare items keep their semantic coordinates
     *[Variant(f"SAID anchor{a} cos0.1", semantic="frozen",
               head=(*rp.VARIANTS["SAID"].head, ("score_temperature", 0.1), ("collab_anchor_weight", float(a))))
-      for a in (0.1, 1, 10)],
-    *[Variant(f"w/o Cro frozen vloss1.0 anchor{a} cos0.1", semantic="frozen",
-              head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 1.0), ("collab_anchor_weight", float(a))))
       for a in (0.1, 1, 10)],
 ]}
 
