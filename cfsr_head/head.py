@@ -80,6 +80,8 @@ class DualViewConfig:
       gradient up to a full-size step, so without it rare items' rows drift as far from their
       semantic coordinates as popular ones (Beauty, concatenation dual view, seed 0: cosine to the
       initial row 0.76 for head items and 0.77 for tail items, ``benchmarks/bench_drift.py``).
+      Measured on Beauty (SAID, one seed) it does not pay: 0.1 leaves full-ranking N@10 unchanged,
+      1 and 10 lower it (docs/results/README.md).
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
@@ -528,7 +530,8 @@ class DualViewHead(nn.Module):
         mean log sigmoid(-s_neg)), "ce" (full softmax over items 1..N), "sampled_softmax"
         (softmax over the positive and its negatives; negatives equal to the positive are masked).
         With ``config.view_loss_weight`` w > 0 the result is the loss of the fused score plus w times
-        the loss of each view's own score.
+        the loss of each view's own score; ``config.collab_anchor_weight`` a > 0 adds
+        ``a * collab_anchor_penalty()``.
         """
         loss_type = loss_type or self.config.loss
         if loss_type not in LOSSES:
