@@ -19,14 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from benchmarks import reproduce as rp
-from benchmarks.bench_views import finished_runs, matching_runs
+from benchmarks.bench_views import cached_rows
 from benchmarks.explore import build_study
 from benchmarks.reproduce import Variant
-from cfsr_head import DualViewHead, GroupSpec, align_semantic
-from llm_item_embed import ItemEmbeddings
+from cfsr_head import DualViewHead, GroupSpec
 
 GROUPS = ("Head item", "Tail item")
 
@@ -55,24 +53,18 @@ def drift_table(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any
     split = runner.split
     threshold, _ = GroupSpec().thresholds(split)
     head_item = np.asarray(split.item_popularity[1:]) >= threshold
-    all_runs, out = finished_runs(study), []
-    for name, variant in rows.items():
-        _, embeddings_key = runner.semantic(variant)
-        records = matching_runs(all_runs, study, name, embeddings_key)
-        path = rp.embeddings_path(study, runner.stage1_settings(variant)) if embeddings_key else None
-        if not records or path is None or not path.exists():
-            print(f"[drift] {name!r}: no cached run with a semantic table for these settings", file=sys.stderr)
+    out = []
+    for row in cached_rows(study, runner, rows, "drift"):
+        if row.semantic is None:
+            print(f"[drift] {row.name!r} has no semantic table, so no PCA start", file=sys.stderr)
             continue
-        semantic = align_semantic(ItemEmbeddings.load(path), split.item_index)
-        for rec in records:
-            s2 = rp.Stage2(**rec["stage2"])
-            head = rp.build_model(variant, s2, split, semantic)
+        for rec in row.records:
+            head = row.load_head(study, runner, rec)
             if head.item_embedding is None or head.config.collab_init != "pca":
-                print(f"[drift] {name!r}: its ID table is not PCA-initialised", file=sys.stderr)
+                print(f"[drift] {row.name!r}: its ID table is not PCA-initialised", file=sys.stderr)
                 break
-            ckpt = study.workdir / study.name / "runs" / f"{rec['key']}-ckpt" / "best" / "model.safetensors"
-            head.load_state_dict(load_file(str(ckpt)))
-            out.append({"variant": name, "seed": s2.seed, "loss": s2.loss, **row_drift(head, head_item)})
+            out.append({"variant": row.name, "seed": rec["stage2"]["seed"], "loss": rec["stage2"]["loss"],
+                        **row_drift(head, head_item)})
     return out
 
 

@@ -24,22 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
 from benchmarks import reproduce as rp
-from benchmarks.bench_views import finished_runs, matching_runs
+from benchmarks.bench_views import CachedRow, cached_rows
 from benchmarks.explore import build_study
 from benchmarks.reproduce import Variant
-from cfsr_head import PopularityAdjusted, align_semantic, choose_popularity_beta, evaluate
+from cfsr_head import PopularityAdjusted, choose_popularity_beta, evaluate
 from cfsr_head.adjust import DEFAULT_BETAS
 from cfsr_head.io import atomic_write_json, read_json
-from llm_item_embed import ItemEmbeddings
 
 PROTOCOLS = ("full", "sampled")
 GROUPS = ("Overall", "Tail item")
 
 
-def adjust_run(study: rp.Study, runner: rp.Runner, variant: Variant, record: dict, semantic: Any,
+def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
                betas: tuple[float, ...]) -> dict[str, Any]:
     """Choose beta on validation for one cached run and evaluate test with it (cached beside the run).
     Returns ``{"key", "variant", "seed", "beta", "valid": {beta: N@10}, "test": {protocol: summary}}``;
@@ -51,8 +49,7 @@ def adjust_run(study: rp.Study, runner: rp.Runner, variant: Variant, record: dic
         if tuple(got["betas"]) == betas:
             return got
     s2 = rp.Stage2(**record["stage2"])
-    head = rp.build_model(variant, s2, runner.split, semantic)
-    head.load_state_dict(load_file(str(runs / f"{record['key']}-ckpt" / "best" / "model.safetensors")))
+    head = row.load_head(study, runner, record)
     beta, valid = choose_popularity_beta(head, runner.split, betas)
     adjusted = PopularityAdjusted(head, runner.split.item_popularity, beta)
     test = {}
@@ -72,28 +69,16 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], betas: tuple[float, ...
     first-seed run validates best (as the harness reports it); a row with no cached run, or whose
     embeddings are gone, is skipped with a message."""
     runner = rp.Runner(dataclasses.replace(study, report_only=True))
-    all_runs, out = finished_runs(study), {}
-    for name, variant in rows.items():
-        if variant.popularity:
-            print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
-            continue
-        _, embeddings_key = runner.semantic(variant)
-        records = matching_runs(all_runs, study, name, embeddings_key)
-        semantic = None
-        if embeddings_key is not None:
-            path = rp.embeddings_path(study, runner.stage1_settings(variant))
-            if not path.exists():
-                print(f"[popadjust] {name!r}: its embeddings {path} are not cached", file=sys.stderr)
-                continue
-            semantic = align_semantic(ItemEmbeddings.load(path), runner.split.item_index)
-        if not records:
-            print(f"[popadjust] no cached run of {name!r} for these settings", file=sys.stderr)
-            continue
+    plain = {n: v for n, v in rows.items() if not v.popularity}
+    for name in rows.keys() - plain.keys():
+        print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
+    out = {}
+    for row in cached_rows(study, runner, plain, "popadjust"):
         by_loss: dict[str, list[dict]] = {}
-        for rec in records:  # sorted by loss, then seed: each list starts with the first seed
+        for rec in row.records:  # sorted by loss, then seed: each list starts with the first seed
             by_loss.setdefault(rec["stage2"]["loss"], []).append(rec)
         chosen = by_loss[rp.best_loss(by_loss)]  # the loss the harness would report, chosen on validation
-        out[name] = [(rec, adjust_run(study, runner, variant, rec, semantic, betas)) for rec in chosen]
+        out[row.name] = [(rec, adjust_run(study, runner, row, rec, betas)) for rec in chosen]
     return out
 
 

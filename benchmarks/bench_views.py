@@ -80,38 +80,61 @@ def matching_runs(records: list[dict], study: rp.Study, name: str, embeddings_ke
     return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
 
 
-def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any]]:
-    """Full-ranking N@10 (Overall and Tail item) of every cached run of ``rows``, per split, for the
-    fused score and each view alone. Runs or embeddings that are not cached are skipped with a
-    message: nothing is trained or encoded."""
-    runner = rp.Runner(dataclasses.replace(study, report_only=True))  # report-only: never trains embeddings
+@dataclasses.dataclass
+class CachedRow:
+    """One named row's cached runs on the study's embeddings, and how to reload a run's best head."""
+
+    name: str
+    variant: Variant
+    records: list[dict]
+    semantic: Any  # aligned semantic table, or None for rows without one
+
+    def load_head(self, study: rp.Study, runner: rp.Runner, record: dict) -> DualViewHead:
+        head = rp.build_model(self.variant, rp.Stage2(**record["stage2"]), runner.split, self.semantic)
+        ckpt = study.workdir / study.name / "runs" / f"{record['key']}-ckpt" / "best" / "model.safetensors"
+        head.load_state_dict(load_file(str(ckpt)))
+        return head
+
+
+def cached_rows(study: rp.Study, runner: rp.Runner, rows: dict[str, Variant], tag: str) -> list[CachedRow]:
+    """The rows that have cached runs and, when they use one, a cached embedding table; the others
+    are skipped with a message prefixed ``[tag]``. Nothing is trained or encoded."""
     all_runs, out = finished_runs(study), []
     for name, variant in rows.items():
         _, embeddings_key = runner.semantic(variant)
         records = matching_runs(all_runs, study, name, embeddings_key)
         if not records:
-            print(f"[views] no cached run of {name!r} for these settings", file=sys.stderr)
+            print(f"[{tag}] no cached run of {name!r} for these settings", file=sys.stderr)
             continue
         semantic = None
         if embeddings_key is not None:
             path = rp.embeddings_path(study, runner.stage1_settings(variant))
             if not path.exists():
-                print(f"[views] {name!r}: its embeddings {path} are not cached", file=sys.stderr)
+                print(f"[{tag}] {name!r}: its embeddings {path} are not cached", file=sys.stderr)
                 continue
             semantic = align_semantic(ItemEmbeddings.load(path), runner.split.item_index)
-        for rec in records:
+        out.append(CachedRow(name, variant, records, semantic))
+    return out
+
+
+def view_scores(study: rp.Study, rows: dict[str, Variant]) -> list[dict[str, Any]]:
+    """Full-ranking N@10 (Overall and Tail item) of every cached run of ``rows``, per split, for the
+    fused score and each view alone. Runs or embeddings that are not cached are skipped with a
+    message: nothing is trained or encoded."""
+    runner = rp.Runner(dataclasses.replace(study, report_only=True))  # report-only: never trains embeddings
+    out = []
+    for row in cached_rows(study, runner, rows, "views"):
+        for rec in row.records:
             s2 = rp.Stage2(**rec["stage2"])
-            head = rp.build_model(variant, s2, runner.split, semantic)
-            head.load_state_dict(load_file(str(study.workdir / study.name / "runs" / f"{rec['key']}-ckpt" / "best"
-                                               / "model.safetensors")))
+            head = row.load_head(study, runner, rec)
             models = {"fused": head, **{v: OneView(head, v) for v in VIEWS[1:]}}
             for split in ("valid", "test"):
-                row: dict[str, Any] = {"variant": name, "loss": s2.loss, "dropout": s2.dropout, "seed": s2.seed,
-                                       "split": split}
+                r: dict[str, Any] = {"variant": row.name, "loss": s2.loss, "dropout": s2.dropout, "seed": s2.seed,
+                                     "split": split}
                 for view in VIEWS:
                     res = evaluate(models[view], runner.split, split=split, protocol="full").summary()
-                    row[view] = {g: res[g]["NDCG@10"] for g in ("Overall", "Tail item")}
-                out.append(row)
+                    r[view] = {g: res[g]["NDCG@10"] for g in ("Overall", "Tail item")}
+                out.append(r)
     return out
 
 
