@@ -104,13 +104,14 @@ class Stage2:
     patience: int = 10
     seed: int = 0
     length_buckets: int = 0           # TrainConfig.length_buckets (sortish batches; 0 = plain shuffle)
+    logit_adjustment: float = 0.0     # TrainConfig.logit_adjustment (logit-adjusted loss; 0 = the plain loss)
 
 
 # Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
 # hold these values, so that adding a setting does not invalidate finished runs.
 STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
                        "pair_weighted": False}
-STAGE2_LATER_FIELDS = {"length_buckets": 0}
+STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0}
 
 
 def _key_fields(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +368,7 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
         extra = SelfDistillation(split, semantic) if variant.distill else None
         config = TrainConfig(loss=s2.loss, epochs=s2.epochs, patience=s2.patience, lr=s2.lr,
                              batch_size=s2.batch_size, max_len=s2.max_len, seed=s2.seed,
-                             length_buckets=s2.length_buckets,
+                             length_buckets=s2.length_buckets, logit_adjustment=s2.logit_adjustment,
                              output_dir=str(runs / f"{key}-ckpt"), show_progress_bar=False,
                              extra_loss_weight=0.1 if variant.distill else 1.0)
         result = Trainer(model, split, config, extra_loss=extra).fit()
@@ -623,7 +624,10 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"{study.stage2.n_heads} heads, Adam lr {study.stage2.lr}, batch {study.stage2.batch_size}, "
              f"up to {study.stage2.epochs} epochs, early stopping (patience {study.stage2.patience}) on "
              f"validation N@10" + (f", length-bucketed batches (chunks of {study.stage2.length_buckets} batches)"
-                                   if study.stage2.length_buckets else "") + ". "
+                                   if study.stage2.length_buckets else "")
+             + (f", every row trained with the logit-adjusted loss (tau {study.stage2.logit_adjustment}: "
+                f"training logits + tau * log(1 + training count))" if study.stage2.logit_adjustment else "")
+             + ". "
              + _losses_sentence(study.losses) + f" the grid {dict(study.grid)} is searched per variant and "
              f"loss on validation N@10 (first seed). The loss whose chosen point validates better is the variant's "
              f"best loss (the rows without a loss in their name)" + _reseed_sentence(study), "",
@@ -791,6 +795,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--length-buckets", type=int, default=None,
                    help="batches of similar-length sequences, sorted within chunks of this many batches "
                         "(TrainConfig.length_buckets; 0 = plain shuffle)")
+    p.add_argument("--logit-adjustment", type=float, default=None, metavar="TAU",
+                   help="train every row with the logit-adjusted loss (TrainConfig.logit_adjustment; "
+                        "beyond the paper; default 0: the plain loss)")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
                    help="stage-2 losses to train (default: both, as the protocol asks; one loss for a fast tier)")
     p.add_argument("--significance", nargs="+", default=(), metavar="NAME",
@@ -827,7 +834,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
     if a.cft_steps is not None:
         stage1 = dataclasses.replace(stage1, max_steps=a.cft_steps)
     for name, value in (("epochs", a.epochs), ("patience", a.patience), ("max_len", a.max_len),
-                        ("length_buckets", a.length_buckets)):
+                        ("length_buckets", a.length_buckets), ("logit_adjustment", a.logit_adjustment)):
         if value is not None:
             stage2 = dataclasses.replace(stage2, **{name: value})
     if a.dropout_grid:

@@ -27,6 +27,8 @@ DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 class PopularityAdjusted(nn.Module):
     """``model``'s scores minus ``beta * log(1 + count_i)``, ``count_i`` item i's training count.
+    A negative ``beta`` adds popularity back (for a model trained with a logit-adjusted loss,
+    ``TrainConfig.logit_adjustment``, whose own scores may under-rank popular items).
 
     ``popularity``: ``[N+1]`` counts indexed like the model's items (index 0, padding, ignored;
     ``SplitData.item_popularity`` is in this form). Follows the model protocol (``user_state``,
@@ -36,8 +38,8 @@ class PopularityAdjusted(nn.Module):
 
     def __init__(self, model: nn.Module, popularity: Any, beta: float) -> None:
         super().__init__()
-        if not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if not math.isfinite(beta):
+            raise ValueError(f"beta must be a finite number, got {beta!r}")
         counts = np.asarray(popularity, dtype=np.float64)
         n_items = int(getattr(model, "num_items"))
         if counts.ndim != 1 or len(counts) != n_items + 1:
@@ -80,7 +82,7 @@ def choose_popularity_beta(model: nn.Module, split_data: SplitData, betas: Seque
                            **evaluate_kwargs: Any) -> tuple[float, dict[float, float]]:
     """The ``beta`` of ``betas`` with the best validation ``metric`` (Overall) of
     ``PopularityAdjusted(model, split_data.item_popularity, beta)``, and every beta's value.
-    Ties go to the smaller beta. ``evaluate_kwargs`` reach ``evaluate`` (batch size, device ...)."""
+    Ties go to the beta closest to 0 (the smaller one between ``b`` and ``-b``). ``evaluate_kwargs`` reach ``evaluate`` (batch size, device ...)."""
     grid = sorted({float(b) for b in betas})
     if not grid:
         raise ValueError("betas is empty")
@@ -89,5 +91,5 @@ def choose_popularity_beta(model: nn.Module, split_data: SplitData, betas: Seque
         adjusted = PopularityAdjusted(model, split_data.item_popularity, beta)
         res = evaluate(adjusted, split_data, split="valid", protocol=protocol, groups=None, **evaluate_kwargs)
         values[beta] = float(res.summary()["Overall"][metric])
-    best = max(grid, key=lambda b: (values[b], -b))
+    best = max(grid, key=lambda b: (values[b], -abs(b), -b))
     return best, values

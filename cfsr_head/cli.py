@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -177,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
                          seed=args.seed, output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
-                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol)
+                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol,
+                         logit_adjustment=args.logit_adjustment or 0.0)
     split = _load_split(args.data, args.max_len)
     semantic = None
     if args.embeddings:
@@ -239,14 +241,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split.num_items != model.num_items:
         raise CLIError(f"--model {model_dir} scores {model.num_items} items but --data {args.data} has "
                        f"{split.num_items}; evaluate on the dataset the model was trained on")
+    beta_note = ""
+    if args.popularity_beta is not None:
+        from .adjust import PopularityAdjusted, choose_popularity_beta
+
+        if args.popularity_beta == "auto":
+            beta, values = choose_popularity_beta(model, split, max_len=max_len)
+            beta_note = (f", popularity beta {beta} (chosen on validation full-ranking NDCG@10: "
+                         + ", ".join(f"{b}: {v:.4f}" for b, v in values.items()) + ")")
+        else:
+            beta = float(args.popularity_beta)
+            beta_note = f", popularity beta {beta}"
+        model = PopularityAdjusted(model, split.item_popularity, beta)
     result = evaluate(model, split, split=args.split, protocol=args.protocol, max_len=max_len, seed=args.seed)
-    print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking")
+    print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking{beta_note}")
     print(format_summary(result))
     if args.json:
         from .train import _to_jsonable
 
         report = {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data), "split": args.split,
                   "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
+        if args.popularity_beta is not None:
+            report["popularity_beta"] = model.beta
         atomic_write_json(args.json, _to_jsonable(report))
     return 0
 
@@ -269,6 +285,18 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _beta(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'auto', got {text!r}")
     return value
 
 
@@ -318,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--collab-anchor-weight", type=_positive_float, default=None, metavar="A",
                    help="add A times the mean squared distance of the ID table from its PCA initialisation "
                         "to the loss (beyond the paper; variants with a PCA-initialised ID table)")
+    t.add_argument("--logit-adjustment", type=_positive_float, default=None, metavar="TAU",
+                   help="train with the logit-adjusted loss: every training logit of an item gets "
+                        "+ TAU * log(1 + its training count), so that scores learn what popularity does "
+                        "not explain (beyond the paper; Menon et al., 2021)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--sliding", action="store_true", help="train on every max_len window of long sequences")
     t.add_argument("--eval-protocol", choices=("full", "sampled"), default="full",
@@ -339,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-len", type=_positive_int, default=None,
                    help="input window (default: the one it was trained with)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    e.add_argument("--popularity-beta", type=_beta, default=None, metavar="BETA",
+                   help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
+                        "adjustment); 'auto' chooses BETA on the validation split from "
+                        "0, 0.1, ..., 1 (beyond the paper)")
     e.add_argument("--json", help="also write the summary to this JSON file")
     e.set_defaults(func=cmd_evaluate)
     return parser

@@ -521,7 +521,8 @@ class DualViewHead(nn.Module):
         return scores
 
     def loss(self, item_seq: Tensor, pos: Tensor, neg: Tensor | None = None,
-             padding_mask: Tensor | None = None, loss_type: str | None = None) -> Tensor:
+             padding_mask: Tensor | None = None, loss_type: str | None = None,
+             logit_bias: Tensor | None = None) -> Tensor:
         """Mean loss over every non-padding position with a target (``pos > 0``).
 
         ``pos [B, L]``: next item per position. ``neg [B, L]`` or ``[B, L, n]``: negatives
@@ -532,10 +533,21 @@ class DualViewHead(nn.Module):
         With ``config.view_loss_weight`` w > 0 the result is the loss of the fused score plus w times
         the loss of each view's own score; ``config.collab_anchor_weight`` a > 0 adds
         ``a * collab_anchor_penalty()``.
+
+        ``logit_bias [N+1]`` (optional; index 0 and the fallback row get 0) is added to item i's
+        training logit wherever it is scored, in every loss type and every view's loss: with
+        ``tau * log(1 + count_i)`` this is the logit-adjusted loss (Menon et al., 2021), which
+        ``TrainConfig.logit_adjustment`` sets up. Scoring at evaluation never sees it.
         """
         loss_type = loss_type or self.config.loss
         if loss_type not in LOSSES:
             raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {list(LOSSES)}")
+        if logit_bias is not None:
+            if logit_bias.ndim != 1 or logit_bias.shape[0] != self._num_items + 1:
+                raise ValueError(f"logit_bias must be [num_items + 1] = [{self._num_items + 1}] "
+                                 f"(index 0 is padding), got {tuple(logit_bias.shape)}")
+            logit_bias = logit_bias.to(pos.device)
+            logit_bias = torch.cat([logit_bias.new_zeros(1), logit_bias[1:], logit_bias.new_zeros(1)])
         if pos.shape != item_seq.shape:
             raise ValueError(f"pos must have the shape of item_seq {tuple(item_seq.shape)}, got {tuple(pos.shape)}")
         if neg is not None and tuple(neg.shape[:2]) != tuple(item_seq.shape):
@@ -573,9 +585,16 @@ class DualViewHead(nn.Module):
             has_fallback = self.fallback_se is not None or self.fallback_co is not None
             logit_sets = self._logit_sets(out[valid], table[1:] if has_fallback else table[1:-1])
             target = p.masked_fill(p_invalid, self._num_items + 1) - 1  # row i of the slice is item i+1
+            if logit_bias is not None:  # [N] or, with the fallback row, [N+1] (the fallback's bias 0)
+                bias = logit_bias[1: self._num_items + 1 + int(has_fallback)]
+                logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
         else:
             candidates = torch.cat([e_pos.unsqueeze(1), e_neg.view(M, -1, rows.shape[-1])], 1)
             logit_sets = self._logit_sets(out[valid], candidates)  # each [M, 1+n], the positive first
+            if logit_bias is not None:  # invalid ids (fallback rows) take index 0's bias, 0
+                cand_ids = torch.cat([p.masked_fill(p_invalid, 0).unsqueeze(1), neg_v.masked_fill(n_invalid, 0)], 1)
+                bias = logit_bias[cand_ids]
+                logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
 
         def one_loss(logits: Tensor) -> Tensor:
             if loss_type == "ce":

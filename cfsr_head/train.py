@@ -77,6 +77,10 @@ class TrainConfig:
     sliding_windows: bool = False  # cut long training sequences into max_len windows (all positions trained)
     trim_padding: bool = True  # drop all-padding leading columns of each (left-padded) batch
     length_buckets: int = 0  # >0: batches of similar-length sequences (sorted within chunks of this many batches)
+    # tau > 0: the logit-adjusted loss (Menon et al., 2021): every training logit of item i gets
+    # + tau * log(1 + its training count), so the model learns scores with the popularity prior
+    # factored out; evaluation scores are unchanged (model.loss must accept ``logit_bias``)
+    logit_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -98,6 +102,8 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("TrainConfig.mixed_precision must be 'no', 'fp16' or 'bf16', "
                              f"got {self.mixed_precision!r}")
+        if not (math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0):
+            raise ValueError(f"TrainConfig.logit_adjustment must be a finite number >= 0, got {self.logit_adjustment!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.output_dir is not None:
@@ -164,16 +170,20 @@ class _LossModule(nn.Module):
     """Wraps the model so that one ``forward`` computes the whole training loss (DDP needs the
     loss to come out of the prepared module's forward to synchronise gradients)."""
 
-    def __init__(self, model: nn.Module, loss_type: str, extra_loss: ExtraLoss | None, extra_weight: float) -> None:
+    def __init__(self, model: nn.Module, loss_type: str, extra_loss: ExtraLoss | None, extra_weight: float,
+                 logit_bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss_type = loss_type
         self.extra_loss = extra_loss
         self.extra_weight = extra_weight
+        # a buffer, so that accelerate moves it to the model's device (not saved: persistent=False)
+        self.register_buffer("logit_bias", logit_bias, persistent=False)
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kwargs = {} if self.logit_bias is None else {"logit_bias": self.logit_bias}
         loss = self.model.loss(batch.input_seq, batch.pos, batch.neg,
-                               padding_mask=batch.padding_mask, loss_type=self.loss_type)
+                               padding_mask=batch.padding_mask, loss_type=self.loss_type, **kwargs)
         extra = None
         if self.extra_loss is not None:
             extra = self.extra_loss(self.model, batch)
@@ -374,9 +384,32 @@ class Trainer:
         if not params:
             raise ValueError("model has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.loss_module = _LossModule(self.model, cfg.loss, self.extra_loss, cfg.extra_loss_weight)
+        self.loss_module = _LossModule(self.model, cfg.loss, self.extra_loss, cfg.extra_loss_weight,
+                                       self._logit_bias())
         self.prepared_loss, self.prepared_optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
         self._prepared = True
+
+    def _logit_bias(self) -> torch.Tensor | None:
+        """``tau * log(1 + training count)`` per item index (``config.logit_adjustment`` tau > 0), else None."""
+        tau = self.config.logit_adjustment
+        if tau == 0:
+            return None
+        accepted = _accepted_kwargs(self.model.loss)
+        if "logit_bias" not in accepted and "*" not in accepted:
+            raise TypeError(f"TrainConfig.logit_adjustment={tau} needs model.loss to accept logit_bias "
+                            f"({type(self.model).__name__}.loss does not)")
+        counts = getattr(self.split_data, "item_popularity", None)
+        if counts is None:
+            raise TypeError("TrainConfig.logit_adjustment > 0 needs split_data.item_popularity "
+                            "(training interaction counts per item index)")
+        counts = np.asarray(counts, dtype=np.float64)
+        n_items = getattr(self.model, "num_items", None)
+        if n_items is not None and len(counts) != int(n_items) + 1:
+            raise ValueError(f"split_data.item_popularity has {len(counts)} entries; the model has "
+                             f"num_items + 1 = {int(n_items) + 1}")
+        bias = tau * np.log1p(np.clip(counts, 0, None))
+        bias[0] = 0.0
+        return torch.as_tensor(bias, dtype=torch.float32)
 
     @property
     def device(self) -> torch.device:

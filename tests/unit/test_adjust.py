@@ -32,7 +32,7 @@ class SuccessorPlusPopularity(nn.Module):
     """Knows the true next item but adds a popularity bonus that drowns it: the model a softmax
     over a skewed catalogue tends to learn."""
 
-    def __init__(self, split, signal: float = 0.5) -> None:
+    def __init__(self, split, signal: float = 0.5, bonus_weight: float = 1.0) -> None:
         super().__init__()
         ids = split.item_index.ids
         pos = {raw: n + 1 for n, raw in enumerate(ids)}
@@ -40,7 +40,8 @@ class SuccessorPlusPopularity(nn.Module):
         for raw, idx in pos.items():
             succ[idx] = pos.get(f"i{(int(raw[1:]) + 1) % N_RAW}", 0)
         self.register_buffer("succ", succ)
-        self.register_buffer("bonus", torch.log1p(torch.as_tensor(np.asarray(split.item_popularity), dtype=torch.float32)))
+        self.register_buffer("bonus", bonus_weight * torch.log1p(
+            torch.as_tensor(np.asarray(split.item_popularity), dtype=torch.float32)))
         self.num_items, self.signal, self.max_len = len(ids), signal, 8
 
     def user_state(self, item_seq, padding_mask=None):
@@ -85,17 +86,28 @@ def test_validation_chooses_a_beta_that_removes_the_popularity_bonus():
     assert adjusted["Tail item"]["NDCG@10"] > plain
 
 
-def test_ties_go_to_the_smaller_beta_and_a_head_wraps_like_any_model():
+def test_a_negative_beta_adds_popularity_back_to_a_model_that_under_ranks_it():
+    """A model whose scores carry popularity with the wrong sign (as a logit-adjusted loss can
+    overshoot) is repaired by beta = -1."""
+    split = chain_split()
+    model = SuccessorPlusPopularity(split, bonus_weight=-1.0)
+    beta, values = choose_popularity_beta(model, split, betas=(-1.0, -0.5, 0.0, 0.5, 1.0))
+    assert beta == -1.0 and values[-1.0] == pytest.approx(1.0) and values[0.0] < 0.9, values
+
+
+def test_ties_go_to_the_beta_closest_to_zero_and_a_head_wraps_like_any_model():
     """With every item equally frequent the adjustment shifts all scores alike: every beta ties and
-    the tie goes to the smallest. A DualViewHead is wrapped like any model."""
+    the tie goes to the one closest to 0 (the negative one of a +-pair). A DualViewHead is wrapped
+    like any model."""
     rows = [(f"u{u}", f"i{(u + t) % 6}", t) for u in range(12) for t in range(5)]
     split = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])))
     assert len(set(np.asarray(split.item_popularity)[1:].tolist())) == 1
     torch.manual_seed(0)
     head = DualViewHead(SASRecEncoder(d=4, n_layers=1, n_heads=2, max_len=5), torch.randn(6, 16), d=4,
                         n_cross_heads=2)
-    beta, values = choose_popularity_beta(head, split, betas=(0.5, 0.0, 1.0))
+    beta, values = choose_popularity_beta(head, split, betas=(0.5, 0.0, -1.0, 1.0))
     assert beta == 0.0 and len(set(values.values())) == 1
+    assert choose_popularity_beta(head, split, betas=(0.5, 1.0, -0.5))[0] == -0.5
     assert set(dict(PopularityAdjusted(head, split.item_popularity, 1.0).state_dict())) == \
         {f"model.{k}" for k in head.state_dict()} | {"log_popularity"}
 
@@ -104,9 +116,9 @@ def test_bad_inputs_are_named():
     split = chain_split()
     model = SuccessorPlusPopularity(split)
     with pytest.raises(ValueError, match="beta must be"):
-        PopularityAdjusted(model, split.item_popularity, -0.1)
-    with pytest.raises(ValueError, match="beta must be"):
         PopularityAdjusted(model, split.item_popularity, math.nan)
+    with pytest.raises(ValueError, match="beta must be"):
+        PopularityAdjusted(model, split.item_popularity, math.inf)
     with pytest.raises(ValueError, match="num_items \\+ 1"):
         PopularityAdjusted(model, np.asarray(split.item_popularity)[1:], 0.5)
     counts = np.asarray(split.item_popularity, dtype=float).copy()

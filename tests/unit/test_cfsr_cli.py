@@ -142,6 +142,39 @@ def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, cap
     assert "PCA-initialised ID table" in capsys.readouterr().err
 
 
+
+def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
+    """--logit-adjustment reaches the training config; evaluate --popularity-beta wraps the model in
+    PopularityAdjusted (0 gives the plain numbers; 'auto' chooses on validation, as the API does)."""
+    from cfsr_head import DualViewHead, PopularityAdjusted, choose_popularity_beta, evaluate
+    from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
+
+    out = tmp_path / "la"
+    assert main(train_args(dataset, out, "--variant", "sasrec", "--loss", "ce", "--logit-adjustment", "0.5",
+                           "--quiet")) == 0
+    assert json.loads((out / "metrics.json").read_text())["train_config"]["logit_adjustment"] == 0.5
+    reports = {}
+    for beta in (None, "0", "0.7", "auto"):
+        report = tmp_path / f"eval_{beta}.json"
+        extra = [] if beta is None else ["--popularity-beta", beta]
+        assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--json", str(report), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert ("popularity beta" in printed) == (beta is not None)
+        reports[beta] = json.loads(report.read_text())
+    assert reports["0"]["summary"] == reports[None]["summary"] and "popularity_beta" not in reports[None]
+    # the same numbers through the API
+    model = DualViewHead.from_pretrained(out)
+    split = leave_one_out(load_dataset(dataset), max_len=10, item_index=ItemIndex.load(out / "item_index.json"))
+    expected = evaluate(PopularityAdjusted(model, split.item_popularity, 0.7), split, "test", max_len=10).summary()
+    assert reports["0.7"]["popularity_beta"] == 0.7
+    assert reports["0.7"]["summary"]["Overall"] == pytest.approx(expected["Overall"])
+    beta, _ = choose_popularity_beta(model, split, max_len=10)
+    assert reports["auto"]["popularity_beta"] == beta
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "strong"])
+    with pytest.raises(SystemExit):
+        main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--logit-adjustment", "-1"))
+
 def test_gru4rec_encoder(dataset, tmp_path):
     out = tmp_path / "gru"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--encoder", "gru4rec", "--epochs", "1",

@@ -734,3 +734,62 @@ def test_collab_anchor_weight_is_checked() -> None:
         make_head(collab_anchor_weight=1.0, collab_init="random")
     with pytest.raises(ValueError, match="collab_init='pca'"):
         make_head(collab_anchor_weight=1.0, use_collaborative=False)
+
+
+# ------------------------------------------------------------------- logit adjustment
+def test_logit_bias_shifts_each_items_training_logit_in_every_loss_and_view() -> None:
+    """loss(..., logit_bias=b) is the loss of the logits plus b[item] (fused and per view; CE over
+    the full catalogue, BPR and sampled softmax over the candidates); evaluation scores ignore it."""
+    F = torch.nn.functional
+    w = 0.5
+    head = make_head(dropout=0.0, fusion="concat", view_loss_weight=w).eval()
+    seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
+    pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
+    neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+    bias = torch.linspace(0.0, 3.0, N + 1)
+    bias[0] = 99.0  # padding's entry is ignored
+    with torch.no_grad():
+        out = head(seq)[:, -3:].reshape(6, -1)
+        reps = head.item_representations()
+        target, negs = pos[:, -3:].reshape(6, 1), neg[:, -3:].reshape(6, 1)
+        b = bias.clone()
+        b[0] = 0.0
+        expected = {"ce": 0.0, "bpr": 0.0, "sampled_softmax": 0.0}
+        for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
+            s = out[:, cols] @ reps[:, cols].T + b
+            ce_logits = s.clone()
+            ce_logits[:, 0] = float("-inf")
+            weight = 1.0 if k == 0 else w
+            expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
+            pair = torch.cat([s.gather(1, target), s.gather(1, negs)], 1)
+            expected["bpr"] += weight * -F.logsigmoid(pair[:, 0] - pair[:, 1]).mean()
+            expected["sampled_softmax"] += weight * F.cross_entropy(pair, torch.zeros(6, dtype=torch.long))
+        for loss_type, value in expected.items():
+            got = head.loss(seq, pos, neg, loss_type=loss_type, logit_bias=bias)
+            torch.testing.assert_close(got, value, atol=1e-5, rtol=1e-5)
+            assert not torch.isclose(got, head.loss(seq, pos, neg, loss_type=loss_type))
+            torch.testing.assert_close(head.loss(seq, pos, neg, loss_type=loss_type, logit_bias=torch.zeros(N + 1)),
+                                       head.loss(seq, pos, neg, loss_type=loss_type))
+    with pytest.raises(ValueError, match="logit_bias must be"):
+        head.loss(seq, pos, neg, logit_bias=torch.zeros(N))
+
+
+def test_logit_bias_with_fallback_rows_gives_them_no_bias() -> None:
+    """Unknown ids take the fallback row and a bias of 0: the CE target column of an unknown item,
+    and unknown negatives, do not index past the bias vector."""
+    F = torch.nn.functional
+    head = make_head(dropout=0.0, missing_item_policy="fallback").eval()
+    seq = pad_batch([[1, 2, 3]], "left")
+    pos = pad_batch([[2, N + 5, 4]], "left")
+    neg = pad_batch([[N + 7, 6, 7]], "left")
+    bias = torch.rand(N + 1)
+    with torch.no_grad():
+        for loss_type in ("ce", "bpr"):
+            assert torch.isfinite(head.loss(seq, pos, neg, loss_type=loss_type, logit_bias=bias))
+        # CE by hand: columns 1..N carry the bias, the fallback column (last) none
+        out = head(seq)[0, -3:]
+        table = head._table(with_fallback=True)[1:]
+        logits = out @ table.T + torch.cat([bias[1:], torch.zeros(1)])
+        expected = F.cross_entropy(logits, torch.tensor([1, N, 3]))
+        torch.testing.assert_close(head.loss(seq, pos, loss_type="ce", logit_bias=bias), expected,
+                                   atol=1e-5, rtol=1e-5)

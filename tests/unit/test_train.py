@@ -371,6 +371,12 @@ def test_bad_configs_and_inputs(split):
         Trainer(nn.Linear(2, 2), split, cfg())
     with pytest.raises(KeyError, match="NDCG@10"):
         Trainer(TinyModel(), split, cfg(epochs=1), eval_fn=lambda *a, **k: {"overall": {"HR@10": 1.0}}).fit()
+    for tau in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="logit_adjustment"):
+            TrainConfig(logit_adjustment=tau)
+    # the model's loss must accept the bias the adjustment passes
+    with pytest.raises(TypeError, match="logit_bias"):
+        Trainer(TinyModel(), split, cfg(epochs=1, logit_adjustment=1.0), eval_fn=ndcg10_eval).fit()
 
 
 DDP_SCRIPT = r'''
@@ -541,3 +547,55 @@ def test_trim_leading_padding_cuts_aligned_columns_and_keeps_one():
     full = torch.tensor([[1, 2], [0, 3]])
     assert trim_leading_padding(full)[0] is full
     assert trim_leading_padding(torch.zeros(2, 4, dtype=torch.long))[0].shape == (2, 1)
+
+
+class BiasedTinyModel(TinyModel):
+    """TinyModel whose loss takes a logit bias and records it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen_bias: list[torch.Tensor | None] = []
+
+    def loss(self, item_seq, pos, neg, padding_mask=None, loss_type="bpr", logit_bias=None):
+        self.seen_bias.append(None if logit_bias is None else logit_bias.detach().clone())
+        return super().loss(item_seq, pos, neg, padding_mask, loss_type)
+
+
+def test_logit_adjustment_passes_tau_log1p_training_counts_to_the_loss(split):
+    plain = BiasedTinyModel()
+    Trainer(plain, split, cfg(epochs=1), eval_fn=ndcg10_eval).fit()
+    assert plain.seen_bias and all(b is None for b in plain.seen_bias)
+    model = BiasedTinyModel()
+    Trainer(model, split, cfg(epochs=1, logit_adjustment=0.5), eval_fn=ndcg10_eval).fit()
+    expected = 0.5 * np.log1p(np.asarray(split.item_popularity, dtype=np.float64))
+    expected[0] = 0.0
+    assert len(model.seen_bias) == len(plain.seen_bias)
+    for b in model.seen_bias:
+        np.testing.assert_allclose(b.numpy(), expected, rtol=1e-6)
+    assert expected[1:].std() > 0  # the toy catalogue is not uniform: the bias carries information
+
+
+def test_logit_adjustment_lowers_popular_items_in_the_learned_scores():
+    """On a catalogue where a few items are far more frequent, CE training with the logit-adjusted
+    loss ranks the frequent items lower for the same users than plain CE does."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for u in range(200):  # most users walk from a few popular starting items; the next item is the successor
+        start = int(rng.integers(0, 3)) if u < 160 else int(rng.integers(0, N_ITEMS))
+        rows += [(f"u{u}", f"i{(start + t) % N_ITEMS}", t) for t in range(int(rng.integers(4, 8)))]
+    skewed = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])),
+                           max_len=10)
+    counts = np.asarray(skewed.item_popularity)
+    popular = torch.as_tensor(np.argsort(-counts[1:])[:3] + 1)
+
+    def popular_rank(tau: float) -> float:
+        model = make_head()
+        Trainer(model, skewed, cfg(epochs=8, loss="ce", logit_adjustment=tau)).fit()
+        model.eval()
+        seqs = torch.as_tensor(skewed.sequences[:, :-2][:, -10:])
+        with torch.no_grad():
+            scores = model.full_scores(model.user_state(seqs))[:, 1:]
+        ranks = scores.argsort(1, descending=True).argsort(1) + 1  # rank of each item per user
+        return float(ranks[:, popular - 1].float().mean())
+
+    assert popular_rank(1.0) > popular_rank(0.0) + 1.0
