@@ -7,8 +7,10 @@ script reloads the best checkpoint, chooses ``beta`` from a grid on the validati
 full-ranking N@10 (``choose_popularity_beta``; the grid contains 0, so the unadjusted model is a
 candidate), and evaluates test under both protocols with that ``beta``. Every row gets the same
 grid, baselines included. Per-user results are cached beside the run (``<key>.popadj.*.json``), so
-a second call only reads them. Options are those of ``benchmarks.explore`` (they select cached runs;
-nothing is trained or encoded), plus ``--betas``::
+a second call only reads them, and a new grid only evaluates the betas it adds. Options are those of
+``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas`` and
+``--logit-adjustments`` (runs trained with the logit-adjusted loss beside the plain ones, all in one
+report with paired t-tests between every two rows)::
 
     python -m benchmarks.bench_popadjust --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
         --seeds 0 --names "SASRec cos0.1" "SAID cos0.1" --out runs/popadjust
@@ -30,7 +32,7 @@ from benchmarks.bench_views import CachedRow, cached_rows
 from benchmarks.explore import build_study
 from benchmarks.reproduce import Variant
 from cfsr_head import PopularityAdjusted, choose_popularity_beta, evaluate
-from cfsr_head.adjust import DEFAULT_BETAS
+from cfsr_head.adjust import DEFAULT_BETAS, best_beta
 from cfsr_head.io import atomic_write_json, read_json
 
 PROTOCOLS = ("full", "sampled")
@@ -44,19 +46,29 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
     its ``key`` names the adjusted per-user results, so ``rp.paired_p`` reads them."""
     runs = study.workdir / study.name / "runs"
     cache = runs / f"{record['key']}.popadj.json"
-    if cache.exists():
-        got = read_json(cache)
-        if tuple(got["betas"]) == betas:
-            return got
+    got = read_json(cache) if cache.exists() else None
+    if got is not None and tuple(got["betas"]) == betas:
+        return got
+    # a cache made with another grid still holds the validation value of each beta it tried
+    known = {float(b): v for b, v in got["valid"].items()} if got is not None else {}
     s2 = rp.Stage2(**record["stage2"])
-    head = row.load_head(study, runner, record)
-    beta, valid = choose_popularity_beta(head, runner.split, betas)
-    adjusted = PopularityAdjusted(head, runner.split.item_popularity, beta)
-    test = {}
-    for protocol in PROTOCOLS:
-        res = evaluate(adjusted, runner.split, split="test", protocol=protocol, seed=s2.seed)
-        res.to_json(runs / f"{record['key']}.popadj.{protocol}.json")
-        test[protocol] = res.summary()
+    head = None
+    missing = [b for b in betas if b not in known]
+    if missing:
+        head = row.load_head(study, runner, record)
+        known.update(choose_popularity_beta(head, runner.split, missing)[1])
+    valid = {b: known[b] for b in betas}
+    beta = best_beta(valid)
+    if got is not None and float(got["beta"]) == beta:
+        test = got["test"]  # the same beta: its test results are on disk already
+    else:
+        head = head if head is not None else row.load_head(study, runner, record)
+        adjusted = PopularityAdjusted(head, runner.split.item_popularity, beta)
+        test = {}
+        for protocol in PROTOCOLS:
+            res = evaluate(adjusted, runner.split, split="test", protocol=protocol, seed=s2.seed)
+            res.to_json(runs / f"{record['key']}.popadj.{protocol}.json")
+            test[protocol] = res.summary()
     out = {"key": f"{record['key']}.popadj", "run": record["key"], "variant": record["variant"], "seed": s2.seed,
            "betas": list(betas), "beta": beta, "valid": {str(b): v for b, v in valid.items()}, "test": test}
     atomic_write_json(cache, out)
@@ -80,6 +92,18 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], betas: tuple[float, ...
         chosen = by_loss[rp.best_loss(by_loss)]  # the loss the harness would report, chosen on validation
         out[row.name] = [(rec, adjust_run(study, runner, row, rec, betas)) for rec in chosen]
     return out
+
+
+def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], betas: tuple[float, ...],
+                     taus: list[float]) -> dict[str, list[tuple[dict, dict]]]:
+    """``popadjust`` for the rows' runs trained with each logit adjustment in ``taus`` (0: the plain
+    loss), merged; rows of tau > 0 are named ``"<row> la<tau>"``."""
+    results: dict[str, list[tuple[dict, dict]]] = {}
+    for tau in dict.fromkeys(taus):
+        at_tau = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=tau))
+        for name, pairs in popadjust(at_tau, rows, betas).items():
+            results[f"{name} la{tau:g}" if tau else name] = pairs
+    return results
 
 
 def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tuple[str, dict]:
@@ -125,13 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS))
+    p.add_argument("--logit-adjustments", nargs="+", type=float, default=None, metavar="TAU",
+                   help="the rows' runs trained with each of these logit adjustments (0: the plain loss), "
+                        "side by side in one report; rows of tau > 0 are named '<row> la<tau>'")
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
-    results = popadjust(study, rows, tuple(sorted(set(a.betas))))
+    betas = tuple(sorted(set(a.betas)))
+    taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
+    results = popadjust_by_tau(study, rows, betas, taus)
     text, raw = report(study, results)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     text = (f"# Post-hoc popularity adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
-            f"chosen on validation (full-ranking N@10) from {list(a.betas)}; test N@10, mean over seeds.\n\n" + text)
+            f"chosen on validation (full-ranking N@10) from {list(betas)}; test N@10, mean over seeds."
+            + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
+               " tau); their plain column is that model's own scores." if any(taus) else "") + "\n\n" + text)
     print(text)
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,10 +73,16 @@ def finished_runs(study: rp.Study) -> list[dict]:
 
 def matching_runs(records: list[dict], study: rp.Study, name: str, embeddings_key: str | None) -> list[dict]:
     """``name``'s records on these embeddings (the run cache's key, as ``Runner.semantic`` gives it;
-    None: no embeddings) for the study's seeds, losses and epoch budget."""
+    None: no embeddings) for the study's seeds and losses, any point of its grid, and otherwise the
+    study's stage-2 settings exactly (epoch budget, logit adjustment, batching ...)."""
+    def same_settings(saved: dict) -> bool:
+        s2 = rp.Stage2(**saved)  # fields added later take their defaults, as in the run keys
+        expected = dataclasses.replace(study.stage2, seed=s2.seed, loss=s2.loss,
+                                       **{k: getattr(s2, k) for k in study.grid})
+        return s2 == expected and s2.seed in study.seeds and s2.loss in study.losses
+
     out = [r for r in records if r.get("variant") == name and r.get("embeddings") == embeddings_key
-           and r["stage2"]["seed"] in study.seeds and r["stage2"]["loss"] in study.losses
-           and r["stage2"]["epochs"] == study.stage2.epochs]
+           and same_settings(r["stage2"])]
     return sorted(out, key=lambda r: (r["stage2"]["loss"], r["stage2"]["seed"]))
 
 

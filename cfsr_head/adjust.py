@@ -91,5 +91,11 @@ def choose_popularity_beta(model: nn.Module, split_data: SplitData, betas: Seque
         adjusted = PopularityAdjusted(model, split_data.item_popularity, beta)
         res = evaluate(adjusted, split_data, split="valid", protocol=protocol, groups=None, **evaluate_kwargs)
         values[beta] = float(res.summary()["Overall"][metric])
-    best = max(grid, key=lambda b: (values[b], -abs(b), -b))
-    return best, values
+    return best_beta(values), values
+
+
+def best_beta(values: dict[float, float]) -> float:
+    """The beta with the highest value; ties go to the beta closest to 0, then to the smaller one."""
+    if not values:
+        raise ValueError("no beta to choose from")
+    return max(values, key=lambda b: (values[b], -abs(b), -b))

@@ -130,6 +130,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
+    real_fit = rp.Trainer.fit
     monkeypatch.setattr(rp.Trainer, "fit", no_training)
     import llm_item_embed
 
@@ -185,6 +186,30 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     popadj_files = sorted(f.name for f in (tmp_path / "work" / "toy" / "runs").glob("*.popadj*.json"))
     assert len(popadj_files) == 3  # choice + adjusted per-user results of both protocols
     n_records += len(popadj_files)
+    # a wider grid evaluates only the betas it adds on validation, and test again only if the choice moves
+    asked, tested = [], []
+    real_choose = bench_popadjust.choose_popularity_beta
+    monkeypatch.setattr(bench_popadjust, "choose_popularity_beta",
+                        lambda head, split, betas: asked.append(list(betas)) or real_choose(head, split, betas))
+    monkeypatch.setattr(bench_popadjust, "evaluate", lambda *a, **k: tested.append(1) or rp.evaluate(*a, **k))
+    wider = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, betas=(-0.5, 0.0, 0.5, 2.0))
+    assert asked == [[-0.5]]
+    adj = wider["w/o Cro"][0][1]
+    assert set(adj["valid"]) == {"-0.5", "0.0", "0.5", "2.0"} and adj["betas"] == [-0.5, 0.0, 0.5, 2.0]
+    assert adj["valid"][str(adj["beta"])] == max(adj["valid"].values())
+    assert len(tested) == (0 if adj["beta"] == got["w/o Cro"][0][1]["beta"] else 2)  # one per protocol
+    # runs trained with the logit-adjusted loss have their own keys, and bench_popadjust puts them
+    # beside the plain runs under "<row> la<tau>"
+    la_study = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=0.5),
+                                   losses=("ce",))
+    monkeypatch.setattr(rp.Trainer, "fit", real_fit)
+    la_run = rp.Runner(la_study).run(rp.VARIANTS["w/o Cro"], (0,))["ce"][0]
+    assert la_run["stage2"]["logit_adjustment"] == 0.5 and la_run["key"] not in {x["key"] for x in cached}
+    state = rp.read_json(tmp_path / "work" / "toy" / "runs" / f"{la_run['key']}-ckpt" / "last" / "trainer_state.json")
+    assert state["config"]["logit_adjustment"] == 0.5
+    both = bench_popadjust.popadjust_by_tau(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, (0.0, 0.5), [0.0, 0.5])
+    assert set(both) == {"w/o Cro", "w/o Cro la0.5"} and both["w/o Cro la0.5"][0][0]["key"] == la_run["key"]
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{la_run['key']}*.json")))
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
     # when embeddings for those settings are cached
     import shutil
