@@ -592,3 +592,32 @@ def test_bench_drift_row_drift_reports_each_group_from_the_pca_start():
     assert moved["Tail item"]["cosine"] == pytest.approx(0.5, abs=1e-5)  # (-1 + 1 + 1 + 1) / 4
     assert moved["Tail item"]["relative drift"] == pytest.approx(0.5, abs=1e-5)  # (2 + 0 + 0 + 0) / 4
 
+
+
+def test_target_popularity_compares_validation_and_test_targets_by_training_count():
+    """Every user's second-to-last item is one popular item and the last a new one: the test
+    targets are rarer in training than the validation targets, by counts computed here by hand."""
+    import numpy as np
+    import pandas as pd
+    import pytest
+
+    from benchmarks.bench_target_popularity import target_popularity
+    from cfsr_head.data import InteractionData, leave_one_out
+
+    users = {f"u{u}": [f"old{(u + t) % 5}" for t in range(3)] + ["hit" if u < 25 else f"old{u % 5 + 5}",
+                                                                    f"new{u % 10}"] for u in range(30)}
+    users.update({f"w{w}": ["hit", f"old{w % 5}", f"mid{w % 2}", f"old{(w + 1) % 5}", f"old{(w + 2) % 5}"]
+                  for w in range(25)})
+    rows = [(u, item, t) for u, seq in users.items() for t, item in enumerate(seq)]
+    split = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])))
+    train = pd.Series([i for seq in users.values() for i in seq[:-2]]).value_counts()
+    count = lambda item: int(train.get(item, 0))  # noqa: E731
+    valid = np.array([count(seq[-2]) for seq in users.values()])
+    test = np.array([count(seq[-1]) for seq in users.values()])
+    stats = target_popularity(split)
+    assert stats["valid"]["mean log(1 + count)"] == pytest.approx(np.log1p(valid).mean())
+    assert stats["test"]["mean log(1 + count)"] == pytest.approx(np.log1p(test).mean())
+    assert stats["valid"]["median count"] == np.median(valid) and stats["test"]["median count"] == np.median(test)
+    assert stats["test"]["share count <= 5"] == pytest.approx((test <= 5).mean())
+    assert stats["valid"]["mean log(1 + count)"] > stats["test"]["mean log(1 + count)"]
+    assert 0.0 <= stats["valid"]["share tail item"] < stats["test"]["share tail item"] <= 1.0
