@@ -82,7 +82,8 @@ def choose_popularity_beta(model: nn.Module, split_data: SplitData, betas: Seque
                            **evaluate_kwargs: Any) -> tuple[float, dict[float, float]]:
     """The ``beta`` of ``betas`` with the best validation ``metric`` (Overall) of
     ``PopularityAdjusted(model, split_data.item_popularity, beta)``, and every beta's value.
-    Ties go to the beta closest to 0 (the smaller one between ``b`` and ``-b``). ``evaluate_kwargs`` reach ``evaluate`` (batch size, device ...)."""
+    Ties go to the beta closest to 0 (the smaller one between ``b`` and ``-b``).
+    ``evaluate_kwargs`` reach ``evaluate`` (batch size, device ...)."""
     grid = sorted({float(b) for b in betas})
     if not grid:
         raise ValueError("betas is empty")
