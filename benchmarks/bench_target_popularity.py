@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = target_popularity(split)
         for key in stats["valid"]:
             v, t = stats["valid"][key], stats["test"][key]
-            print(f"| {name} | {key} | {v:.3f} | {t:.3f} | {t / v:.3f} |" if v else f"| {name} | {key} | {v:.3f} | {t:.3f} | - |")
+            ratio = f"{t / v:.3f}" if v else "-"
+            print(f"| {name} | {key} | {v:.3f} | {t:.3f} | {ratio} |")
     return 0
 
 

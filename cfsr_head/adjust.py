@@ -25,6 +25,22 @@ from .evaluate import _model_max_len, evaluate
 DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
+def log_popularity(popularity: Any, num_items: int) -> Tensor:
+    """``log(1 + count_i)`` as a float32 ``[N+1]`` tensor (index 0, padding, is 0) from ``[N+1]``
+    training counts; raises, naming the item index, on a wrong length or a negative / non-finite
+    count. Shared by ``PopularityAdjusted`` and ``TrainConfig.logit_adjustment``."""
+    counts = np.asarray(popularity, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) != num_items + 1:
+        raise ValueError(f"popularity must have num_items + 1 = {num_items + 1} entries (index 0 is padding), "
+                         f"got shape {counts.shape}")
+    if not np.all(np.isfinite(counts[1:])) or (counts[1:] < 0).any():
+        bad = int(np.flatnonzero(~np.isfinite(counts[1:]) | (counts[1:] < 0))[0]) + 1
+        raise ValueError(f"popularity must be finite counts >= 0; item index {bad} has {counts[bad]!r}")
+    log_pop = np.log1p(np.clip(counts, 0, None))
+    log_pop[0] = 0.0
+    return torch.as_tensor(log_pop, dtype=torch.float32)
+
+
 class PopularityAdjusted(nn.Module):
     """``model``'s scores minus ``beta * log(1 + count_i)``, ``count_i`` item i's training count.
     A negative ``beta`` adds popularity back (for a model trained with a logit-adjusted loss,
@@ -40,18 +56,8 @@ class PopularityAdjusted(nn.Module):
         super().__init__()
         if not math.isfinite(beta):
             raise ValueError(f"beta must be a finite number, got {beta!r}")
-        counts = np.asarray(popularity, dtype=np.float64)
-        n_items = int(getattr(model, "num_items"))
-        if counts.ndim != 1 or len(counts) != n_items + 1:
-            raise ValueError(f"popularity must have num_items + 1 = {n_items + 1} entries (index 0 is padding), "
-                             f"got shape {counts.shape}")
-        if not np.all(np.isfinite(counts[1:])) or (counts[1:] < 0).any():
-            bad = int(np.flatnonzero(~np.isfinite(counts[1:]) | (counts[1:] < 0))[0]) + 1
-            raise ValueError(f"popularity must be finite counts >= 0; item index {bad} has {counts[bad]!r}")
-        log_pop = np.log1p(np.clip(counts, 0, None))
-        log_pop[0] = 0.0
         self.model, self.beta = model, float(beta)
-        self.register_buffer("log_popularity", torch.as_tensor(log_pop, dtype=torch.float32))
+        self.register_buffer("log_popularity", log_popularity(popularity, int(getattr(model, "num_items"))))
         self.max_len = _model_max_len(model)
 
     @property

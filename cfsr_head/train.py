@@ -402,14 +402,10 @@ class Trainer:
         if counts is None:
             raise TypeError("TrainConfig.logit_adjustment > 0 needs split_data.item_popularity "
                             "(training interaction counts per item index)")
-        counts = np.asarray(counts, dtype=np.float64)
+        from .adjust import log_popularity
+
         n_items = getattr(self.model, "num_items", None)
-        if n_items is not None and len(counts) != int(n_items) + 1:
-            raise ValueError(f"split_data.item_popularity has {len(counts)} entries; the model has "
-                             f"num_items + 1 = {int(n_items) + 1}")
-        bias = tau * np.log1p(np.clip(counts, 0, None))
-        bias[0] = 0.0
-        return torch.as_tensor(bias, dtype=torch.float32)
+        return tau * log_popularity(counts, int(n_items) if n_items is not None else len(counts) - 1)
 
     @property
     def device(self) -> torch.device:
