@@ -2,13 +2,13 @@
 
     CFSR_DATA_DIR=/data python -m benchmarks.bench_gpu --embeddings frozen.safetensors --out gpu.json
     python -m benchmarks.bench_gpu --device cpu --parts stage1 encode decoder --fit-steps 2 \\
-        --items 96 --epochs 1 --max-users 2000                # smoke run of the script itself
+        --items 96 --decoder-items 64 --decoder-steps 2 --decoder-hidden 64 --random-weights   # smoke run
 
 Every part runs in its own child process (Accelerate's state is per process, and a crash or a
 timeout in one part leaves the others' numbers), on amazon_beauty (``<data dir>/amazon_beauty``):
 
 - ``stage1`` / ``stage1-fp32``: contrastive LoRA fine-tuning (``ItemEmbedder.fit``) over the items
-  with the harness's stage-1 settings (batch 32, max length 128) and bf16 / no mixed precision,
+  with the harness's full-mode stage-1 settings (batch 32, max length 128) and bf16 / no mixed precision,
   then ``encode`` of every item; seconds per step and texts/s.
 - ``encode``: the un-tuned embedder loaded in float32 and in bfloat16 encodes every item; texts/s
   of each and the cosine between the two encodings of each item (how far bf16 weights move them),
@@ -17,7 +17,8 @@ timeout in one part leaves the others' numbers), on amazon_beauty (``<data dir>/
   last-token pooling, loaded in bfloat16 and fine-tuned with bf16 mixed precision: finite losses,
   finite and distinct embeddings.
 - ``stage2`` / ``stage2-bf16`` / ``stage2-sasrec``: one run of the study's harness settings
-  (``--quick``: CE, 20 epochs, patience 3, dropout 0.2, length buckets 16) of ``--variant`` (default
+  (``--quick``: CE, 20 epochs, patience 3, dropout 0.2, length buckets 16; the harness's own
+  ``reproduce.make_trainer``) of ``--variant`` (default
   the study's best dual view, "w/o Cro frozen vloss0.5 cos0.1", on ``--embeddings``, the frozen
   MiniLM table), in fp32 and with bf16 mixed precision, and of "SASRec cos0.1"; per-epoch train and
   validation time, validation N@10 per epoch, test N@10 (full and sampled). The same rows' CPU runs
@@ -30,6 +31,7 @@ copied: the timings are the same, the embeddings meaningless).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,8 +55,9 @@ SASREC_ROW = "SASRec cos0.1"
 def _sync(device: str) -> None:
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    from benchmarks.bench_head import _sync as sync_device
+
+    sync_device(torch.device(device))
 
 
 def _peak_gib(device: str) -> float | None:
@@ -178,8 +181,11 @@ def part_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                       num_attention_heads=max(h // 64, 1), num_key_value_heads=max(h // 128, 1),
                       max_position_embeddings=512, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    LlamaModel(cfg).save_pretrained(out)
+    decoder = LlamaModel(cfg)
+    n_params = sum(p.numel() for p in decoder.parameters())
+    decoder.save_pretrained(out)
     tok.save_pretrained(out)
+    del decoder
     emb = _embedder(args, str(out), items, pooling="last", bidirectional=True, torch_dtype="bfloat16")
     t0 = time.perf_counter()
     emb.fit(items, id_column="item_id", epochs=1, batch_size=32, max_steps=args.decoder_steps, seed=0,
@@ -188,7 +194,7 @@ def part_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     fit_s = time.perf_counter() - t0
     m = np.asarray(emb.encode(items, id_column="item_id", show_progress_bar=False).matrix, dtype=np.float64)
     losses = [x["loss"] for x in emb.history]
-    return {"hidden": h, "params_m": round(sum(p.numel() for p in LlamaModel(cfg).parameters()) / 1e6, 1),
+    return {"hidden": h, "params_m": round(n_params / 1e6, 1),
             "dtype": str(next(emb.encoder.model.parameters()).dtype), "steps": len(losses),
             "fit_s": round(fit_s, 2), "first_loss": losses[0], "last_loss": losses[-1],
             "losses_finite": bool(np.isfinite(losses).all()), "embeddings_finite": bool(np.isfinite(m).all()),
@@ -200,7 +206,7 @@ def part_stage2(args: argparse.Namespace, variant_name: str, mixed_precision: st
 
     from benchmarks import reproduce as rp
     from benchmarks.explore import EXPLORATORY
-    from cfsr_head import Trainer, TrainConfig, align_semantic, default_data_dir, evaluate, leave_one_out, load_dataset
+    from cfsr_head import align_semantic, default_data_dir, evaluate, leave_one_out, load_dataset
 
     variant = {**rp.VARIANTS, **EXPLORATORY}[variant_name]
     data = load_dataset(default_data_dir() / "amazon_beauty")
@@ -212,14 +218,12 @@ def part_stage2(args: argparse.Namespace, variant_name: str, mixed_precision: st
         from llm_item_embed import ItemEmbeddings
 
         semantic = align_semantic(ItemEmbeddings.load(args.embeddings), split.item_index)
-    s2 = rp.Stage2(loss="ce", epochs=args.epochs, patience=3, dropout=0.2, length_buckets=16, seed=args.seed)
+    # the study's --quick --length-buckets 16 settings (Stage2's defaults: CE, dropout 0.2)
+    s2 = dataclasses.replace(rp.Stage2(), epochs=args.epochs, patience=3, length_buckets=16, seed=args.seed)
     torch.manual_seed(s2.seed)
     model = rp.build_model(variant, s2, split, semantic)
-    config = TrainConfig(loss=s2.loss, epochs=s2.epochs, patience=s2.patience, lr=s2.lr, batch_size=s2.batch_size,
-                         max_len=s2.max_len, seed=s2.seed, length_buckets=s2.length_buckets,
-                         mixed_precision=mixed_precision, show_progress_bar=False)
     t0 = time.perf_counter()
-    result = Trainer(model, split, config).fit()
+    result = rp.make_trainer(variant, s2, split, semantic, model, mixed_precision=mixed_precision).fit()
     fit_s = time.perf_counter() - t0
     test = {}
     for protocol in ("full", "sampled"):
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": environment(), "args": vars(args)}
     print(json.dumps(results["environment"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+        passthrough = list(argv if argv is not None else sys.argv[1:])
         for part in args.parts:
             child_out = Path(tmp) / f"{part}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_gpu", *passthrough, "--child", part,

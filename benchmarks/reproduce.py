@@ -345,6 +345,19 @@ def build_model(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nda
                         dropout=s2.dropout, seed=s2.seed, **dict(variant.head))
 
 
+def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.ndarray | None,
+                 model: DualViewHead, **config_overrides: Any) -> Trainer:
+    """The ``Trainer`` of one stage-2 run: ``s2``'s settings, and for LLM-ESR its self-distillation
+    (weight 0.1); ``config_overrides`` are further ``TrainConfig`` fields (output_dir, mixed_precision ...)."""
+    config = TrainConfig(**{"loss": s2.loss, "epochs": s2.epochs, "patience": s2.patience, "lr": s2.lr,
+                            "batch_size": s2.batch_size, "max_len": s2.max_len, "seed": s2.seed,
+                            "length_buckets": s2.length_buckets, "logit_adjustment": s2.logit_adjustment,
+                            "show_progress_bar": False, "extra_loss_weight": 0.1 if variant.distill else 1.0,
+                            **config_overrides})
+    extra = SelfDistillation(split, semantic) if variant.distill else None
+    return Trainer(model, split, config, extra_loss=extra)
+
+
 def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
                semantic: np.ndarray | None, embeddings_key: str | None) -> dict[str, Any] | None:
     """Train (or load the cached result of) one run; returns its record (None: not cached and
@@ -365,13 +378,7 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
         best_valid = evaluate(model, split, split="valid").summary()
     else:
         model = build_model(variant, s2, split, semantic)
-        extra = SelfDistillation(split, semantic) if variant.distill else None
-        config = TrainConfig(loss=s2.loss, epochs=s2.epochs, patience=s2.patience, lr=s2.lr,
-                             batch_size=s2.batch_size, max_len=s2.max_len, seed=s2.seed,
-                             length_buckets=s2.length_buckets, logit_adjustment=s2.logit_adjustment,
-                             output_dir=str(runs / f"{key}-ckpt"), show_progress_bar=False,
-                             extra_loss_weight=0.1 if variant.distill else 1.0)
-        result = Trainer(model, split, config, extra_loss=extra).fit()
+        result = make_trainer(variant, s2, split, semantic, model, output_dir=str(runs / f"{key}-ckpt")).fit()
         history = [{k: h.get(k) for k in ("epoch", "train_loss", "metric", "epoch_time")} for h in result.history]
         best_valid = result.best_valid
     record: dict[str, Any] = {"key": key, "dataset": study.name, "variant": variant.name, "stage2": dataclasses.asdict(s2),

@@ -621,3 +621,32 @@ def test_target_popularity_compares_validation_and_test_targets_by_training_coun
     assert stats["test"]["share count <= 5"] == pytest.approx((test <= 5).mean())
     assert stats["valid"]["mean log(1 + count)"] > stats["test"]["mean log(1 + count)"]
     assert 0.0 <= stats["valid"]["share tail item"] < stats["test"]["share tail item"] <= 1.0
+
+
+def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks import reproduce as rp
+    from cfsr_head import leave_one_out, load_dataset
+
+    items = [f"i{k}" for k in range(12)]
+    data = toy_dataset(tmp_path, {"item_id": items, "title": items},
+                       {"user_id": [f"u{u}" for u in range(16) for _ in range(5)],  # > LLM-ESR's 10 neighbours
+                        "item_id": [items[(u + t) % 12] for u in range(16) for t in range(5)],
+                        "timestamp": [t for _ in range(16) for t in range(5)]})
+    split = leave_one_out(load_dataset(data))
+    semantic = np.random.default_rng(0).standard_normal((split.num_items, 16)).astype(np.float32)
+    s2 = dataclasses.replace(rp.Stage2(d=8, n_heads=2, max_len=5), epochs=3, patience=2, lr=5e-3,
+                             length_buckets=4, logit_adjustment=0.5, seed=7)
+    for name, distilled in (("LLM-CFSR", False), ("LLM-ESR", True)):
+        variant = rp.VARIANTS[name]
+        model = rp.build_model(variant, s2, split, semantic)
+        trainer = rp.make_trainer(variant, s2, split, semantic, model, mixed_precision="bf16")
+        cfg = trainer.config
+        assert (cfg.loss, cfg.epochs, cfg.patience, cfg.lr, cfg.max_len, cfg.seed, cfg.length_buckets,
+                cfg.logit_adjustment) == (s2.loss, 3, 2, 5e-3, 5, 7, 4, 0.5), name
+        assert cfg.mixed_precision == "bf16" and not cfg.show_progress_bar  # the override, and the harness's quiet bar
+        assert cfg.extra_loss_weight == (0.1 if distilled else 1.0), name
+        assert isinstance(trainer.extra_loss, rp.SelfDistillation) == distilled, name
