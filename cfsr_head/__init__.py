@@ -19,7 +19,7 @@ from .data import (
     load_movielens_raw,
 )
 from .encoders import GRU4RecEncoder, PmixerSASRecAdapter, RecBoleSASRecAdapter, SASRecEncoder, SequenceEncoder
-from .adjust import PopularityAdjusted, choose_popularity_beta
+from .adjust import Adjustment, PopularityAdjusted, SemanticPrior, choose_adjustment, choose_popularity_beta
 from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evaluate, paired_ttest
 from .fusion import CrossViewAttention
 from .head import DualViewConfig, DualViewHead, truncate_sequences
@@ -31,7 +31,7 @@ __all__ = [
     "download_dataset", "kcore_filter", "leave_one_out", "load_amazon2014", "load_dataset", "load_movielens_raw",
     "GRU4RecEncoder", "PmixerSASRecAdapter", "RecBoleSASRecAdapter", "SASRecEncoder", "SequenceEncoder",
     "EvalResult", "GroupSpec", "PopularityModel", "RandomModel", "evaluate", "paired_ttest",
-    "PopularityAdjusted", "choose_popularity_beta",
+    "Adjustment", "PopularityAdjusted", "SemanticPrior", "choose_adjustment", "choose_popularity_beta",
     "CrossViewAttention", "DualViewConfig", "DualViewHead", "truncate_sequences", "PCAProjection",
     "TrainBatch", "TrainConfig", "Trainer", "TrainResult",
 ]

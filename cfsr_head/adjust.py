@@ -1,4 +1,6 @@
-"""Post-hoc popularity adjustment for any model that follows the model protocol.
+"""Post-hoc score adjustments for any model that follows the model protocol: popularity
+(``PopularityAdjusted``) and a semantic-neighbour prior (``SemanticPrior``), their strengths chosen
+on validation (``choose_popularity_beta``, ``choose_adjustment``).
 
 A scorer trained with a softmax over items learns, roughly, ``log p(i | u) + log prior(i)``: items
 that are frequent in training are favoured whether or not they fit the user. Post-hoc logit
@@ -9,18 +11,30 @@ scores, so a grid that contains 0 can only match or beat the unadjusted model on
 
 >>> beta, valid = choose_popularity_beta(model, split)
 >>> result = evaluate(PopularityAdjusted(model, split.item_popularity, beta), split, "test")
+
+A model trained on item IDs, or on LLM embeddings squeezed to a few dozen dimensions, ranks an
+item by what it learned about it; a rare item next to the user's last item in the LLM's own space
+(another shade of the same lipstick) gets little of that. ``SemanticPrior`` adds the cosine between
+each item's semantic embedding and the user's semantic profile (the last item's embedding, or a
+recency-weighted sum over the history) to the scores; ``choose_adjustment`` picks its weight and
+the popularity ``beta`` together on validation, in one pass over the validation users:
+
+>>> adj, valid = choose_adjustment(model, split, semantic=table, betas=(0, 0.2), weights=(0, 2, 4))
+>>> result = evaluate(adj.wrap(model, split, table), split, "test")
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import SplitData
-from .evaluate import _model_max_len, evaluate
+from .evaluate import _full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks
 
 DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
@@ -106,3 +120,152 @@ def best_beta(values: dict[float, float]) -> float:
     if not values:
         raise ValueError("no beta to choose from")
     return max(values, key=lambda b: (values[b], -abs(b), -b))
+
+
+class SemanticPrior(nn.Module):
+    """``model``'s scores plus ``weight * cos(p_u, e_i)``: the cosine between item i's semantic
+    embedding ``e_i`` and the user's semantic profile ``p_u = sum_t recency ** age_t * e_t / |e_t|``
+    over the input items (age 0 = the most recent item; ``recency=0`` uses the last item alone).
+
+    ``semantic``: one row per item 1..N in index order (an ItemEmbeddings-like object with
+    ``.matrix``, a tensor or an array, as ``DualViewHead`` takes it; ``align_semantic`` builds it);
+    a zero row leaves that item without a prior. Follows the model protocol, so ``evaluate`` takes
+    it as it takes the model; its states are ``[model state : p_u]`` and ``state_dict`` holds the
+    wrapped model under ``model.``. ``weight=0`` gives the model's own scores."""
+
+    def __init__(self, model: nn.Module, semantic: Any, weight: float, recency: float = 0.0) -> None:
+        super().__init__()
+        from .head import _semantic_matrix
+
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be a finite number, got {weight!r}")
+        if not 0.0 <= recency <= 1.0:
+            raise ValueError(f"recency must be in [0, 1], got {recency!r}")
+        table, _ = _semantic_matrix(semantic)
+        n = int(getattr(model, "num_items"))
+        if table.shape[0] != n:
+            raise ValueError(f"semantic table has {table.shape[0]} rows but the model has num_items={n}; it must "
+                             "have one row per item 1..N in index order (align_semantic builds it)")
+        self.model, self.weight, self.recency = model, float(weight), float(recency)
+        unit = F.normalize(table, dim=1)
+        self.register_buffer("unit_semantic", torch.cat([unit.new_zeros(1, unit.shape[1]), unit]))
+        self.max_len = _model_max_len(model)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.model.num_items)
+
+    def profile(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, d_llm]`` unit-length semantic profiles of the sequences (zero for an empty one).
+        Sequences may be left- or right-padded: ages count back from the last real position."""
+        real = (item_seq > 0) if padding_mask is None else ~padding_mask
+        age = real.flip(1).long().cumsum(1).flip(1) - 1  # 0 at the last real item, 1 before it ...
+        rows = self.unit_semantic[item_seq.masked_fill(~real, 0).long()]
+        w = torch.pow(rows.new_tensor(self.recency), age.clamp_min(0).to(rows.dtype)) * real  # 0 ** 0 = 1
+        return F.normalize((rows * w.unsqueeze(-1)).sum(1), dim=1)
+
+    def user_state(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        state = self.model.user_state(item_seq, padding_mask)
+        seq = item_seq if self.max_len is None or item_seq.shape[1] <= self.max_len else item_seq[:, -self.max_len:]
+        mask = None if padding_mask is None else padding_mask[:, -seq.shape[1]:]
+        return torch.cat([state, self.profile(seq, mask).to(state.dtype)], dim=1)
+
+    def forward(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.model(item_seq, padding_mask)
+
+    def _split(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        width = self.unit_semantic.shape[1]
+        return states[:, :-width], states[:, -width:]
+
+    def full_scores(self, states: Tensor) -> Tensor:
+        own, prof = self._split(states)
+        scores = self.model.full_scores(own)
+        if self.weight == 0:
+            return scores
+        return scores + self.weight * (prof @ self.unit_semantic.T.to(prof.dtype)).to(scores.dtype)
+
+    def score(self, states: Tensor, candidates: Tensor) -> Tensor:
+        own, prof = self._split(states)
+        scores = self.model.score(own, candidates)
+        if self.weight == 0:
+            return scores
+        rows = self.unit_semantic[candidates.long()].to(prof.dtype)
+        prior = prof @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", prof, rows)
+        return scores + self.weight * prior.to(scores.dtype)
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One point of ``choose_adjustment``'s grid: popularity ``beta`` and the ``SemanticPrior``'s
+    ``weight`` and ``recency``."""
+
+    beta: float = 0.0
+    weight: float = 0.0
+    recency: float = 0.0
+
+    def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None) -> nn.Module:
+        """``model`` with this adjustment: ``PopularityAdjusted(SemanticPrior(model, ...), ...)``,
+        leaving out a part whose strength is 0."""
+        if self.weight != 0:
+            if semantic is None:
+                raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
+            model = SemanticPrior(model, semantic, self.weight, self.recency)
+        if self.beta != 0:
+            model = PopularityAdjusted(model, split_data.item_popularity, self.beta)
+        return model
+
+    def _size(self) -> tuple:
+        return (abs(self.weight), abs(self.beta), self.recency, self.beta, self.weight)
+
+
+@torch.no_grad()
+def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = None,
+                      betas: Sequence[float] = (0.0,), weights: Sequence[float] = (0.0,),
+                      recencies: Sequence[float] = (0.0,), metric: str = "NDCG@10", batch_size: int = 256,
+                      device: str | torch.device | None = None) -> tuple[Adjustment, dict[Adjustment, float]]:
+    """The grid point (``betas`` x ``weights`` x ``recencies``) whose adjustment
+    (``Adjustment.wrap``) has the best validation ``metric`` (Overall, full ranking), and every
+    point's value. One pass over the validation users: the model's scores are computed once per
+    batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
+    Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency).
+    ``semantic`` (rows for items 1..N, as ``SemanticPrior`` takes it) is needed when a weight is
+    not 0; ``model.num_items`` must match the data."""
+    kind, _, k = metric.partition("@")
+    if kind.upper() not in ("HR", "NDCG") or not k.isdigit():
+        raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
+    grid = [Adjustment(float(b), float(w), float(r)) for b in sorted(set(betas))
+            for w in sorted(set(weights)) for r in sorted(set(recencies))]
+    if not grid:
+        raise ValueError("the grid is empty (betas, weights and recencies each need a value)")
+    n_items = split_data.num_items
+    if int(getattr(model, "num_items", n_items)) != n_items:
+        raise ValueError(f"model has num_items={model.num_items} but the data has {n_items} items")
+    if any(p.weight != 0 for p in grid) and semantic is None:
+        raise ValueError("weights other than 0 need the semantic table (semantic=...)")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    L = _model_max_len(model) or split_data.max_len
+    seq_all, target_all, _ = split_data.eval_inputs("valid", L)
+    history = split_data.history("valid")
+    log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)
+    priors = {r: SemanticPrior(model, semantic, 1.0, r).to(dev) for r in {p.recency for p in grid if p.weight != 0}}
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys(grid, 0.0)
+    try:
+        for b in range(0, len(target_all), batch_size):
+            seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
+            own = model.full_scores(model.user_state(seq, seq == 0))
+            prior = {r: pr.profile(seq, seq == 0) @ pr.unit_semantic.T for r, pr in priors.items()}
+            for point in grid:
+                scores = own
+                if point.weight != 0:
+                    scores = scores + point.weight * prior[point.recency].to(own.dtype)
+                if point.beta != 0:
+                    scores = scores - point.beta * log_pop.to(own.dtype)
+                ranks = _full_ranks(scores, tgt, history[b:b + batch_size], n_items).cpu().numpy()
+                hit, ndcg = metrics_from_ranks(ranks, (int(k),))
+                totals[point] += float((ndcg if kind.upper() == "NDCG" else hit)[int(k)].sum())
+    finally:
+        model.train(was_training)
+    values = {p: v / len(target_all) for p, v in totals.items()}
+    return max(values, key=lambda p: (values[p], tuple(-x for x in p._size()))), values
