@@ -1,19 +1,22 @@
-"""Post-hoc popularity adjustment of cached runs, its strength chosen on validation.
+"""Post-hoc adjustment of cached runs (popularity, and a semantic-neighbour prior), chosen on validation.
 
 Every model here is trained with a full softmax over items and so carries a popularity prior in its
 scores. ``cfsr_head.PopularityAdjusted`` subtracts ``beta * log(1 + training count)`` at scoring
-time (post-hoc logit adjustment); nothing is retrained. For each cached run of the named rows this
-script reloads the best checkpoint, chooses ``beta`` from a grid on the validation split's
-full-ranking N@10 (``choose_popularity_beta``; the grid contains 0, so the unadjusted model is a
-candidate), and evaluates test under both protocols with that ``beta``. Every row gets the same
-grid, baselines included. Per-user results are cached beside the run (``<key>.popadj.*.json``), so
-a second call only reads them, and a new grid only evaluates the betas it adds. Options are those of
-``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas`` and
-``--logit-adjustments`` (runs trained with the logit-adjusted loss beside the plain ones, all in one
-report with paired t-tests between every two rows)::
+time (post-hoc logit adjustment); nothing is retrained. ``cfsr_head.SemanticPrior`` adds ``weight``
+times the cosine between an item's un-tuned LLM embedding (the study's frozen MiniLM table, the same
+for every row) and the user's last item (``recency`` 0) or recency-weighted history. For each cached
+run of the named rows this script reloads the best checkpoint, chooses the adjustment from a grid on
+the validation split's full-ranking N@10 (``choose_adjustment``; the grid contains the model's own
+scores when it contains 0), and evaluates test under both protocols with it. Every row gets the same
+grid, baselines included. With ``--prior-weights`` each row appears twice: popularity only, and
+popularity with the prior (``<row> +prior``). Per-user results are cached beside the run
+(``<key>.adj-<grid hash>.*.json``), so a second call only reads them. Options are those of
+``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas``,
+``--prior-weights``, ``--prior-recencies`` and ``--logit-adjustments`` (runs trained with the
+logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)::
 
     python -m benchmarks.bench_popadjust --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
-        --seeds 0 --names "SASRec cos0.1" "SAID cos0.1" --out runs/popadjust
+        --seeds 0 --names "SASRec cos0.1" "SAID cos0.1" --prior-weights 0 2 4 --out runs/popadjust
 """
 from __future__ import annotations
 
@@ -31,78 +34,106 @@ from benchmarks import reproduce as rp
 from benchmarks.bench_views import CachedRow, cached_rows
 from benchmarks.explore import build_study
 from benchmarks.reproduce import Variant
-from cfsr_head import PopularityAdjusted, choose_popularity_beta, evaluate
-from cfsr_head.adjust import DEFAULT_BETAS, best_beta
+from cfsr_head import align_semantic, choose_adjustment, evaluate
+from cfsr_head.adjust import DEFAULT_BETAS
 from cfsr_head.io import atomic_write_json, read_json
+from llm_item_embed import ItemEmbeddings
 
 PROTOCOLS = ("full", "sampled")
 GROUPS = ("Overall", "Tail item")
+PRIOR_SUFFIX = " +prior"
 
 
-def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
-               betas: tuple[float, ...]) -> dict[str, Any]:
-    """Choose beta on validation for one cached run and evaluate test with it (cached beside the run).
-    Returns ``{"key", "variant", "seed", "beta", "valid": {beta: N@10}, "test": {protocol: summary}}``;
-    its ``key`` names the adjusted per-user results, so ``rp.paired_p`` reads them."""
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The adjustments a run is chosen from (``choose_adjustment``'s grid)."""
+
+    betas: tuple[float, ...] = DEFAULT_BETAS
+    weights: tuple[float, ...] = (0.0,)
+    recencies: tuple[float, ...] = (0.0,)
+
+    @property
+    def tag(self) -> str:
+        """Names the cached results of this grid (``<run key>.<tag>``)."""
+        return "adj-" + rp.config_hash(dataclasses.asdict(self))[:8]
+
+    @property
+    def has_prior(self) -> bool:
+        return any(w != 0 for w in self.weights)
+
+
+def frozen_semantic(study: rp.Study, runner: rp.Runner):
+    """The study's un-tuned (frozen) item embeddings in index order: the prior's table for every row."""
+    path = rp.embeddings_path(study, dataclasses.replace(study.stage1, tuned=False))
+    if not path.exists():
+        raise FileNotFoundError(f"the semantic prior needs the study's frozen embeddings, {path}, which are not "
+                                "cached (run any row on frozen embeddings first)")
+    return align_semantic(ItemEmbeddings.load(path), runner.split.item_index)
+
+
+def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict, grid: Grid,
+               semantic: Any = None) -> dict[str, Any]:
+    """Choose the adjustment on validation for one cached run and evaluate test with it (cached
+    beside the run). Returns ``{"key", "run", "variant", "seed", "beta", "weight", "recency",
+    "valid": [{beta, weight, recency, value} per grid point], "test": {protocol: summary}}``; its
+    ``key`` names the adjusted per-user results, so ``rp.paired_p`` reads them."""
     runs = study.workdir / study.name / "runs"
-    cache = runs / f"{record['key']}.popadj.json"
-    got = read_json(cache) if cache.exists() else None
-    if got is not None and tuple(got["betas"]) == betas:
-        return got
-    # a cache made with another grid still holds the validation value of each beta it tried
-    known = {float(b): v for b, v in got["valid"].items()} if got is not None else {}
+    key = f"{record['key']}.{grid.tag}"
+    cache = runs / f"{key}.json"
+    if cache.exists():
+        return read_json(cache)
     s2 = rp.Stage2(**record["stage2"])
-    head = None
-    missing = [b for b in betas if b not in known]
-    if missing:
-        head = row.load_head(study, runner, record)
-        known.update(choose_popularity_beta(head, runner.split, missing)[1])
-    valid = {b: known[b] for b in betas}
-    beta = best_beta(valid)
-    if got is not None and float(got["beta"]) == beta:
-        test = got["test"]  # the same beta: its test results are on disk already
-    else:
-        head = head if head is not None else row.load_head(study, runner, record)
-        adjusted = PopularityAdjusted(head, runner.split.item_popularity, beta)
-        test = {}
-        for protocol in PROTOCOLS:
-            res = evaluate(adjusted, runner.split, split="test", protocol=protocol, seed=s2.seed)
-            res.to_json(runs / f"{record['key']}.popadj.{protocol}.json")
-            test[protocol] = res.summary()
-    out = {"key": f"{record['key']}.popadj", "run": record["key"], "variant": record["variant"], "seed": s2.seed,
-           "betas": list(betas), "beta": beta, "valid": {str(b): v for b, v in valid.items()}, "test": test}
+    head = row.load_head(study, runner, record)
+    best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies)
+    adjusted = best.wrap(head, runner.split, semantic)
+    test = {}
+    for protocol in PROTOCOLS:
+        res = evaluate(adjusted, runner.split, split="test", protocol=protocol, seed=s2.seed)
+        res.to_json(runs / f"{key}.{protocol}.json")
+        test[protocol] = res.summary()
+    out = {"key": key, "run": record["key"], "variant": record["variant"], "seed": s2.seed,
+           "grid": {k: list(v) for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best), "valid_best": values[best],
+           "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()], "test": test}
     atomic_write_json(cache, out)
     return out
 
 
-def popadjust(study: rp.Study, rows: dict[str, Variant], betas: tuple[float, ...] = DEFAULT_BETAS
-              ) -> dict[str, list[tuple[dict, dict]]]:
+def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) -> dict[str, list[tuple[dict, dict]]]:
     """``{row: [(run record, adjusted record), ...]}`` over the study's seeds, for the loss whose
-    first-seed run validates best (as the harness reports it); a row with no cached run, or whose
-    embeddings are gone, is skipped with a message."""
+    first-seed run validates best (as the harness reports it); with a prior in the grid each row
+    comes twice, adjusted for popularity only (``grid.betas``) and with the prior
+    (``"<row> +prior"``). A row with no cached run, or whose embeddings are gone, is skipped with a
+    message."""
     runner = rp.Runner(dataclasses.replace(study, report_only=True))
     plain = {n: v for n, v in rows.items() if not v.popularity}
     for name in rows.keys() - plain.keys():
         print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
+    grids = {"": Grid(grid.betas)}
+    semantic = None
+    if grid.has_prior:
+        grids[PRIOR_SUFFIX] = grid
+        semantic = frozen_semantic(study, runner)
     out = {}
     for row in cached_rows(study, runner, plain, "popadjust"):
         by_loss: dict[str, list[dict]] = {}
         for rec in row.records:  # sorted by loss, then seed: each list starts with the first seed
             by_loss.setdefault(rec["stage2"]["loss"], []).append(rec)
         chosen = by_loss[rp.best_loss(by_loss)]  # the loss the harness would report, chosen on validation
-        out[row.name] = [(rec, adjust_run(study, runner, row, rec, betas)) for rec in chosen]
+        for suffix, g in grids.items():
+            out[row.name + suffix] = [(rec, adjust_run(study, runner, row, rec, g, semantic)) for rec in chosen]
     return out
 
 
-def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], betas: tuple[float, ...],
+def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
                      taus: list[float]) -> dict[str, list[tuple[dict, dict]]]:
     """``popadjust`` for the rows' runs trained with each logit adjustment in ``taus`` (0: the plain
-    loss), merged; rows of tau > 0 are named ``"<row> la<tau>"``."""
+    loss), merged; rows of tau > 0 are named ``"<row> la<tau>"`` (``"<row> la<tau> +prior"``)."""
     results: dict[str, list[tuple[dict, dict]]] = {}
     for tau in dict.fromkeys(taus):
         at_tau = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=tau))
-        for name, pairs in popadjust(at_tau, rows, betas).items():
-            results[f"{name} la{tau:g}" if tau else name] = pairs
+        for name, pairs in popadjust(at_tau, rows, grid).items():
+            base, prior, _ = name.partition(PRIOR_SUFFIX)
+            results[f"{base} la{tau:g}{prior}" if tau else name] = pairs
     return results
 
 
@@ -112,21 +143,22 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
     def mean(values: list[float]) -> float:
         return float(np.mean(values))
 
-    lines = ["| row | seeds | beta chosen | valid plain -> adjusted | "
+    lines = ["| row | seeds | beta (prior weight, recency) chosen | valid plain -> adjusted | "
              + " | ".join(f"{p} {g} plain -> adjusted" for p in PROTOCOLS for g in GROUPS) + " |",
              "|---|---|---|---|" + "---|" * (len(PROTOCOLS) * len(GROUPS))]
     raw: dict[str, Any] = {"rows": {}, "tests": []}
     for name, pairs in results.items():
         plain_valid = mean([r["valid"]["Overall"]["NDCG@10"] for r, _ in pairs])
-        adj_valid = mean([a["valid"][str(a["beta"])] for _, a in pairs])
+        adj_valid = mean([a["valid_best"] for _, a in pairs])
         cells, row_raw = [], {"seeds": [a["seed"] for _, a in pairs], "beta": [a["beta"] for _, a in pairs],
+                              "weight": [a["weight"] for _, a in pairs], "recency": [a["recency"] for _, a in pairs],
                               "valid": [plain_valid, adj_valid], "test": {}}
         for p, g in itertools.product(PROTOCOLS, GROUPS):
             before = mean([r["test"][p][g]["NDCG@10"] for r, _ in pairs])
             after = mean([a["test"][p][g]["NDCG@10"] for _, a in pairs])
             cells.append(f"{before:.4f} -> {after:.4f} ({after / before - 1:+.1%})" if before > 0 else f"{after:.4f}")
             row_raw["test"][f"{p} {g}"] = [before, after]
-        lines.append(f"| {name} | {len(pairs)} | {', '.join(str(a['beta']) for _, a in pairs)} | "
+        lines.append(f"| {name} | {len(pairs)} | {', '.join(_chosen(a) for _, a in pairs)} | "
                      f"{plain_valid:.4f} -> {adj_valid:.4f} | " + " | ".join(cells) + " |")
         raw["rows"][name] = row_raw
     lines += ["", "Paired t-tests over users (seed-averaged per-user N@10; gain of the first over the second):", "",
@@ -145,22 +177,35 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
     return "\n".join(lines) + "\n", raw
 
 
+def _chosen(adjusted: dict) -> str:
+    if adjusted["weight"] == 0:
+        return f"{adjusted['beta']:g}"
+    return f"{adjusted['beta']:g} ({adjusted['weight']:g}, {adjusted['recency']:g})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS))
+    p.add_argument("--prior-weights", nargs="+", type=float, default=[0.0], metavar="W",
+                   help="SemanticPrior weights (0 = none); any other value adds a '<row> +prior' row per row")
+    p.add_argument("--prior-recencies", nargs="+", type=float, default=[0.0], metavar="R",
+                   help="SemanticPrior recencies (0 = the last item alone)")
     p.add_argument("--logit-adjustments", nargs="+", type=float, default=None, metavar="TAU",
                    help="the rows' runs trained with each of these logit adjustments (0: the plain loss), "
                         "side by side in one report; rows of tau > 0 are named '<row> la<tau>'")
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
-    betas = tuple(sorted(set(a.betas)))
+    grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)))
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
-    results = popadjust_by_tau(study, rows, betas, taus)
+    results = popadjust_by_tau(study, rows, grid, taus)
     text, raw = report(study, results)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
-    text = (f"# Post-hoc popularity adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
-            f"chosen on validation (full-ranking N@10) from {list(betas)}; test N@10, mean over seeds."
+    prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
+             f"from {list(grid.weights)} and recency from {list(grid.recencies)} chosen with beta."
+             if grid.has_prior else "")
+    text = (f"# Post-hoc adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
+            f"chosen on validation (full-ranking N@10) from {list(grid.betas)}; test N@10, mean over seeds.{prior}"
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
                " tau); their plain column is that model's own scores." if any(taus) else "") + "\n\n" + text)
     print(text)

@@ -164,40 +164,46 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     # run, and a second call reads them instead of evaluating again
     from benchmarks import bench_popadjust
 
-    got = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "Pop": rp.VARIANTS["Pop"]},
-                                    betas=(0.0, 0.5, 2.0))
+    grid = bench_popadjust.Grid(betas=(0.0, 0.5, 2.0))
+    got = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "Pop": rp.VARIANTS["Pop"]}, grid)
     assert set(got) == {"w/o Cro"} and len(got["w/o Cro"]) == 1  # Pop skipped; one seed
     cached = [rp.read_json(f) for f in (tmp_path / "work" / "toy" / "runs").glob("*.json") if f.name.count(".") == 1]
     cached = [x for x in cached if x.get("variant") == "w/o Cro"]
     best = max(cached, key=lambda x: x["valid"]["Overall"]["NDCG@10"])  # the loss chosen on validation
     assert got["w/o Cro"][0][0]["key"] == best["key"]
     for rec, adj in got["w/o Cro"]:
-        assert adj["beta"] in (0.0, 0.5, 2.0) and adj["run"] == rec["key"]
-        assert abs(adj["valid"]["0.0"] - rec["valid"]["Overall"]["NDCG@10"]) < 1e-9
-        assert adj["valid"][str(adj["beta"])] == max(adj["valid"].values())
+        valid = {p["beta"]: p["value"] for p in adj["valid"]}
+        assert adj["beta"] in (0.0, 0.5, 2.0) and adj["weight"] == 0.0 and adj["run"] == rec["key"]
+        assert abs(valid[0.0] - rec["valid"]["Overall"]["NDCG@10"]) < 1e-9
+        assert valid[adj["beta"]] == adj["valid_best"] == max(valid.values())
         if adj["beta"] == 0.0:
             assert abs(adj["test"]["full"]["Overall"]["NDCG@10"] - rec["test"]["full"]["Overall"]["NDCG@10"]) < 1e-9
+    real_evaluate, real_choose = bench_popadjust.evaluate, bench_popadjust.choose_adjustment
     monkeypatch.setattr(bench_popadjust, "evaluate", no_training)
-    again = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, betas=(0.0, 0.5, 2.0))
+    monkeypatch.setattr(bench_popadjust, "choose_adjustment", no_training)
+    again = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, grid)
     assert [a for _, a in again["w/o Cro"]] == [a for _, a in got["w/o Cro"]]
     text, raw = bench_popadjust.report(study, got)
     assert "| w/o Cro | 1 |" in text and "w/o Cro adjusted vs plain" in text
     assert {t["protocol"] for t in raw["tests"]} == {"full", "sampled"}
-    popadj_files = sorted(f.name for f in (tmp_path / "work" / "toy" / "runs").glob("*.popadj*.json"))
-    assert len(popadj_files) == 3  # choice + adjusted per-user results of both protocols
-    n_records += len(popadj_files)
-    # a wider grid evaluates only the betas it adds on validation, and test again only if the choice moves
-    asked, tested = [], []
-    real_choose = bench_popadjust.choose_popularity_beta
-    monkeypatch.setattr(bench_popadjust, "choose_popularity_beta",
-                        lambda head, split, betas: asked.append(list(betas)) or real_choose(head, split, betas))
-    monkeypatch.setattr(bench_popadjust, "evaluate", lambda *a, **k: tested.append(1) or rp.evaluate(*a, **k))
-    wider = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, betas=(-0.5, 0.0, 0.5, 2.0))
-    assert asked == [[-0.5]]
-    adj = wider["w/o Cro"][0][1]
-    assert set(adj["valid"]) == {"-0.5", "0.0", "0.5", "2.0"} and adj["betas"] == [-0.5, 0.0, 0.5, 2.0]
-    assert adj["valid"][str(adj["beta"])] == max(adj["valid"].values())
-    assert len(tested) == (0 if adj["beta"] == got["w/o Cro"][0][1]["beta"] else 2)  # one per protocol
+    adj_files = sorted(f.name for f in (tmp_path / "work" / "toy" / "runs").glob(f"*.{grid.tag}*.json"))
+    assert len(adj_files) == 3  # choice + adjusted per-user results of both protocols
+    n_records += len(adj_files)
+    # with prior weights every row comes twice: popularity only (the grid above, read from its cache)
+    # and with the semantic prior on the frozen table; weight 0 is in the grid, so the prior row
+    # validates at least as high as the popularity-only one
+    monkeypatch.setattr(bench_popadjust, "evaluate", real_evaluate)
+    monkeypatch.setattr(bench_popadjust, "choose_adjustment", real_choose)
+    prior_grid = bench_popadjust.Grid(betas=(0.0, 0.5, 2.0), weights=(0.0, 1.0, 4.0), recencies=(0.0, 0.5))
+    with_prior = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, prior_grid)
+    assert set(with_prior) == {"w/o Cro", "w/o Cro +prior"}
+    assert with_prior["w/o Cro"] == got["w/o Cro"]
+    plain_adj, prior_adj = with_prior["w/o Cro"][0][1], with_prior["w/o Cro +prior"][0][1]
+    assert len(prior_adj["valid"]) == 18 and prior_adj["valid_best"] >= plain_adj["valid_best"]
+    assert prior_adj["key"] != plain_adj["key"] and prior_adj["grid"]["weights"] == [0.0, 1.0, 4.0]
+    text, _ = bench_popadjust.report(study, with_prior)
+    assert "w/o Cro vs w/o Cro +prior (both adjusted)" in text
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{prior_grid.tag}*.json")))
     # runs trained with the logit-adjusted loss have their own keys, and bench_popadjust puts them
     # beside the plain runs under "<row> la<tau>"
     la_study = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=0.5),
@@ -207,9 +213,11 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert la_run["stage2"]["logit_adjustment"] == 0.5 and la_run["key"] not in {x["key"] for x in cached}
     state = rp.read_json(tmp_path / "work" / "toy" / "runs" / f"{la_run['key']}-ckpt" / "last" / "trainer_state.json")
     assert state["config"]["logit_adjustment"] == 0.5
-    both = bench_popadjust.popadjust_by_tau(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, (0.0, 0.5), [0.0, 0.5])
+    small = bench_popadjust.Grid((0.0, 0.5))
+    both = bench_popadjust.popadjust_by_tau(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.0, 0.5])
     assert set(both) == {"w/o Cro", "w/o Cro la0.5"} and both["w/o Cro la0.5"][0][0]["key"] == la_run["key"]
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{la_run['key']}*.json")))
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{best['key']}.{small.tag}*.json")))
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
     # when embeddings for those settings are cached
     import shutil
