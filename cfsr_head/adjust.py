@@ -37,6 +37,8 @@ from .data import SplitData
 from .evaluate import _full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks
 
 DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# SemanticPrior weights on the scale of the model's scores (a cosine head with temperature 0.1 scores in [-10, 10])
+DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def log_popularity(popularity: Any, num_items: int) -> Tensor:
@@ -222,14 +224,16 @@ class Adjustment:
 def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = None,
                       betas: Sequence[float] = (0.0,), weights: Sequence[float] = (0.0,),
                       recencies: Sequence[float] = (0.0,), metric: str = "NDCG@10", batch_size: int = 256,
-                      device: str | torch.device | None = None) -> tuple[Adjustment, dict[Adjustment, float]]:
+                      device: str | torch.device | None = None, max_len: int | None = None
+                      ) -> tuple[Adjustment, dict[Adjustment, float]]:
     """The grid point (``betas`` x ``weights`` x ``recencies``) whose adjustment
     (``Adjustment.wrap``) has the best validation ``metric`` (Overall, full ranking), and every
     point's value. One pass over the validation users: the model's scores are computed once per
     batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
     Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency).
     ``semantic`` (rows for items 1..N, as ``SemanticPrior`` takes it) is needed when a weight is
-    not 0; ``model.num_items`` must match the data."""
+    not 0; ``model.num_items`` must match the data. ``max_len``: input window (default: the
+    model's, as ``evaluate``)."""
     kind, _, k = metric.partition("@")
     if kind.upper() not in ("HR", "NDCG") or not k.isdigit():
         raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
@@ -243,7 +247,7 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     if any(p.weight != 0 for p in grid) and semantic is None:
         raise ValueError("weights other than 0 need the semantic table (semantic=...)")
     dev = torch.device(device) if device is not None else _model_device(model)
-    L = _model_max_len(model) or split_data.max_len
+    L = max_len if max_len is not None else (_model_max_len(model) or split_data.max_len)
     seq_all, target_all, _ = split_data.eval_inputs("valid", L)
     history = split_data.history("valid")
     log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)

@@ -241,20 +241,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split.num_items != model.num_items:
         raise CLIError(f"--model {model_dir} scores {model.num_items} items but --data {args.data} has "
                        f"{split.num_items}; evaluate on the dataset the model was trained on")
-    beta_note = ""
-    if args.popularity_beta is not None:
-        from .adjust import PopularityAdjusted, choose_popularity_beta
-
-        if args.popularity_beta == "auto":
-            beta, values = choose_popularity_beta(model, split, max_len=max_len)
-            beta_note = (f", popularity beta {beta} (chosen on validation full-ranking NDCG@10: "
-                         + ", ".join(f"{b}: {v:.4f}" for b, v in values.items()) + ")")
-        else:
-            beta = float(args.popularity_beta)
-            beta_note = f", popularity beta {beta}"
-        model = PopularityAdjusted(model, split.item_popularity, beta)
+    model, note, adjustment = _adjusted(model, split, args, max_len)
     result = evaluate(model, split, split=args.split, protocol=args.protocol, max_len=max_len, seed=args.seed)
-    print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking{beta_note}")
+    print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking{note}")
     print(format_summary(result))
     if args.json:
         from .train import _to_jsonable
@@ -262,9 +251,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data), "split": args.split,
                   "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
         if args.popularity_beta is not None:
-            report["popularity_beta"] = model.beta
+            report["popularity_beta"] = adjustment.beta
+        if args.semantic_prior is not None:
+            report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency}
         atomic_write_json(args.json, _to_jsonable(report))
     return 0
+
+
+def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) -> tuple[Any, str, Any]:
+    """``(model, note, Adjustment)``: the model with ``--popularity-beta`` / ``--semantic-prior``
+    applied (an 'auto' strength chosen on validation, both together when both are 'auto')."""
+    from .adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, Adjustment, choose_adjustment
+    from .data import align_semantic
+
+    beta, weight = args.popularity_beta, args.semantic_prior
+    semantic = None
+    if weight is not None:
+        if args.embeddings:
+            semantic = align_semantic(read_embeddings(args.embeddings), split.item_index, missing="zeros")
+        elif getattr(model, "semantic_table", None) is not None:
+            semantic = model.semantic_table[1: model.num_items + 1]
+        else:
+            raise CLIError(f"--semantic-prior needs item embeddings: the model at {args.model} has no semantic "
+                           "table, so pass --embeddings")
+    note = ""
+    if "auto" in (beta, weight):
+        betas = DEFAULT_BETAS if beta == "auto" else (float(beta or 0.0),)
+        weights = DEFAULT_PRIOR_WEIGHTS if weight == "auto" else (float(weight or 0.0),)
+        adjustment, values = choose_adjustment(model, split, semantic, betas, weights, (args.prior_recency,),
+                                               max_len=max_len)
+        note = f" (chosen on validation full-ranking NDCG@10 {values[adjustment]:.4f} from {len(values)} points)"
+    else:
+        adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency)
+    if beta is not None:
+        note = f", popularity beta {adjustment.beta}" + note
+    if weight is not None:
+        note = f", semantic prior weight {adjustment.weight} recency {adjustment.recency}" + note
+    return adjustment.wrap(model, split, semantic), note, adjustment
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -375,6 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
                         "adjustment); 'auto' chooses BETA on the validation split from "
                         "0, 0.1, ..., 1 (beyond the paper)")
+    e.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
+                   help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "
+                        "(cfsr_head.SemanticPrior); 'auto' chooses WEIGHT on the validation split from 0, 0.5, "
+                        "1, 2, 4, 8, 16, together with --popularity-beta when that is 'auto' too (beyond the paper)")
+    e.add_argument("--prior-recency", type=_fraction, default=0.0, metavar="R",
+                   help="with --semantic-prior: weight R ** age of the history's items in the user's profile "
+                        "(default 0: the last item alone)")
+    e.add_argument("--embeddings", default=None,
+                   help="with --semantic-prior: item embeddings for the prior (default: the model's own semantic "
+                        "table; needed for a model without one)")
     e.add_argument("--json", help="also write the summary to this JSON file")
     e.set_defaults(func=cmd_evaluate)
     return parser

@@ -175,6 +175,44 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--logit-adjustment", "-1"))
 
+def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embeddings_file, tmp_path, capsys):
+    """evaluate --semantic-prior adds SemanticPrior with the model's own semantic table (a SASRec needs
+    --embeddings); 'auto' chooses weight and beta together on validation, as choose_adjustment does;
+    the numbers match the API's."""
+    from cfsr_head import Adjustment, DualViewHead, align_semantic, choose_adjustment, evaluate
+    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS
+    from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
+
+    sasrec, dual = tmp_path / "sasrec", tmp_path / "dual"
+    assert main(train_args(dataset, sasrec, "--variant", "sasrec", "--loss", "ce", "--epochs", "2", "--quiet")) == 0
+    assert main(train_args(dataset, dual, "--embeddings", str(embeddings_file), "--variant", "concat", "--loss", "ce",
+                           "--epochs", "2", "--quiet")) == 0
+    base = ["evaluate", "--data", str(dataset)]
+    assert main([*base, "--model", str(sasrec), "--semantic-prior", "2"]) == 2
+    assert "pass --embeddings" in capsys.readouterr().err
+    split = leave_one_out(load_dataset(dataset), max_len=10, item_index=ItemIndex.load(dual / "item_index.json"))
+    table = align_semantic(read_embeddings(embeddings_file), split.item_index)
+    for folder, extra in ((dual, []), (sasrec, ["--embeddings", str(embeddings_file)])):
+        model = DualViewHead.from_pretrained(folder)
+        report = tmp_path / f"{folder.name}.json"
+        assert main([*base, "--model", str(folder), "--semantic-prior", "3", "--prior-recency", "0.5",
+                     "--json", str(report), *extra]) == 0
+        assert "semantic prior weight 3.0 recency 0.5" in capsys.readouterr().out
+        got = json.loads(report.read_text())
+        expected = evaluate(Adjustment(0.0, 3.0, 0.5).wrap(model, split, table), split, "test", max_len=10).summary()
+        assert got["semantic_prior"] == {"weight": 3.0, "recency": 0.5}
+        assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
+        assert main([*base, "--model", str(folder), "--semantic-prior", "auto", "--popularity-beta", "auto",
+                     "--json", str(report), *extra]) == 0
+        got = json.loads(report.read_text())
+        best, _ = choose_adjustment(model, split, table, DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, max_len=10)
+        assert got["semantic_prior"]["weight"] == best.weight and got["popularity_beta"] == best.beta
+    assert main([*base, "--model", str(dual), "--semantic-prior", "0", "--json", str(report)]) == 0
+    plain = tmp_path / "plain.json"
+    assert main([*base, "--model", str(dual), "--json", str(plain)]) == 0
+    assert json.loads(report.read_text())["summary"] == json.loads(plain.read_text())["summary"]
+
+
 def test_gru4rec_encoder(dataset, tmp_path):
     out = tmp_path / "gru"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--encoder", "gru4rec", "--epochs", "1",
