@@ -216,7 +216,8 @@ class Adjustment:
             model = PopularityAdjusted(model, split_data.item_popularity, self.beta)
         return model
 
-    def _size(self) -> tuple:
+    def _strength(self) -> tuple:
+        """Orders points from the weakest adjustment up (ties of ``choose_adjustment``)."""
         return (abs(self.weight), abs(self.beta), self.recency, self.beta, self.weight)
 
 
@@ -230,15 +231,16 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     (``Adjustment.wrap``) has the best validation ``metric`` (Overall, full ranking), and every
     point's value. One pass over the validation users: the model's scores are computed once per
     batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
-    Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency).
+    Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency);
+    with weight 0 the recency does nothing, so those points are taken once, at recency 0.
     ``semantic`` (rows for items 1..N, as ``SemanticPrior`` takes it) is needed when a weight is
     not 0; ``model.num_items`` must match the data. ``max_len``: input window (default: the
     model's, as ``evaluate``)."""
     kind, _, k = metric.partition("@")
     if kind.upper() not in ("HR", "NDCG") or not k.isdigit():
         raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
-    grid = [Adjustment(float(b), float(w), float(r)) for b in sorted(set(betas))
-            for w in sorted(set(weights)) for r in sorted(set(recencies))]
+    grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0) for b in sorted(set(betas))
+                              for w in sorted(set(weights)) for r in sorted(set(recencies))))
     if not grid:
         raise ValueError("the grid is empty (betas, weights and recencies each need a value)")
     n_items = split_data.num_items
@@ -272,4 +274,4 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     finally:
         model.train(was_training)
     values = {p: v / len(target_all) for p, v in totals.items()}
-    return max(values, key=lambda p: (values[p], tuple(-x for x in p._size()))), values
+    return max(values, key=lambda p: (values[p], tuple(-x for x in p._strength()))), values

@@ -199,7 +199,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert set(with_prior) == {"w/o Cro", "w/o Cro +prior"}
     assert with_prior["w/o Cro"] == got["w/o Cro"]
     plain_adj, prior_adj = with_prior["w/o Cro"][0][1], with_prior["w/o Cro +prior"][0][1]
-    assert len(prior_adj["valid"]) == 18 and prior_adj["valid_best"] >= plain_adj["valid_best"]
+    assert len(prior_adj["valid"]) == 15 and prior_adj["valid_best"] >= plain_adj["valid_best"]
     assert prior_adj["key"] != plain_adj["key"] and prior_adj["grid"]["weights"] == [0.0, 1.0, 4.0]
     text, _ = bench_popadjust.report(study, with_prior)
     assert "w/o Cro vs w/o Cro +prior (both adjusted)" in text
