@@ -257,20 +257,26 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     was_training = model.training
     model.eval()
     totals = dict.fromkeys(grid, 0.0)
+    by_prior: dict[tuple[float, float], list[Adjustment]] = {}
+    for point in grid:
+        by_prior.setdefault((point.weight, point.recency), []).append(point)
     try:
         for b in range(0, len(target_all), batch_size):
             seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
             own = model.full_scores(model.user_state(seq, seq == 0))
             prior = {r: pr.profile(seq, seq == 0) @ pr.unit_semantic.T for r, pr in priors.items()}
-            for point in grid:
-                scores = own
-                if point.weight != 0:
-                    scores = scores + point.weight * prior[point.recency].to(own.dtype)
-                if point.beta != 0:
-                    scores = scores - point.beta * log_pop.to(own.dtype)
-                ranks = _full_ranks(scores, tgt, history[b:b + batch_size], n_items).cpu().numpy()
-                hit, ndcg = metrics_from_ranks(ranks, (int(k),))
-                totals[point] += float((ndcg if kind.upper() == "NDCG" else hit)[int(k)].sum())
+            buffer, batch_history = torch.empty_like(own), history[b:b + batch_size]
+            for (weight, recency), points in by_prior.items():
+                # the wrapped model's operations in its order (own + w * prior, then - beta * log_pop),
+                # so that ranks, ties included, are those evaluate gives it
+                with_prior = own + weight * prior[recency].to(own.dtype) if weight != 0 else own
+                for point in points:
+                    scores = with_prior
+                    if point.beta != 0:
+                        scores = torch.sub(with_prior, point.beta * log_pop.to(own.dtype), out=buffer)
+                    ranks = _full_ranks(scores, tgt, batch_history, n_items).cpu().numpy()
+                    hit, ndcg = metrics_from_ranks(ranks, (int(k),))
+                    totals[point] += float((ndcg if kind.upper() == "NDCG" else hit)[int(k)].sum())
     finally:
         model.train(was_training)
     values = {p: v / len(target_all) for p, v in totals.items()}
