@@ -92,8 +92,9 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
         res.to_json(runs / f"{key}.{protocol}.json")
         test[protocol] = res.summary()
     out = {"key": key, "run": record["key"], "variant": record["variant"], "seed": s2.seed,
-           "grid": {k: list(v) for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best), "valid_best": values[best],
-           "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()], "test": test}
+           "grid": {k: list(v) for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best),
+           "valid_best": values[best], "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()],
+           "test": test}
     atomic_write_json(cache, out)
     return out
 
