@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from cfsr_head import (
     DualViewHead,
@@ -80,6 +81,7 @@ def main() -> None:
 
     results = {"Popularity": evaluate(PopularityModel.from_split(split), split, split="test")}
     for name in ("SASRec", "LLM-CFSR"):
+        torch.manual_seed(args.seed)  # the initial weights; Trainer seeds everything after them
         encoder = SASRecEncoder(d=64, n_layers=2, n_heads=4, max_len=50, dropout=0.2)
         if name == "SASRec":
             model = DualViewHead(encoder=encoder, num_items=split.num_items, d=64,

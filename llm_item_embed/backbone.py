@@ -258,6 +258,25 @@ def resolve_lora_targets(model: nn.Module, target_modules: str | Sequence[str] =
     return targets, exclude
 
 
+def seed_untrained_lora(model: nn.Module, seed: int) -> bool:
+    """Draw ``model``'s LoRA adapters again from ``seed`` when none has been trained yet (every
+    ``lora_B`` is still zero, so the adapters change nothing the model computes); returns whether it
+    did. peft draws ``lora_A`` from torch's global generator when an adapter is attached, so
+    without this a fit with a fixed seed would start from a different adapter in every process."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(bool(w.detach().ne(0).any()) for m in layers for w in m.lora_B.parameters()):
+        return False
+    cuda = sorted({w.device.index or 0 for m in layers for w in m.lora_A.parameters() if w.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for m in layers:
+            for name in list(m.lora_A.keys()):
+                m.reset_lora_parameters(name, True)
+    return True
+
+
 def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 

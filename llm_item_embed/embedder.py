@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
-                       load_text_encoder)
+                       load_text_encoder, seed_untrained_lora)
 from .io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from .prompts import PromptTemplate
 
@@ -220,6 +220,7 @@ class ItemEmbedder:
         group_ids = group_ids.astype(np.int64)
 
         encoder = self.encoder  # model work starts here
+        seed_untrained_lora(encoder.model, config.seed)  # the starting adapter, too, follows the seed
         self._warn_truncated(self._count_truncated(full), len(full))
         template, drop_prob, n_views = self.template, self.drop_prob, self.n_views
 

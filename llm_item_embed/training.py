@@ -86,7 +86,8 @@ class FitConfig:
         save_every: save every N steps (and always at the end when ``output_dir`` is set).
         resume_from: a checkpoint folder, or ``"latest"`` (newest in ``output_dir``; none there
             means a fresh start, so a pre-empted job can be resubmitted unchanged).
-        seed: data order, augmentation and dropout all derive from it.
+        seed: data order, augmentation and dropout all derive from it (and, in ``ItemEmbedder.fit``,
+            the initial LoRA adapter).
         max_grad_norm: gradient clipping (``None`` or 0: off).
         log_every: log (``logging``, INFO) every N steps.
         show_progress_bar: tqdm bar on the main process.

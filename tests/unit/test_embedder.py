@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, PromptTemplate
-from llm_item_embed.backbone import ModelNotFoundError
+from llm_item_embed.backbone import ModelNotFoundError, seed_untrained_lora
 from llm_item_embed.embedder import CONFIG_NAME
 
 TEMPLATE = PromptTemplate("This beauty product has the following attributes:",
@@ -171,6 +171,29 @@ def test_fit_can_continue_after_loading(fitted_bert, tmp_path):
     before = back.encode(catalogue()).matrix.copy()
     back.fit(catalogue(), **dict(FIT, max_steps=1))
     assert not np.allclose(back.encode(catalogue()).matrix, before, atol=1e-6)
+
+
+def test_fit_is_a_function_of_the_seed(tiny_bert_dir, fitted_bert):
+    """The same seed gives the same embeddings whatever torch's global generator did before the
+    adapter was attached (peft draws it from there); another seed gives other embeddings; a trained
+    adapter is never drawn again."""
+    df = catalogue(8)
+
+    def fitted(seed: int, global_seed: int) -> np.ndarray:
+        torch.manual_seed(global_seed)
+        emb = ItemEmbedder(tiny_bert_dir, template=TEMPLATE, lora=LoraSettings(r=4, dropout=0.0), max_length=64)
+        emb.encode(df)  # attaches the adapter before fit
+        emb.fit(df, **dict(FIT, max_steps=2, seed=seed))
+        return emb.encode(df).matrix
+
+    first = fitted(0, global_seed=1)
+    np.testing.assert_array_equal(fitted(0, global_seed=2), first)
+    assert not np.allclose(fitted(1, global_seed=1), first, atol=1e-4)
+
+    trained, _ = fitted_bert
+    weights = {k: v.clone() for k, v in trained.encoder.model.state_dict().items() if "lora_" in k}
+    assert weights and not seed_untrained_lora(trained.encoder.model, 0)
+    assert all(torch.equal(v, trained.encoder.model.state_dict()[k]) for k, v in weights.items())
 
 
 def test_full_fine_tuning_without_lora_round_trip(tiny_bert_dir, tmp_path):
