@@ -25,12 +25,12 @@ import torch
 
 from cfsr_head import (
     DualViewHead,
-    choose_adjustment,
     PopularityModel,
     SASRecEncoder,
     TrainConfig,
     Trainer,
     align_semantic,
+    choose_adjustment,
     default_data_dir,
     evaluate,
     leave_one_out,
