@@ -268,7 +268,7 @@ def seed_untrained_lora(model: nn.Module, seed: int) -> bool:
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers or any(bool(w.detach().ne(0).any()) for m in layers for w in m.lora_B.parameters()):
         return False
-    cuda = sorted({w.device.index or 0 for m in layers for w in m.lora_A.parameters() if w.device.type == "cuda"})
+    cuda = sorted({w.device.index for m in layers for w in m.lora_A.parameters() if w.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for m in layers:
