@@ -12,8 +12,10 @@ grid, baselines included. With ``--prior-weights`` each row appears twice: popul
 popularity with the prior (``<row> +prior``). Per-user results are cached beside the run
 (``<key>.adj-<grid hash>.*.json``), so a second call only reads them. Options are those of
 ``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas``,
-``--prior-weights``, ``--prior-recencies`` and ``--logit-adjustments`` (runs trained with the
-logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)::
+``--prior-weights``, ``--prior-recencies``, ``--logit-adjustments`` (runs trained with the
+logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)
+and ``--choose-on sampled`` (choose on the validation N@10 of the 100-sampled-negative protocol,
+the paper's, with validation negatives drawn from another seed than the test negatives)::
 
     python -m benchmarks.bench_popadjust --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
         --seeds 0 --names "SASRec cos0.1" "SAID cos0.1" --prior-weights 0 2 4 --out runs/popadjust
@@ -34,14 +36,15 @@ from benchmarks import reproduce as rp
 from benchmarks.bench_views import CachedRow, cached_rows
 from benchmarks.explore import build_study
 from benchmarks.reproduce import Variant
-from cfsr_head import align_semantic, choose_adjustment, evaluate
-from cfsr_head.adjust import DEFAULT_BETAS
+from cfsr_head import Adjustment, align_semantic, choose_adjustment, evaluate
+from cfsr_head.adjust import DEFAULT_BETAS, VALID_NEGATIVES_SEED_OFFSET
 from cfsr_head.io import atomic_write_json, read_json
 from llm_item_embed import ItemEmbeddings
 
 PROTOCOLS = ("full", "sampled")
 GROUPS = ("Overall", "Tail item")
 PRIOR_SUFFIX = " +prior"
+_PROTOCOL_NAMES = {"full": "full-ranking", "sampled": "100-sampled-negative"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +54,20 @@ class Grid:
     betas: tuple[float, ...] = DEFAULT_BETAS
     weights: tuple[float, ...] = (0.0,)
     recencies: tuple[float, ...] = (0.0,)
+    protocol: str = "full"  # the validation protocol the adjustment is chosen under
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
     @property
     def tag(self) -> str:
-        """Names the cached results of this grid (``<run key>.<tag>``)."""
-        return "adj-" + rp.config_hash(dataclasses.asdict(self))[:8]
+        """Names the cached results of this grid (``<run key>.<tag>``); a full-ranking grid keeps
+        the name it had before grids had a protocol."""
+        spec = dataclasses.asdict(self)
+        if self.protocol == "full":
+            del spec["protocol"]
+        return "adj-" + rp.config_hash(spec)[:8]
 
     @property
     def has_prior(self) -> bool:
@@ -84,7 +96,8 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
         return read_json(cache)
     s2 = rp.Stage2(**record["stage2"])
     head = row.load_head(study, runner, record)
-    best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies)
+    best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
+                                     protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET)
     adjusted = best.wrap(head, runner.split, semantic)
     test = {}
     for protocol in PROTOCOLS:
@@ -92,8 +105,9 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
         res.to_json(runs / f"{key}.{protocol}.json")
         test[protocol] = res.summary()
     out = {"key": key, "run": record["key"], "variant": record["variant"], "seed": s2.seed,
-           "grid": {k: list(v) for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best),
-           "valid_best": values[best], "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()],
+           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best),
+           "valid_best": values[best], "valid_plain": values.get(Adjustment()),
+           "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()],
            "test": test}
     atomic_write_json(cache, out)
     return out
@@ -109,7 +123,7 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) ->
     plain = {n: v for n, v in rows.items() if not v.popularity}
     for name in rows.keys() - plain.keys():
         print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
-    grids = {"": Grid(grid.betas)}
+    grids = {"": Grid(grid.betas, protocol=grid.protocol)}
     semantic = None
     if grid.has_prior:
         grids[PRIOR_SUFFIX] = grid
@@ -149,7 +163,8 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
              "|---|---|---|---|" + "---|" * (len(PROTOCOLS) * len(GROUPS))]
     raw: dict[str, Any] = {"rows": {}, "tests": []}
     for name, pairs in results.items():
-        plain_valid = mean([r["valid"]["Overall"]["NDCG@10"] for r, _ in pairs])
+        plain_valid = mean([r["valid"]["Overall"]["NDCG@10"] if a.get("valid_plain") is None else a["valid_plain"]
+                            for r, a in pairs])
         adj_valid = mean([a["valid_best"] for _, a in pairs])
         cells, row_raw = [], {"seeds": [a["seed"] for _, a in pairs], "beta": [a["beta"] for _, a in pairs],
                               "weight": [a["weight"] for _, a in pairs], "recency": [a["recency"] for _, a in pairs],
@@ -192,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="SemanticPrior weights (0 = none); any other value adds a '<row> +prior' row per row")
     p.add_argument("--prior-recencies", nargs="+", type=float, default=[0.0], metavar="R",
                    help="SemanticPrior recencies (0 = the last item alone)")
+    p.add_argument("--choose-on", choices=PROTOCOLS, default="full",
+                   help="the validation protocol whose Overall N@10 chooses the adjustment (default full ranking)")
     p.add_argument("--logit-adjustments", nargs="+", type=float, default=None, metavar="TAU",
                    help="the rows' runs trained with each of these logit adjustments (0: the plain loss), "
                         "side by side in one report; rows of tau > 0 are named '<row> la<tau>'")
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
-    grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)))
+    grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on)
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     results = popadjust_by_tau(study, rows, grid, taus)
     text, raw = report(study, results)
@@ -206,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
              f"from {list(grid.weights)} and recency from {list(grid.recencies)} chosen with beta."
              if grid.has_prior else "")
     text = (f"# Post-hoc adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
-            f"chosen on validation (full-ranking N@10) from {list(grid.betas)}; test N@10, mean over seeds.{prior}"
+            f"chosen on validation ({_PROTOCOL_NAMES[grid.protocol]} N@10) from {list(grid.betas)}; test N@10, mean "
+            f"over seeds.{prior}"
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
                " tau); their plain column is that model's own scores." if any(taus) else "") + "\n\n" + text)
     print(text)

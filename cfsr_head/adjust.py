@@ -34,9 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import SplitData
-from .evaluate import _full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks
+from .evaluate import (_full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks, ranks_from_scores,
+                       sampled_candidates)
 
 DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# choosing on the sampled protocol: validation negatives from seed + this, test negatives from seed, since
+# one seed gives each user the same negatives in both splits and the choice would see test's candidates
+VALID_NEGATIVES_SEED_OFFSET = 10_000
 # SemanticPrior weights on the scale of the model's scores (a cosine head with temperature 0.1 scores in [-10, 10])
 DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -225,11 +229,14 @@ class Adjustment:
 def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = None,
                       betas: Sequence[float] = (0.0,), weights: Sequence[float] = (0.0,),
                       recencies: Sequence[float] = (0.0,), metric: str = "NDCG@10", batch_size: int = 256,
-                      device: str | torch.device | None = None, max_len: int | None = None
+                      device: str | torch.device | None = None, max_len: int | None = None,
+                      protocol: str = "full", n_negatives: int = 100, seed: int = 0,
                       ) -> tuple[Adjustment, dict[Adjustment, float]]:
     """The grid point (``betas`` x ``weights`` x ``recencies``) whose adjustment
-    (``Adjustment.wrap``) has the best validation ``metric`` (Overall, full ranking), and every
-    point's value. One pass over the validation users: the model's scores are computed once per
+    (``Adjustment.wrap``) has the best validation ``metric`` (Overall) under ``protocol``, and
+    every point's value. ``protocol="sampled"`` ranks the target among the ``n_negatives``
+    negatives ``evaluate(..., protocol="sampled", seed=seed)`` draws for the validation split.
+    One pass over the validation users: the model's scores are computed once per
     batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
     Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency);
     with weight 0 the recency does nothing, so those points are taken once, at recency 0.
@@ -239,6 +246,8 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     kind, _, k = metric.partition("@")
     if kind.upper() not in ("HR", "NDCG") or not k.isdigit():
         raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
+    if protocol not in ("full", "sampled"):
+        raise ValueError(f"protocol must be 'full' or 'sampled', got {protocol!r}")
     grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0) for b in sorted(set(betas))
                               for w in sorted(set(weights)) for r in sorted(set(recencies))))
     if not grid:
@@ -251,7 +260,9 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     dev = torch.device(device) if device is not None else _model_device(model)
     L = max_len if max_len is not None else (_model_max_len(model) or split_data.max_len)
     seq_all, target_all, _ = split_data.eval_inputs("valid", L)
-    history = split_data.history("valid")
+    sampled = protocol == "sampled"
+    history = None if sampled else split_data.history("valid")
+    cands_all = sampled_candidates(split_data, target_all, n_negatives, seed) if sampled else None
     log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)
     priors = {r: SemanticPrior(model, semantic, 1.0, r).to(dev) for r in {p.recency for p in grid if p.weight != 0}}
     was_training = model.training
@@ -263,9 +274,19 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     try:
         for b in range(0, len(target_all), batch_size):
             seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
-            own = model.full_scores(model.user_state(seq, seq == 0))
-            prior = {r: pr.profile(seq, seq == 0) @ pr.unit_semantic.T for r, pr in priors.items()}
-            buffer, batch_history = torch.empty_like(own), history[b:b + batch_size]
+            states = model.user_state(seq, seq == 0)
+            if sampled:  # the candidates' scores, as the wrapped model's ``score`` computes them
+                cands = cands_all[b:b + batch_size].to(dev)
+                own = model.score(states, cands)
+                prior = {r: torch.einsum("bd,bcd->bc", pr.profile(seq, seq == 0), pr.unit_semantic[cands])
+                         for r, pr in priors.items()}
+                pop = log_pop[cands].to(own.dtype)
+                first = torch.zeros(len(cands), dtype=torch.long, device=dev)
+            else:
+                own = model.full_scores(states)
+                prior = {r: pr.profile(seq, seq == 0) @ pr.unit_semantic.T for r, pr in priors.items()}
+                pop, batch_history = log_pop.to(own.dtype), history[b:b + batch_size]
+            buffer = torch.empty_like(own)
             for (weight, recency), points in by_prior.items():
                 # the wrapped model's operations in its order (own + w * prior, then - beta * log_pop),
                 # so that ranks, ties included, are those evaluate gives it
@@ -273,8 +294,11 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
                 for point in points:
                     scores = with_prior
                     if point.beta != 0:
-                        scores = torch.sub(with_prior, point.beta * log_pop.to(own.dtype), out=buffer)
-                    ranks = _full_ranks(scores, tgt, batch_history, n_items).cpu().numpy()
+                        scores = torch.sub(with_prior, point.beta * pop, out=buffer)
+                    if sampled:
+                        ranks = ranks_from_scores(scores.float(), first).cpu().numpy()
+                    else:
+                        ranks = _full_ranks(scores, tgt, batch_history, n_items).cpu().numpy()
                     hit, ndcg = metrics_from_ranks(ranks, (int(k),))
                     totals[point] += float((ndcg if kind.upper() == "NDCG" else hit)[int(k)].sum())
     finally:

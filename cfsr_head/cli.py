@@ -261,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) -> tuple[Any, str, Any]:
     """``(model, note, Adjustment)``: the model with ``--popularity-beta`` / ``--semantic-prior``
     applied (an 'auto' strength chosen on validation, both together when both are 'auto')."""
-    from .adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, Adjustment, choose_adjustment
+    from .adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET, Adjustment, choose_adjustment
     from .data import align_semantic
 
     beta, weight = args.popularity_beta, args.semantic_prior
@@ -278,9 +278,11 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
     if "auto" in (beta, weight):
         betas = DEFAULT_BETAS if beta == "auto" else (float(beta or 0.0),)
         weights = DEFAULT_PRIOR_WEIGHTS if weight == "auto" else (float(weight or 0.0),)
+        # chosen under the protocol evaluated; sampled validation negatives come from another seed than test's
         adjustment, values = choose_adjustment(model, split, semantic, betas, weights, (args.prior_recency,),
-                                               max_len=max_len)
-        note = f" (chosen on validation full-ranking NDCG@10 {values[adjustment]:.4f} from {len(values)} points)"
+                                               max_len=max_len, protocol=args.protocol,
+                                               seed=args.seed + VALID_NEGATIVES_SEED_OFFSET)
+        note = f" (chosen on validation {args.protocol} NDCG@10 {values[adjustment]:.4f} from {len(values)} points)"
     else:
         adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency)
     if beta is not None:
@@ -396,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
     e.add_argument("--popularity-beta", type=_beta, default=None, metavar="BETA",
                    help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
-                        "adjustment); 'auto' chooses BETA on the validation split from "
+                        "adjustment); 'auto' chooses BETA on the validation split, under --protocol, from "
                         "0, 0.1, ..., 1 (beyond the paper)")
     e.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
                    help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "

@@ -232,12 +232,7 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
     U = len(targets_np)
     history = split_data.history(split) if protocol == "full" else None
     if protocol == "sampled":
-        if n_negatives < 1:
-            raise ValueError("n_negatives must be >= 1")
-        split_data.check_negatives("all")
-        rows = np.repeat(np.arange(U), n_negatives).reshape(U, n_negatives)
-        negs = _sample_excluding(_as_rng(seed), rows, n_items, split_data._keys("all"))
-        cands_all = torch.from_numpy(np.concatenate([targets_np[:, None], negs], axis=1))
+        cands_all = sampled_candidates(split_data, target_all, n_negatives, seed)
     was_training = getattr(model, "training", None)
     if isinstance(model, nn.Module):
         model.eval()
@@ -273,6 +268,21 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
     else:
         flags = {"Overall": np.ones(U, bool)}
     return EvalResult(user_ids, ranks, tuple(ks), flags, protocol, split, info)
+
+
+def sampled_candidates(split_data: SplitData, targets: torch.Tensor, n_negatives: int = 100,
+                       seed: int = 0) -> torch.Tensor:
+    """``[U, 1 + n_negatives]`` candidates of the sampled protocol: each user's target (column 0)
+    and ``n_negatives`` items drawn uniformly, with replacement, from the items the user never
+    interacted with, seeded by ``seed``. ``targets``: ``[U]`` in the order of
+    ``split_data.eval_inputs``. Shared by ``evaluate`` and ``choose_adjustment``."""
+    if n_negatives < 1:
+        raise ValueError("n_negatives must be >= 1")
+    split_data.check_negatives("all")
+    U = len(targets)
+    rows = np.repeat(np.arange(U), n_negatives).reshape(U, n_negatives)
+    negs = _sample_excluding(_as_rng(seed), rows, split_data.num_items, split_data._keys("all"))
+    return torch.from_numpy(np.concatenate([targets.numpy()[:, None], negs], axis=1))
 
 
 def _full_ranks(scores: torch.Tensor, tgt: torch.Tensor, history, n_items: int) -> torch.Tensor:

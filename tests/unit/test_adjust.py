@@ -201,6 +201,28 @@ def test_choose_adjustment_scores_every_point_as_evaluate_scores_the_wrapped_mod
     assert hr in {Adjustment(0.0, 0.0), Adjustment(0.0, 3.0)}
 
 
+def test_choose_adjustment_on_the_sampled_protocol_matches_evaluate_and_can_choose_differently():
+    """protocol="sampled" ranks each validation target among the negatives evaluate draws for the
+    same seed: every point's value is the wrapped model's sampled N@10, and another seed draws
+    other negatives."""
+    split = chain_split()
+    model = SuccessorPlusPopularity(split, signal=0.3)
+    table = circle_table(split, noise=0.3)
+    grid = dict(betas=(-0.5, 0.0, 0.5, 2.0), weights=(0.0, 1.0, 3.0), recencies=(0.0, 0.6))
+    best, values = choose_adjustment(model, split, table, **grid, batch_size=7, protocol="sampled",
+                                     n_negatives=5, seed=3)
+    for point, value in values.items():
+        res = evaluate(point.wrap(model, split, table), split, "valid", protocol="sampled", n_negatives=5, seed=3)
+        assert value == pytest.approx(res.summary()["Overall"]["NDCG@10"], abs=1e-12), point
+    assert values[best] == max(values.values())
+    full_best, full_values = choose_adjustment(model, split, table, **grid)
+    assert values != full_values  # a different ranking problem, not the full one relabelled
+    _, other_seed = choose_adjustment(model, split, table, **grid, protocol="sampled", n_negatives=5, seed=4)
+    assert other_seed != values
+    with pytest.raises(ValueError, match="protocol must be"):
+        choose_adjustment(model, split, table, protocol="both")
+
+
 def test_the_prior_finds_semantic_successors_that_a_model_without_them_misses():
     """The next item is the last item's semantic neighbour (its predecessor is in the history and
     left out of the ranking): validation turns the prior on, and test N@10 rises with it."""

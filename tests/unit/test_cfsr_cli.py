@@ -180,7 +180,7 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
     --embeddings); 'auto' chooses weight and beta together on validation, as choose_adjustment does;
     the numbers match the API's."""
     from cfsr_head import Adjustment, DualViewHead, align_semantic, choose_adjustment, evaluate
-    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS
+    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET
     from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
 
     sasrec, dual = tmp_path / "sasrec", tmp_path / "dual"
@@ -207,6 +207,16 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
         got = json.loads(report.read_text())
         best, _ = choose_adjustment(model, split, table, DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, max_len=10)
         assert got["semantic_prior"]["weight"] == best.weight and got["popularity_beta"] == best.beta
+        # with --protocol sampled, 'auto' chooses on the sampled validation N@10 (negatives from another seed)
+        assert main([*base, "--model", str(folder), "--semantic-prior", "auto", "--popularity-beta", "auto",
+                     "--protocol", "sampled", "--seed", "3", "--json", str(report), *extra]) == 0
+        assert "chosen on validation sampled NDCG@10" in capsys.readouterr().out
+        got = json.loads(report.read_text())
+        best, _ = choose_adjustment(model, split, table, DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, max_len=10,
+                                    protocol="sampled", seed=3 + VALID_NEGATIVES_SEED_OFFSET)
+        assert got["semantic_prior"]["weight"] == best.weight and got["popularity_beta"] == best.beta
+        expected = evaluate(best.wrap(model, split, table), split, "test", "sampled", seed=3, max_len=10).summary()
+        assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
     assert main([*base, "--model", str(dual), "--semantic-prior", "0", "--json", str(report)]) == 0
     plain = tmp_path / "plain.json"
     assert main([*base, "--model", str(dual), "--json", str(plain)]) == 0

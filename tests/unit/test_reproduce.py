@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from benchmarks.reproduce import VARIANTS, Stage2, best_loss, config_hash, results_table
 
 
@@ -204,6 +206,18 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     text, _ = bench_popadjust.report(study, with_prior)
     assert "w/o Cro vs w/o Cro +prior (both adjusted)" in text
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{prior_grid.tag}*.json")))
+    # chosen on the sampled protocol's validation N@10: its own cache, and the plain validation value
+    # is the sampled one (the unadjusted model's, since 0 is in the grid)
+    sampled_grid = dataclasses.replace(grid, protocol="sampled")
+    assert sampled_grid.tag != grid.tag
+    on_sampled = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, sampled_grid)
+    rec, adj = on_sampled["w/o Cro"][0]
+    valid = {p["beta"]: p["value"] for p in adj["valid"]}
+    assert adj["grid"]["protocol"] == "sampled" and adj["valid_plain"] == valid[0.0] and valid[adj["beta"]] == adj["valid_best"] == max(valid.values())
+    assert abs(valid[0.0] - rec["valid"]["Overall"]["NDCG@10"]) > 1e-6  # not the full-ranking value
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{sampled_grid.tag}*.json")))
+    with pytest.raises(ValueError, match="protocol must be"):
+        bench_popadjust.Grid(protocol="both")
     # runs trained with the logit-adjusted loss have their own keys, and bench_popadjust puts them
     # beside the plain runs under "<row> la<tau>"
     la_study = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=0.5),
