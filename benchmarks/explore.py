@@ -92,6 +92,9 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     *[Variant(f"w/o Cro frozen vloss{w} cos0.1", semantic="frozen",
               head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", w))) for w in (0.5, 2.0)],
     Variant("w/o Cro pairCFT vloss1.0", head=(CONCAT, ("view_loss_weight", 1.0)), stage1=(PAIRS,)),
+    # the best dual view (per-view losses 0.5, cosine) on the pair-CFT embeddings: whether CFT earns its place there
+    Variant("w/o Cro pairCFT vloss0.5 cos0.1", head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 0.5)),
+            stage1=(PAIRS,)),
     # SAID's ID table pulled toward its PCA initialisation (DualViewConfig.collab_anchor_weight),
     # so that rare items keep their semantic coordinates
     *[Variant(f"SAID anchor{a} cos0.1", semantic="frozen",
