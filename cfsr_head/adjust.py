@@ -183,21 +183,27 @@ class SemanticPrior(nn.Module):
         width = self.unit_semantic.shape[1]
         return states[:, :-width], states[:, -width:]
 
+    def similarity(self, profiles: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """The unweighted prior: cosines of ``[B, d_llm]`` profiles to every item (``[B, N+1]``) or
+        to ``candidates`` (``[C]`` shared, or ``[B, C]`` per user)."""
+        if candidates is None:
+            return profiles @ self.unit_semantic.T.to(profiles.dtype)
+        rows = self.unit_semantic[candidates.long()].to(profiles.dtype)
+        return profiles @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", profiles, rows)
+
     def full_scores(self, states: Tensor) -> Tensor:
         own, prof = self._split(states)
         scores = self.model.full_scores(own)
         if self.weight == 0:
             return scores
-        return scores + self.weight * (prof @ self.unit_semantic.T.to(prof.dtype)).to(scores.dtype)
+        return scores + self.weight * self.similarity(prof).to(scores.dtype)
 
     def score(self, states: Tensor, candidates: Tensor) -> Tensor:
         own, prof = self._split(states)
         scores = self.model.score(own, candidates)
         if self.weight == 0:
             return scores
-        rows = self.unit_semantic[candidates.long()].to(prof.dtype)
-        prior = prof @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", prof, rows)
-        return scores + self.weight * prior.to(scores.dtype)
+        return scores + self.weight * self.similarity(prof, candidates).to(scores.dtype)
 
 
 @dataclass(frozen=True)
@@ -275,17 +281,15 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
         for b in range(0, len(target_all), batch_size):
             seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
             states = model.user_state(seq, seq == 0)
-            if sampled:  # the candidates' scores, as the wrapped model's ``score`` computes them
-                cands = cands_all[b:b + batch_size].to(dev)
-                own = model.score(states, cands)
-                prior = {r: torch.einsum("bd,bcd->bc", pr.profile(seq, seq == 0), pr.unit_semantic[cands])
-                         for r, pr in priors.items()}
-                pop = log_pop[cands].to(own.dtype)
+            cands = cands_all[b:b + batch_size].to(dev) if sampled else None
+            # the scores as the wrapped model's ``score`` (sampled) or ``full_scores`` computes them
+            own = model.score(states, cands) if sampled else model.full_scores(states)
+            prior = {r: pr.similarity(pr.profile(seq, seq == 0), cands) for r, pr in priors.items()}
+            pop = (log_pop[cands] if sampled else log_pop).to(own.dtype)
+            if sampled:
                 first = torch.zeros(len(cands), dtype=torch.long, device=dev)
             else:
-                own = model.full_scores(states)
-                prior = {r: pr.profile(seq, seq == 0) @ pr.unit_semantic.T for r, pr in priors.items()}
-                pop, batch_history = log_pop.to(own.dtype), history[b:b + batch_size]
+                batch_history = history[b:b + batch_size]
             buffer = torch.empty_like(own)
             for (weight, recency), points in by_prior.items():
                 # the wrapped model's operations in its order (own + w * prior, then - beta * log_pop),
