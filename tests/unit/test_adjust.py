@@ -215,8 +215,9 @@ def test_choose_adjustment_on_the_sampled_protocol_matches_evaluate_and_can_choo
         res = evaluate(point.wrap(model, split, table), split, "valid", protocol="sampled", n_negatives=5, seed=3)
         assert value == pytest.approx(res.summary()["Overall"]["NDCG@10"], abs=1e-12), point
     assert values[best] == max(values.values())
-    full_best, full_values = choose_adjustment(model, split, table, **grid)
-    assert values != full_values  # a different ranking problem, not the full one relabelled
+    full_best, _ = choose_adjustment(model, split, table, **grid)
+    # another ranking problem: against a few random items the prior alone wins, over all items popularity
+    assert best == Adjustment(0.0, 3.0, 0.0) and full_best == Adjustment(0.5, 0.0, 0.0)
     _, other_seed = choose_adjustment(model, split, table, **grid, protocol="sampled", n_negatives=5, seed=4)
     assert other_seed != values
     with pytest.raises(ValueError, match="protocol must be"):
