@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
         res.to_json(runs / f"{key}.{protocol}.json")
         test[protocol] = res.summary()
     out = {"key": key, "run": record["key"], "variant": record["variant"], "seed": s2.seed,
-           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(grid).items()}, **dataclasses.asdict(best),
+           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(grid).items()},
+           **dataclasses.asdict(best),
            "valid_best": values[best], "valid_plain": values.get(Adjustment()),
            "valid": [{**dataclasses.asdict(p), "value": v} for p, v in values.items()],
            "test": test}
@@ -163,8 +165,7 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
              "|---|---|---|---|" + "---|" * (len(PROTOCOLS) * len(GROUPS))]
     raw: dict[str, Any] = {"rows": {}, "tests": []}
     for name, pairs in results.items():
-        plain_valid = mean([r["valid"]["Overall"]["NDCG@10"] if a.get("valid_plain") is None else a["valid_plain"]
-                            for r, a in pairs])
+        plain_valid = mean([_valid_plain(r, a) for r, a in pairs])
         adj_valid = mean([a["valid_best"] for _, a in pairs])
         cells, row_raw = [], {"seeds": [a["seed"] for _, a in pairs], "beta": [a["beta"] for _, a in pairs],
                               "weight": [a["weight"] for _, a in pairs], "recency": [a["recency"] for _, a in pairs],
@@ -191,6 +192,15 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
             raw["tests"].append({"comparison": label, "protocol": p, "group": g, "gain": gain, "p": pv})
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", raw
+
+
+def _valid_plain(record: dict, adjusted: dict) -> float:
+    """The unadjusted model's validation N@10 under the grid's protocol: the grid's own value when 0 is
+    in it (records before ``valid_plain`` existed were all full-ranking: the run's), else NaN for a
+    sampled grid, whose run records hold full-ranking validation only."""
+    if adjusted.get("valid_plain") is not None:
+        return adjusted["valid_plain"]
+    return record["valid"]["Overall"]["NDCG@10"] if adjusted["grid"].get("protocol", "full") == "full" else math.nan
 
 
 def _chosen(adjusted: dict) -> str:
