@@ -14,8 +14,10 @@ popularity with the prior (``<row> +prior``). Per-user results are cached beside
 ``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas``,
 ``--prior-weights``, ``--prior-recencies``, ``--logit-adjustments`` (runs trained with the
 logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)
-and ``--choose-on sampled`` (choose on the validation N@10 of the 100-sampled-negative protocol,
-the paper's, with validation negatives drawn from another seed than the test negatives)::
+``--choose-on sampled`` (choose on the validation N@10 of the 100-sampled-negative protocol,
+the paper's, with validation negatives drawn from another seed than the test negatives) and
+``--test-counts inputs`` (on test, the popularity term counts each user's validation item too,
+``SplitData.input_popularity``)::
 
     python -m benchmarks.bench_popadjust --dataset amazon_beauty --quick --cft-steps 200 --length-buckets 16 \\
         --seeds 0 --names "SASRec cos0.1" "SAID cos0.1" --prior-weights 0 2 4 --out runs/popadjust
@@ -43,9 +45,12 @@ from cfsr_head.io import atomic_write_json, read_json
 from llm_item_embed import ItemEmbeddings
 
 PROTOCOLS = ("full", "sampled")
+TEST_COUNTS = ("train", "inputs")
 GROUPS = ("Overall", "Tail item")
 PRIOR_SUFFIX = " +prior"
 _PROTOCOL_NAMES = {"full": "full-ranking", "sampled": "100-sampled-negative"}
+# Grid fields added after caches were written, with the default they had implicitly before
+_LATER_FIELDS = {"protocol": "full", "test_counts": "train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +61,24 @@ class Grid:
     weights: tuple[float, ...] = (0.0,)
     recencies: tuple[float, ...] = (0.0,)
     protocol: str = "full"  # the validation protocol the adjustment is chosen under
+    # the counts of the popularity term on test: "train" (those validation chose on) or "inputs"
+    # (``SplitData.input_popularity("test")``: the validation items counted too)
+    test_counts: str = "train"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.test_counts not in TEST_COUNTS:
+            raise ValueError(f"test_counts must be one of {TEST_COUNTS}, got {self.test_counts!r}")
 
     @property
     def tag(self) -> str:
-        """Names the cached results of this grid (``<run key>.<tag>``); a full-ranking grid keeps
-        the name it had before grids had a protocol."""
+        """Names the cached results of this grid (``<run key>.<tag>``); a field added after the first
+        caches were written is left out of the hash at its default, so those caches keep their names."""
         spec = dataclasses.asdict(self)
-        if self.protocol == "full":
-            del spec["protocol"]
+        for name, default in _LATER_FIELDS.items():
+            if spec[name] == default:
+                del spec[name]
         return "adj-" + rp.config_hash(spec)[:8]
 
     @property
@@ -99,7 +110,8 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
     head = row.load_head(study, runner, record)
     best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
                                      protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET)
-    adjusted = best.wrap(head, runner.split, semantic)
+    counts = runner.split.input_popularity("test") if grid.test_counts == "inputs" else None
+    adjusted = best.wrap(head, runner.split, semantic, popularity=counts)
     test = {}
     for protocol in PROTOCOLS:
         res = evaluate(adjusted, runner.split, split="test", protocol=protocol, seed=s2.seed)
@@ -125,7 +137,7 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) ->
     plain = {n: v for n, v in rows.items() if not v.popularity}
     for name in rows.keys() - plain.keys():
         print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
-    grids = {"": Grid(grid.betas, protocol=grid.protocol)}
+    grids = {"": dataclasses.replace(grid, weights=(0.0,), recencies=(0.0,))}
     semantic = None
     if grid.has_prior:
         grids[PRIOR_SUFFIX] = grid
@@ -219,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="SemanticPrior recencies (0 = the last item alone)")
     p.add_argument("--choose-on", choices=PROTOCOLS, default="full",
                    help="the validation protocol whose Overall N@10 chooses the adjustment (default full ranking)")
+    p.add_argument("--test-counts", choices=TEST_COUNTS, default="train",
+                   help="the counts of the popularity term on test: 'train' (those the adjustment was chosen "
+                        "on) or 'inputs' (the validation items counted too, SplitData.input_popularity)")
     p.add_argument("--logit-adjustments", nargs="+", type=float, default=None, metavar="TAU",
                    help="the rows' runs trained with each of these logit adjustments (0: the plain loss), "
                         "side by side in one report; rows of tau > 0 are named '<row> la<tau>'")
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
-    grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on)
+    grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
+                test_counts=a.test_counts)
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     results = popadjust_by_tau(study, rows, grid, taus)
     text, raw = report(study, results)
@@ -235,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Post-hoc adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
             f"chosen on validation ({_PROTOCOL_NAMES[grid.protocol]} N@10) from {list(grid.betas)}; test N@10, mean "
             f"over seeds.{prior}"
+            + (" On test the popularity term counts the validation items too (`--test-counts inputs`)."
+               if grid.test_counts == "inputs" else "")
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
                " tau); their plain column is that model's own scores." if any(taus) else "") + "\n\n" + text)
     print(text)

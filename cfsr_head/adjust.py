@@ -21,6 +21,13 @@ the popularity ``beta`` together on validation, in one pass over the validation 
 
 >>> adj, valid = choose_adjustment(model, split, semantic=table, betas=(0, 0.2), weights=(0, 2, 4))
 >>> result = evaluate(adj.wrap(model, split, table), split, "test")
+
+Validation is scored with training counts, which run up to every validation target. Test targets
+are one interaction later in every sequence, so training counts make them look rarer than the
+validation targets they were tuned on; ``SplitData.input_popularity("test")`` counts the validation
+items too and puts test on the validation targets' footing:
+
+>>> result = evaluate(adj.wrap(model, split, table, popularity=split.input_popularity("test")), split, "test")
 """
 from __future__ import annotations
 
@@ -215,15 +222,20 @@ class Adjustment:
     weight: float = 0.0
     recency: float = 0.0
 
-    def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None) -> nn.Module:
+    def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None,
+             popularity: Any = None) -> nn.Module:
         """``model`` with this adjustment: ``PopularityAdjusted(SemanticPrior(model, ...), ...)``,
-        leaving out a part whose strength is 0."""
+        leaving out a part whose strength is 0. ``popularity``: ``[N+1]`` counts for the popularity
+        term (default ``split_data.item_popularity``, the training counts ``choose_adjustment``
+        uses); ``split_data.input_popularity("test")`` counts the validation items too, as of the
+        test inputs."""
         if self.weight != 0:
             if semantic is None:
                 raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
             model = SemanticPrior(model, semantic, self.weight, self.recency)
         if self.beta != 0:
-            model = PopularityAdjusted(model, split_data.item_popularity, self.beta)
+            counts = split_data.item_popularity if popularity is None else popularity
+            model = PopularityAdjusted(model, counts, self.beta)
         return model
 
     def _strength(self) -> tuple:

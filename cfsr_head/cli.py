@@ -252,6 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
         if args.popularity_beta is not None:
             report["popularity_beta"] = adjustment.beta
+            report["popularity_counts"] = args.popularity_counts
         if args.semantic_prior is not None:
             report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency}
         atomic_write_json(args.json, _to_jsonable(report))
@@ -289,6 +290,9 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
         note = f", popularity beta {adjustment.beta}" + note
     if weight is not None:
         note = f", semantic prior weight {adjustment.weight} recency {adjustment.recency}" + note
+    if adjustment.beta != 0 and args.popularity_counts == "inputs":
+        note += f", popularity counted over the {args.split} inputs"
+        return adjustment.wrap(model, split, semantic, popularity=split.input_popularity(args.split)), note, adjustment
     return adjustment.wrap(model, split, semantic), note, adjustment
 
 
@@ -400,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
                         "adjustment); 'auto' chooses BETA on the validation split, under --protocol, from "
                         "0, 0.1, ..., 1 (beyond the paper)")
+    e.add_argument("--popularity-counts", choices=("train", "inputs"), default="train",
+                   help="with --popularity-beta: the counts on the evaluated split, 'train' (the training "
+                        "part, which 'auto' chooses on) or 'inputs' (everything before the split's targets: "
+                        "on test the validation items too, SplitData.input_popularity)")
     e.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
                    help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "
                         "(cfsr_head.SemanticPrior); 'auto' chooses WEIGHT on the validation split from 0, 0.5, "

@@ -83,15 +83,17 @@ def main() -> None:
 
     results = {"Popularity": evaluate(PopularityModel.from_split(split), split, split="test")}
     # ID-only SASRec; the paper's head (cross-attention between the views); the same head with the
-    # views fused only in the concatenated scores ("w/o Cro", the stronger form in docs/results)
-    heads = {"SASRec": dict(num_items=split.num_items, use_semantic=False, collab_init="random"),
-             "LLM-CFSR": dict(semantic=semantic), "LLM-CFSR w/o Cro": dict(semantic=semantic, fusion="concat")}
-    for name, head in heads.items():
+    # views fused only in the concatenated scores ("w/o Cro", the stronger form in docs/results);
+    # each with its checkpoint folder under the workdir
+    heads = {"SASRec": ("sasrec", dict(num_items=split.num_items, use_semantic=False, collab_init="random")),
+             "LLM-CFSR": ("llm_cfsr", dict(semantic=semantic)),
+             "LLM-CFSR w/o Cro": ("llm_cfsr_concat", dict(semantic=semantic, fusion="concat"))}
+    for name, (folder_name, head) in heads.items():
         torch.manual_seed(args.seed)  # the initial weights; Trainer seeds everything after them
         encoder = SASRecEncoder(d=64, n_layers=2, n_heads=4, max_len=50, dropout=0.2)
         model = DualViewHead(encoder=encoder, d=64, **head)
         config = TrainConfig(loss="ce", epochs=args.epochs, patience=5, max_len=50, seed=args.seed,
-                             output_dir=str(workdir / name.replace(" ", "_").replace("/", "")))
+                             output_dir=str(workdir / folder_name))
         t0 = time.time()
         Trainer(model, split, config).fit()
         print(f"[stage 2] {name}: trained in {time.time() - t0:.0f} s")

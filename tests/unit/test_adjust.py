@@ -249,6 +249,12 @@ def test_adjustment_ties_go_to_the_weakest_point_and_wrap_composes_both_parts():
     assert isinstance(both, PopularityAdjusted) and isinstance(both.model, SemanticPrior)
     assert both.model.weight == 2.0 and both.model.recency == 0.3 and both.beta == 0.5
     assert Adjustment().wrap(model, split) is model
+    # the popularity term's counts: training counts by default, or the ones given (as of the test inputs)
+    assert torch.equal(both.log_popularity, torch.log1p(torch.as_tensor(split.item_popularity, dtype=torch.float32)))
+    fresher = Adjustment(beta=0.5).wrap(model, split, popularity=split.input_popularity("test"))
+    assert torch.equal(fresher.log_popularity,
+                       torch.log1p(torch.as_tensor(split.input_popularity("test"), dtype=torch.float32)))
+    assert not torch.equal(fresher.log_popularity, both.log_popularity)
 
 
 def test_semantic_prior_bad_inputs_are_named():

@@ -170,6 +170,16 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
     assert reports["0.7"]["summary"]["Overall"] == pytest.approx(expected["Overall"])
     beta, _ = choose_popularity_beta(model, split, max_len=10)
     assert reports["auto"]["popularity_beta"] == beta
+    # --popularity-counts inputs: on test the counts include every user's validation item
+    report = tmp_path / "eval_inputs.json"
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "0.7",
+                 "--popularity-counts", "inputs", "--json", str(report)]) == 0
+    assert "popularity counted over the test inputs" in capsys.readouterr().out
+    got = json.loads(report.read_text())
+    expected = evaluate(PopularityAdjusted(model, split.input_popularity("test"), 0.7), split, "test",
+                        max_len=10).summary()
+    assert got["popularity_counts"] == "inputs" and reports["0.7"]["popularity_counts"] == "train"
+    assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
     with pytest.raises(SystemExit):
         main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "strong"])
     with pytest.raises(SystemExit):

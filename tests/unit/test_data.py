@@ -170,6 +170,12 @@ def test_leave_one_out_by_hand(toy_split):
     np.testing.assert_array_equal(s.sequences, [[a, b, c, d, e], [0, 0, b, c, a]])
     # popularity from the training parts only: u1 a b c, u2 b
     assert s.item_popularity.tolist() == [0, 1, 2, 1, 0, 0]
+    # counts over each split's inputs: validation = training; test adds the validation items d (u1), c (u2)
+    assert s.input_popularity("valid").tolist() == [0, 1, 2, 1, 0, 0]
+    assert s.input_popularity("test").tolist() == [0, 1, 2, 2, 1, 0]
+    assert s.item_popularity.tolist() == [0, 1, 2, 1, 0, 0]  # left as it was
+    with pytest.raises(ValueError, match="'train'"):
+        s.input_popularity("train")
     seq, tgt, users = s.eval_inputs("valid")
     assert seq.dtype == torch.int64 and tgt.tolist() == [d, c] and users.tolist() == ["u1", "u2"]
     assert seq.tolist() == [[0, a, b, c], [0, 0, 0, b]]

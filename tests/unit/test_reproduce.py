@@ -219,6 +219,27 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{sampled_grid.tag}*.json")))
     with pytest.raises(ValueError, match="protocol must be"):
         bench_popadjust.Grid(protocol="both")
+    # --test-counts inputs: the same choice on validation (training counts), test scored with the
+    # counts as of the test inputs (validation items included); beta 0.5 alone forces a popularity term
+    from cfsr_head import PopularityAdjusted, evaluate
+
+    forced = bench_popadjust.Grid(betas=(0.5,))
+    fresher = dataclasses.replace(forced, test_counts="inputs")
+    assert len({forced.tag, fresher.tag, grid.tag}) == 3
+    (rec, on_train), = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, forced)["w/o Cro"]
+    (_, on_inputs), = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, fresher)["w/o Cro"]
+    assert on_inputs["valid"] == on_train["valid"] and on_inputs["grid"]["test_counts"] == "inputs"
+    runner = rp.Runner(dataclasses.replace(study, report_only=True))
+    row = next(r for r in bench_popadjust.cached_rows(study, runner, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, "t"))
+    head = row.load_head(study, runner, rec)
+    for counts, adj in ((runner.split.item_popularity, on_train), (runner.split.input_popularity("test"), on_inputs)):
+        expected = evaluate(PopularityAdjusted(head, counts, 0.5), runner.split, "test").summary()
+        assert adj["test"]["full"]["Overall"] == pytest.approx(expected["Overall"])
+    assert on_inputs["test"]["full"] != on_train["test"]["full"]
+    with pytest.raises(ValueError, match="test_counts must be"):
+        bench_popadjust.Grid(test_counts="valid")
+    for g in (forced, fresher):
+        n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{g.tag}*.json")))
     # runs trained with the logit-adjusted loss have their own keys, and bench_popadjust puts them
     # beside the plain runs under "<row> la<tau>"
     la_study = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=0.5),
