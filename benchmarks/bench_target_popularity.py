@@ -8,7 +8,9 @@ targets are rarer in training than the validation targets, so a popularity prior
 adjustment) tuned on validation is tuned for a more popular target than test asks for. This prints
 the mean log(1 + training count) of the targets, their median count, the share with at most 5
 training interactions and the share in the tail-item group (``GroupSpec``: outside the 20% most
-popular items), for both splits and as test / validation ratios. Nothing is trained.
+popular items), for both splits and as test / validation ratios; and the test targets once more on
+counts over the test inputs (``SplitData.input_popularity("test")``: the validation items added),
+which count up to the target as the training counts do for validation. Nothing is trained.
 """
 from __future__ import annotations
 
@@ -20,14 +22,21 @@ from cfsr_head import GroupSpec, leave_one_out, load_dataset
 
 
 def target_popularity(split) -> dict[str, dict[str, float]]:
-    """``{"valid" | "test": {statistic: value}}`` over every user's target of that split."""
-    counts = np.asarray(split.item_popularity)
+    """``{"valid" | "test" | "test, input counts": {statistic: value}}`` over every user's target of
+    that split: counted in the training part (``item_popularity``), and for test also in the test
+    inputs (``input_popularity("test")``: the validation items added), which counts up to the
+    target's position as the training part does for validation. The tail-item share always uses
+    the evaluation's groups (training counts)."""
+    train = np.asarray(split.item_popularity)
     tail_threshold, _ = GroupSpec().thresholds(split)
     out = {}
-    for name in ("valid", "test"):
-        c = counts[split.targets(name)]
+    for name, split_name, counts in (("valid", "valid", train), ("test", "test", train),
+                                     ("test, input counts", "test", np.asarray(split.input_popularity("test")))):
+        targets = split.targets(split_name)
+        c = counts[targets]
         out[name] = {"mean log(1 + count)": float(np.log1p(c).mean()), "median count": float(np.median(c)),
-                     "share count <= 5": float((c <= 5).mean()), "share tail item": float((c < tail_threshold).mean())}
+                     "share count <= 5": float((c <= 5).mean()),
+                     "share tail item": float((train[targets] < tail_threshold).mean())}
     return out
 
 
@@ -36,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=["amazon_beauty", "amazon_scientific", "ml-100k"],
                    help="dataset folders, or names under CFSR_DATA_DIR")
     a = p.parse_args(argv)
-    print("| dataset | statistic | validation targets | test targets | test / validation |")
-    print("|---|---|---|---|---|")
+    print("| dataset | statistic | validation targets | test targets | test / validation | test targets, "
+          "counts over the test inputs | that / validation |")
+    print("|---|---|---|---|---|---|---|")
     for name in a.datasets:
         split = leave_one_out(load_dataset(name))
         stats = target_popularity(split)
         for key in stats["valid"]:
-            v, t = stats["valid"][key], stats["test"][key]
-            ratio = f"{t / v:.3f}" if v else "-"
-            print(f"| {name} | {key} | {v:.3f} | {t:.3f} | {ratio} |")
+            v, t, ti = stats["valid"][key], stats["test"][key], stats["test, input counts"][key]
+            ratio = lambda x: f"{x / v:.3f}" if v else "-"  # noqa: E731
+            print(f"| {name} | {key} | {v:.3f} | {t:.3f} | {ratio(t)} | {ti:.3f} | {ratio(ti)} |")
     return 0
 
 
