@@ -108,8 +108,15 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
         return read_json(cache)
     s2 = rp.Stage2(**record["stage2"])
     head = row.load_head(study, runner, record)
-    best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
-                                     protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET)
+    # the choice on validation does not depend on the test counts: reuse a cached one
+    on_train = runs / f"{record['key']}.{dataclasses.replace(grid, test_counts='train').tag}.json"
+    if grid.test_counts != "train" and on_train.exists():
+        chosen = read_json(on_train)
+        best = Adjustment(chosen["beta"], chosen["weight"], chosen["recency"])
+        values = {Adjustment(p["beta"], p["weight"], p["recency"]): p["value"] for p in chosen["valid"]}
+    else:
+        best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
+                                         protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET)
     counts = runner.split.input_popularity("test") if grid.test_counts == "inputs" else None
     adjusted = best.wrap(head, runner.split, semantic, popularity=counts)
     test = {}

@@ -227,7 +227,9 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     fresher = dataclasses.replace(forced, test_counts="inputs")
     assert len({forced.tag, fresher.tag, grid.tag}) == 3
     (rec, on_train), = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, forced)["w/o Cro"]
+    monkeypatch.setattr(bench_popadjust, "choose_adjustment", no_training)  # the choice is read from on_train's cache
     (_, on_inputs), = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, fresher)["w/o Cro"]
+    monkeypatch.setattr(bench_popadjust, "choose_adjustment", real_choose)
     assert on_inputs["valid"] == on_train["valid"] and on_inputs["grid"]["test_counts"] == "inputs"
     runner = rp.Runner(dataclasses.replace(study, report_only=True))
     row = next(r for r in bench_popadjust.cached_rows(study, runner, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, "t"))
