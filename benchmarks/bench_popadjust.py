@@ -173,9 +173,12 @@ def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
     return results
 
 
-def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tuple[str, dict]:
+def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]],
+           train_counts: dict[str, list[tuple[dict, dict]]] | None = None) -> tuple[str, dict]:
     """Markdown (plain and adjusted test N@10 per row, mean over seeds; paired t-tests between rows
-    on the adjusted results and of each row's adjusted against its plain results) and its raw data."""
+    on the adjusted results and of each row's adjusted against its plain results) and its raw data.
+    ``train_counts``: the same rows adjusted with training counts on test, for a grid of
+    ``test_counts="inputs"``; each row is then also tested against its twin."""
     def mean(values: list[float]) -> float:
         return float(np.mean(values))
 
@@ -201,6 +204,8 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]]) -> tupl
               "| comparison | " + " | ".join(f"{p} {g}" for p in PROTOCOLS for g in GROUPS) + " |",
               "|---|" + "---|" * (len(PROTOCOLS) * len(GROUPS))]
     comparisons = [(f"{n} adjusted vs plain", [a for _, a in v], [r for r, _ in v]) for n, v in results.items()]
+    comparisons += [(f"{n} input counts vs training counts", [a for _, a in v], [a for _, a in train_counts[n]])
+                    for n, v in results.items() if train_counts and n in train_counts]
     comparisons += [(f"{a} vs {b} (both adjusted)", [x for _, x in results[a]], [x for _, x in results[b]])
                     for a, b in itertools.combinations(results, 2)]
     for label, first, second in comparisons:
@@ -250,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                 test_counts=a.test_counts)
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     results = popadjust_by_tau(study, rows, grid, taus)
-    text, raw = report(study, results)
+    # with input counts, each row against the same choice scored with training counts (its twin grid, cached
+    # or computed here; the choice is shared, so only test is evaluated twice)
+    twins = (popadjust_by_tau(study, rows, dataclasses.replace(grid, test_counts="train"), taus)
+             if grid.test_counts == "inputs" else None)
+    text, raw = report(study, results, twins)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
              f"from {list(grid.weights)} and recency from {list(grid.recencies)} chosen with beta."

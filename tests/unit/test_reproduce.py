@@ -238,6 +238,9 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
         expected = evaluate(PopularityAdjusted(head, counts, 0.5), runner.split, "test").summary()
         assert adj["test"]["full"]["Overall"] == pytest.approx(expected["Overall"])
     assert on_inputs["test"]["full"] != on_train["test"]["full"]
+    text, raw = bench_popadjust.report(study, {"w/o Cro": [(rec, on_inputs)]}, {"w/o Cro": [(rec, on_train)]})
+    assert "| w/o Cro input counts vs training counts |" in text
+    assert any(t["comparison"] == "w/o Cro input counts vs training counts" for t in raw["tests"])
     with pytest.raises(ValueError, match="test_counts must be"):
         bench_popadjust.Grid(test_counts="valid")
     for g in (forced, fresher):
