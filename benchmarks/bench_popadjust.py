@@ -254,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
                 test_counts=a.test_counts)
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
-    results = popadjust_by_tau(study, rows, grid, taus)
-    # with input counts, each row against the same choice scored with training counts (its twin grid, cached
-    # or computed here; the choice is shared, so only test is evaluated twice)
+    # with input counts, each row against the same choice scored with training counts: its twin grid, cached or
+    # computed first, so that the input-count grid reuses its choice and only test is evaluated twice
     twins = (popadjust_by_tau(study, rows, dataclasses.replace(grid, test_counts="train"), taus)
              if grid.test_counts == "inputs" else None)
+    results = popadjust_by_tau(study, rows, grid, taus)
     text, raw = report(study, results, twins)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
