@@ -75,11 +75,7 @@ class Grid:
     def tag(self) -> str:
         """Names the cached results of this grid (``<run key>.<tag>``); a field added after the first
         caches were written is left out of the hash at its default, so those caches keep their names."""
-        spec = dataclasses.asdict(self)
-        for name, default in _LATER_FIELDS.items():
-            if spec[name] == default:
-                del spec[name]
-        return "adj-" + rp.config_hash(spec)[:8]
+        return "adj-" + rp.config_hash(rp._key_fields(self, _LATER_FIELDS))[:8]
 
     @property
     def has_prior(self) -> bool:

@@ -10,7 +10,8 @@ the mean log(1 + training count) of the targets, their median count, the share w
 training interactions and the share in the tail-item group (``GroupSpec``: outside the 20% most
 popular items), for both splits and as test / validation ratios; and the test targets once more on
 counts over the test inputs (``SplitData.input_popularity("test")``: the validation items added),
-which count up to the target as the training counts do for validation. Nothing is trained.
+which count up to the target as the training counts do for validation. The last statistic is the
+full-ranking N@10 of the popularity model scored with each of those counts. Nothing is trained.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from cfsr_head import GroupSpec, leave_one_out, load_dataset
+from cfsr_head import GroupSpec, PopularityModel, evaluate, leave_one_out, load_dataset
 
 
 def target_popularity(split) -> dict[str, dict[str, float]]:
@@ -40,6 +41,15 @@ def target_popularity(split) -> dict[str, dict[str, float]]:
     return out
 
 
+def popularity_model_ndcg(split) -> dict[str, float]:
+    """Full-ranking N@10 of the popularity model on the keys of ``target_popularity``: scored with
+    training counts on validation and test, and with counts over the test inputs on test."""
+    models = {"valid": ("valid", split.item_popularity), "test": ("test", split.item_popularity),
+              "test, input counts": ("test", split.input_popularity("test"))}
+    return {name: float(evaluate(PopularityModel(popularity=counts), split, split=which, groups=None)
+                        .summary()["Overall"]["NDCG@10"]) for name, (which, counts) in models.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["amazon_beauty", "amazon_scientific", "ml-100k"],
@@ -51,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.datasets:
         split = leave_one_out(load_dataset(name))
         stats = target_popularity(split)
+        for key, value in popularity_model_ndcg(split).items():
+            stats[key]["popularity model N@10"] = value
         for key in stats["valid"]:
             v, t, ti = stats["valid"][key], stats["test"][key], stats["test, input counts"][key]
-            ratio = lambda x: f"{x / v:.3f}" if v else "-"  # noqa: E731
-            print(f"| {name} | {key} | {v:.3f} | {t:.3f} | {ratio(t)} | {ti:.3f} | {ratio(ti)} |")
+            ratios = [f"{x / v:.3f}" if v else "-" for x in (t, ti)]
+            print(f"| {name} | {key} | {v:.4f} | {t:.4f} | {ratios[0]} | {ti:.4f} | {ratios[1]} |")
     return 0
 
 

@@ -222,6 +222,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import atomic_write_json, read_json
 
     model_dir = Path(args.model)
+    if args.popularity_counts != "train" and args.popularity_beta is None:
+        raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
+                       "popularity term to count for)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
                        "expected; write one with `cfsr train`)")
@@ -290,10 +293,12 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
         note = f", popularity beta {adjustment.beta}" + note
     if weight is not None:
         note = f", semantic prior weight {adjustment.weight} recency {adjustment.recency}" + note
-    if adjustment.beta != 0 and args.popularity_counts == "inputs":
-        note += f", popularity counted over the {args.split} inputs"
-        return adjustment.wrap(model, split, semantic, popularity=split.input_popularity(args.split)), note, adjustment
-    return adjustment.wrap(model, split, semantic), note, adjustment
+    counts = None
+    if args.popularity_counts == "inputs":
+        counts = split.input_popularity(args.split)
+        if adjustment.beta != 0:
+            note += f", popularity counted over the {args.split} inputs"
+    return adjustment.wrap(model, split, semantic, popularity=counts), note, adjustment
 
 
 # ---------------------------------------------------------------------------------- parser

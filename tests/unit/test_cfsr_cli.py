@@ -180,6 +180,9 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
                         max_len=10).summary()
     assert got["popularity_counts"] == "inputs" and reports["0.7"]["popularity_counts"] == "train"
     assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
+    # counts without a popularity term would be ignored: refused, naming the missing option
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-counts", "inputs"]) == 2
+    assert "needs --popularity-beta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "strong"])
     with pytest.raises(SystemExit):

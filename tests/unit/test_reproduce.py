@@ -670,6 +670,13 @@ def test_target_popularity_compares_validation_and_test_targets_by_training_coun
     assert stats["test"]["share count <= 5"] == pytest.approx((test <= 5).mean())
     assert stats["valid"]["mean log(1 + count)"] > stats["test"]["mean log(1 + count)"]
     assert 0.0 <= stats["valid"]["share tail item"] < stats["test"]["share tail item"] <= 1.0
+    # counted over the test inputs: the training counts plus every user's validation item
+    with_valid = train.add(pd.Series([seq[-2] for seq in users.values()]).value_counts(), fill_value=0)
+    fresh = np.array([int(with_valid.get(seq[-1], 0)) for seq in users.values()])
+    inputs = stats["test, input counts"]
+    assert inputs["mean log(1 + count)"] == pytest.approx(np.log1p(fresh).mean())
+    assert inputs["median count"] == np.median(fresh) and inputs["share count <= 5"] == pytest.approx((fresh <= 5).mean())
+    assert inputs["share tail item"] == stats["test"]["share tail item"]  # groups stay on training counts
 
 
 def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path):
