@@ -12,7 +12,8 @@ grid, baselines included. With ``--prior-weights`` each row appears twice: popul
 popularity with the prior (``<row> +prior``). Per-user results are cached beside the run
 (``<key>.adj-<grid hash>.*.json``), so a second call only reads them. Options are those of
 ``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas``,
-``--prior-weights``, ``--prior-recencies``, ``--logit-adjustments`` (runs trained with the
+``--prior-weights``, ``--prior-recencies``, ``--prior-tail-exponents`` (the prior's weight for item i
+times ``(1 + count_i) ** -gamma`` over the geometric mean), ``--logit-adjustments`` (runs trained with the
 logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)
 ``--choose-on sampled`` (choose on the validation N@10 of the 100-sampled-negative protocol,
 the paper's, with validation negatives drawn from another seed than the test negatives) and
@@ -50,7 +51,7 @@ GROUPS = ("Overall", "Tail item")
 PRIOR_SUFFIX = " +prior"
 _PROTOCOL_NAMES = {"full": "full-ranking", "sampled": "100-sampled-negative"}
 # Grid fields added after caches were written, with the default they had implicitly before
-_LATER_FIELDS = {"protocol": "full", "test_counts": "train"}
+_LATER_FIELDS = {"protocol": "full", "test_counts": "train", "tail_exponents": (0.0,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Grid:
     # the counts of the popularity term on test: "train" (those validation chose on) or "inputs"
     # (``SplitData.input_popularity("test")``: the validation items counted too)
     test_counts: str = "train"
+    # SemanticPrior tail exponents: the prior's weight for item i scales as (1 + count_i) ** -gamma
+    tail_exponents: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -108,11 +111,12 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
     on_train = runs / f"{record['key']}.{dataclasses.replace(grid, test_counts='train').tag}.json"
     if grid.test_counts != "train" and on_train.exists():
         chosen = read_json(on_train)
-        best = Adjustment(chosen["beta"], chosen["weight"], chosen["recency"])
-        values = {Adjustment(p["beta"], p["weight"], p["recency"]): p["value"] for p in chosen["valid"]}
+        best = _adjustment(chosen)
+        values = {_adjustment(p): p["value"] for p in chosen["valid"]}
     else:
         best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
-                                         protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET)
+                                         protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET,
+                                         tail_exponents=grid.tail_exponents)
     counts = runner.split.input_popularity("test") if grid.test_counts == "inputs" else None
     adjusted = best.wrap(head, runner.split, semantic, popularity=counts)
     test = {}
@@ -140,7 +144,7 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) ->
     plain = {n: v for n, v in rows.items() if not v.popularity}
     for name in rows.keys() - plain.keys():
         print(f"[popadjust] {name!r} is the popularity model itself; skipped", file=sys.stderr)
-    grids = {"": dataclasses.replace(grid, weights=(0.0,), recencies=(0.0,))}
+    grids = {"": dataclasses.replace(grid, weights=(0.0,), recencies=(0.0,), tail_exponents=(0.0,))}
     semantic = None
     if grid.has_prior:
         grids[PRIOR_SUFFIX] = grid
@@ -187,6 +191,7 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]],
         adj_valid = mean([a["valid_best"] for _, a in pairs])
         cells, row_raw = [], {"seeds": [a["seed"] for _, a in pairs], "beta": [a["beta"] for _, a in pairs],
                               "weight": [a["weight"] for _, a in pairs], "recency": [a["recency"] for _, a in pairs],
+                              "tail_exponent": [a.get("tail_exponent", 0.0) for _, a in pairs],
                               "valid": [plain_valid, adj_valid], "test": {}}
         for p, g in itertools.product(PROTOCOLS, GROUPS):
             before = mean([r["test"][p][g]["NDCG@10"] for r, _ in pairs])
@@ -223,10 +228,17 @@ def _valid_plain(record: dict, adjusted: dict) -> float:
     return record["valid"]["Overall"]["NDCG@10"] if adjusted["grid"].get("protocol", "full") == "full" else math.nan
 
 
+def _adjustment(record: dict) -> Adjustment:
+    """The ``Adjustment`` of a cached record (records before the tail exponent have none: 0)."""
+    return Adjustment(record["beta"], record["weight"], record["recency"], record.get("tail_exponent", 0.0))
+
+
 def _chosen(adjusted: dict) -> str:
     if adjusted["weight"] == 0:
         return f"{adjusted['beta']:g}"
-    return f"{adjusted['beta']:g} ({adjusted['weight']:g}, {adjusted['recency']:g})"
+    gamma = adjusted.get("tail_exponent", 0.0)
+    return (f"{adjusted['beta']:g} ({adjusted['weight']:g}, {adjusted['recency']:g}"
+            + (f", gamma {gamma:g})" if gamma else ")"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="SemanticPrior weights (0 = none); any other value adds a '<row> +prior' row per row")
     p.add_argument("--prior-recencies", nargs="+", type=float, default=[0.0], metavar="R",
                    help="SemanticPrior recencies (0 = the last item alone)")
+    p.add_argument("--prior-tail-exponents", nargs="+", type=float, default=[0.0], metavar="GAMMA",
+                   help="SemanticPrior tail exponents (0 = every item alike): item i's prior weight scales as "
+                        "(1 + training count_i) ** -GAMMA")
     p.add_argument("--choose-on", choices=PROTOCOLS, default="full",
                    help="the validation protocol whose Overall N@10 chooses the adjustment (default full ranking)")
     p.add_argument("--test-counts", choices=TEST_COUNTS, default="train",
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
     grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
-                test_counts=a.test_counts)
+                test_counts=a.test_counts, tail_exponents=tuple(sorted(set(a.prior_tail_exponents))))
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     # with input counts, each row against the same choice scored with training counts: its twin grid, cached or
     # computed first, so that the input-count grid reuses its choice and only test is evaluated twice
@@ -258,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     text, raw = report(study, results, twins)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
-             f"from {list(grid.weights)} and recency from {list(grid.recencies)} chosen with beta."
+             f"from {list(grid.weights)}, recency from {list(grid.recencies)}"
+             + (f" and tail exponent gamma from {list(grid.tail_exponents)} (item i's weight times "
+                "(1 + count_i) ** -gamma over the geometric mean)" if grid.tail_exponents != (0.0,) else "")
+             + " chosen with beta."
              if grid.has_prior else "")
     text = (f"# Post-hoc adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
             f"chosen on validation ({_PROTOCOL_NAMES[grid.protocol]} N@10) from {list(grid.betas)}; test N@10, mean "

@@ -22,6 +22,12 @@ the popularity ``beta`` together on validation, in one pass over the validation 
 >>> adj, valid = choose_adjustment(model, split, semantic=table, betas=(0, 0.2), weights=(0, 2, 4))
 >>> result = evaluate(adj.wrap(model, split, table), split, "test")
 
+A model knows a frequent item from its interactions and a rare one hardly at all, so the prior can
+weigh rare items more: ``tail_exponents`` adds the exponent gamma of a per-item factor
+``(1 + count_i) ** -gamma`` (relative to the geometric-mean count) to the grid:
+
+>>> adj, valid = choose_adjustment(model, split, table, weights=(0, 0.5, 1, 2), tail_exponents=(0, 0.5, 1))
+
 Validation is scored with training counts, which run up to every validation target. Test targets
 are one interaction later in every sequence, so training counts make them look rarer than the
 validation targets they were tuned on; ``SplitData.input_popularity("test")`` counts the validation
@@ -50,6 +56,8 @@ DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 VALID_NEGATIVES_SEED_OFFSET = 10_000
 # SemanticPrior weights on the scale of the model's scores (a cosine head with temperature 0.1 scores in [-10, 10])
 DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+# SemanticPrior tail exponents: 0 weighs every item alike, 1 gives an item 10x rarer 10x the weight
+DEFAULT_TAIL_EXPONENTS = (0.0, 0.5, 1.0, 2.0)
 
 
 def log_popularity(popularity: Any, num_items: int) -> Tensor:
@@ -66,6 +74,15 @@ def log_popularity(popularity: Any, num_items: int) -> Tensor:
     log_pop = np.log1p(np.clip(counts, 0, None))
     log_pop[0] = 0.0
     return torch.as_tensor(log_pop, dtype=torch.float32)
+
+
+def prior_item_scale(popularity: Any, num_items: int, tail_exponent: float) -> Tensor:
+    """``[N+1]`` per-item factors of ``SemanticPrior``'s weight: ``exp(-tail_exponent * (log(1 + count_i)
+    - mean_j log(1 + count_j)))`` over items 1..N (1 at the geometric-mean count; index 0, padding, is 0)."""
+    log_pop = log_popularity(popularity, num_items)
+    scale = torch.exp(-float(tail_exponent) * (log_pop - log_pop[1:].mean()))
+    scale[0] = 0.0
+    return scale
 
 
 class PopularityAdjusted(nn.Module):
@@ -144,9 +161,17 @@ class SemanticPrior(nn.Module):
     ``.matrix``, a tensor or an array, as ``DualViewHead`` takes it; ``align_semantic`` builds it);
     a zero row leaves that item without a prior. Follows the model protocol, so ``evaluate`` takes
     it as it takes the model; its states are ``[model state : p_u]`` and ``state_dict`` holds the
-    wrapped model under ``model.``. ``weight=0`` gives the model's own scores."""
+    wrapped model under ``model.``. ``weight=0`` gives the model's own scores.
 
-    def __init__(self, model: nn.Module, semantic: Any, weight: float, recency: float = 0.0) -> None:
+    ``tail_exponent`` (gamma, with ``popularity``, ``[N+1]`` counts as ``PopularityAdjusted`` takes
+    them) gives rare items more of the prior: item i's weight is
+    ``weight * exp(-gamma * (log(1 + count_i) - mean_j log(1 + count_j)))``, i.e. proportional to
+    ``(1 + count_i) ** -gamma`` and equal to ``weight`` at the geometric-mean count. A model knows a
+    frequent item from its interactions; for a rare one the semantic neighbourhood is most of the
+    evidence there is. ``tail_exponent=0`` (the default) weighs every item alike."""
+
+    def __init__(self, model: nn.Module, semantic: Any, weight: float, recency: float = 0.0,
+                 popularity: Any = None, tail_exponent: float = 0.0) -> None:
         super().__init__()
         from .head import _semantic_matrix
 
@@ -154,14 +179,21 @@ class SemanticPrior(nn.Module):
             raise ValueError(f"weight must be a finite number, got {weight!r}")
         if not 0.0 <= recency <= 1.0:
             raise ValueError(f"recency must be in [0, 1], got {recency!r}")
+        if not math.isfinite(tail_exponent):
+            raise ValueError(f"tail_exponent must be a finite number, got {tail_exponent!r}")
+        if tail_exponent != 0 and popularity is None:
+            raise ValueError("tail_exponent != 0 needs the items' counts (popularity=...)")
         table, _ = _semantic_matrix(semantic)
         n = int(getattr(model, "num_items"))
         if table.shape[0] != n:
             raise ValueError(f"semantic table has {table.shape[0]} rows but the model has num_items={n}; it must "
                              "have one row per item 1..N in index order (align_semantic builds it)")
         self.model, self.weight, self.recency = model, float(weight), float(recency)
+        self.tail_exponent = float(tail_exponent)
         unit = F.normalize(table, dim=1)
         self.register_buffer("unit_semantic", torch.cat([unit.new_zeros(1, unit.shape[1]), unit]))
+        self.register_buffer("item_scale", prior_item_scale(popularity, n, self.tail_exponent)
+                             if popularity is not None else torch.ones(n + 1))
         self.max_len = _model_max_len(model)
 
     @property
@@ -198,49 +230,62 @@ class SemanticPrior(nn.Module):
         rows = self.unit_semantic[candidates.long()].to(profiles.dtype)
         return profiles @ rows.T if candidates.ndim == 1 else torch.einsum("bd,bcd->bc", profiles, rows)
 
+    def prior(self, profiles: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """``similarity`` times each item's ``item_scale`` (all ones without a ``tail_exponent``):
+        the prior before ``weight``."""
+        sim = self.similarity(profiles, candidates)
+        if self.tail_exponent == 0:
+            return sim
+        scale = self.item_scale.to(sim.dtype)
+        return sim * (scale if candidates is None else scale[candidates.long()])
+
     def full_scores(self, states: Tensor) -> Tensor:
         own, prof = self._split(states)
         scores = self.model.full_scores(own)
         if self.weight == 0:
             return scores
-        return scores + self.weight * self.similarity(prof).to(scores.dtype)
+        return scores + self.weight * self.prior(prof).to(scores.dtype)
 
     def score(self, states: Tensor, candidates: Tensor) -> Tensor:
         own, prof = self._split(states)
         scores = self.model.score(own, candidates)
         if self.weight == 0:
             return scores
-        return scores + self.weight * self.similarity(prof, candidates).to(scores.dtype)
+        return scores + self.weight * self.prior(prof, candidates).to(scores.dtype)
 
 
 @dataclass(frozen=True)
 class Adjustment:
     """One point of ``choose_adjustment``'s grid: popularity ``beta`` and the ``SemanticPrior``'s
-    ``weight`` and ``recency``."""
+    ``weight``, ``recency`` and ``tail_exponent``."""
 
     beta: float = 0.0
     weight: float = 0.0
     recency: float = 0.0
+    tail_exponent: float = 0.0
 
     def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None,
              popularity: Any = None) -> nn.Module:
         """``model`` with this adjustment: ``PopularityAdjusted(SemanticPrior(model, ...), ...)``,
         leaving out a part whose strength is 0. ``popularity``: ``[N+1]`` counts for the popularity
-        term (default ``split_data.item_popularity``, the training counts ``choose_adjustment``
-        uses); ``split_data.input_popularity("test")`` counts the validation items too, as of the
-        test inputs."""
+        term and the prior's ``tail_exponent`` (default ``split_data.item_popularity``, the training
+        counts ``choose_adjustment`` uses); ``split_data.input_popularity("test")`` counts the
+        validation items too, as of the test inputs."""
+        counts = split_data.item_popularity if popularity is None else popularity
         if self.weight != 0:
             if semantic is None:
                 raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
-            model = SemanticPrior(model, semantic, self.weight, self.recency)
+            model = SemanticPrior(model, semantic, self.weight, self.recency,
+                                  popularity=counts if self.tail_exponent != 0 else None,
+                                  tail_exponent=self.tail_exponent)
         if self.beta != 0:
-            counts = split_data.item_popularity if popularity is None else popularity
             model = PopularityAdjusted(model, counts, self.beta)
         return model
 
     def _strength(self) -> tuple:
         """Orders points from the weakest adjustment up (ties of ``choose_adjustment``)."""
-        return (abs(self.weight), abs(self.beta), self.recency, self.beta, self.weight)
+        return (abs(self.weight), abs(self.beta), self.recency, abs(self.tail_exponent), self.beta, self.weight,
+                self.tail_exponent)
 
 
 @torch.no_grad()
@@ -249,15 +294,17 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
                       recencies: Sequence[float] = (0.0,), metric: str = "NDCG@10", batch_size: int = 256,
                       device: str | torch.device | None = None, max_len: int | None = None,
                       protocol: str = "full", n_negatives: int = 100, seed: int = 0,
+                      tail_exponents: Sequence[float] = (0.0,),
                       ) -> tuple[Adjustment, dict[Adjustment, float]]:
-    """The grid point (``betas`` x ``weights`` x ``recencies``) whose adjustment
+    """The grid point (``betas`` x ``weights`` x ``recencies`` x ``tail_exponents``) whose adjustment
     (``Adjustment.wrap``) has the best validation ``metric`` (Overall) under ``protocol``, and
     every point's value. ``protocol="sampled"`` ranks the target among the ``n_negatives``
     negatives ``evaluate(..., protocol="sampled", seed=seed)`` draws for the validation split.
     One pass over the validation users: the model's scores are computed once per
     batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
-    Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency);
-    with weight 0 the recency does nothing, so those points are taken once, at recency 0.
+    Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency, then
+    ``|tail_exponent|``); with weight 0 the recency and the tail exponent do nothing, so those
+    points are taken once, at 0. The tail exponent weighs the prior by training counts.
     ``semantic`` (rows for items 1..N, as ``SemanticPrior`` takes it) is needed when a weight is
     not 0; ``model.num_items`` must match the data. ``max_len``: input window (default: the
     model's, as ``evaluate``)."""
@@ -266,10 +313,11 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
         raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
     if protocol not in ("full", "sampled"):
         raise ValueError(f"protocol must be 'full' or 'sampled', got {protocol!r}")
-    grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0) for b in sorted(set(betas))
-                              for w in sorted(set(weights)) for r in sorted(set(recencies))))
+    grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0, float(g) if w != 0 else 0.0)
+                              for b in sorted(set(betas)) for w in sorted(set(weights)) for r in sorted(set(recencies))
+                              for g in sorted(set(tail_exponents))))
     if not grid:
-        raise ValueError("the grid is empty (betas, weights and recencies each need a value)")
+        raise ValueError("the grid is empty (betas, weights, recencies and tail_exponents each need a value)")
     n_items = split_data.num_items
     if int(getattr(model, "num_items", n_items)) != n_items:
         raise ValueError(f"model has num_items={model.num_items} but the data has {n_items} items")
@@ -282,13 +330,15 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     history = None if sampled else split_data.history("valid")
     cands_all = sampled_candidates(split_data, target_all, n_negatives, seed) if sampled else None
     log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)
-    priors = {r: SemanticPrior(model, semantic, 1.0, r).to(dev) for r in {p.recency for p in grid if p.weight != 0}}
+    priors = {(r, g): SemanticPrior(model, semantic, 1.0, r, popularity=split_data.item_popularity if g else None,
+                                    tail_exponent=g).to(dev)
+              for r, g in {(p.recency, p.tail_exponent) for p in grid if p.weight != 0}}
     was_training = model.training
     model.eval()
     totals = dict.fromkeys(grid, 0.0)
-    by_prior: dict[tuple[float, float], list[Adjustment]] = {}
+    by_prior: dict[tuple[float, tuple[float, float]], list[Adjustment]] = {}
     for point in grid:
-        by_prior.setdefault((point.weight, point.recency), []).append(point)
+        by_prior.setdefault((point.weight, (point.recency, point.tail_exponent)), []).append(point)
     try:
         for b in range(0, len(target_all), batch_size):
             seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
@@ -296,17 +346,17 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
             cands = cands_all[b:b + batch_size].to(dev) if sampled else None
             # the scores as the wrapped model's ``score`` (sampled) or ``full_scores`` computes them
             own = model.score(states, cands) if sampled else model.full_scores(states)
-            prior = {r: pr.similarity(pr.profile(seq, seq == 0), cands) for r, pr in priors.items()}
+            prior = {rg: pr.prior(pr.profile(seq, seq == 0), cands) for rg, pr in priors.items()}
             pop = (log_pop[cands] if sampled else log_pop).to(own.dtype)
             if sampled:
                 first = torch.zeros(len(cands), dtype=torch.long, device=dev)
             else:
                 batch_history = history[b:b + batch_size]
             buffer = torch.empty_like(own)
-            for (weight, recency), points in by_prior.items():
+            for (weight, shape), points in by_prior.items():
                 # the wrapped model's operations in its order (own + w * prior, then - beta * log_pop),
                 # so that ranks, ties included, are those evaluate gives it
-                with_prior = own + weight * prior[recency].to(own.dtype) if weight != 0 else own
+                with_prior = own + weight * prior[shape].to(own.dtype) if weight != 0 else own
                 for point in points:
                     scores = with_prior
                     if point.beta != 0:

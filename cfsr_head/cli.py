@@ -222,9 +222,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import atomic_write_json, read_json
 
     model_dir = Path(args.model)
-    if args.popularity_counts != "train" and args.popularity_beta is None:
-        raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
-                       "popularity term to count for)")
+    if args.popularity_counts != "train" and args.popularity_beta is None and args.prior_tail_exponent is None:
+        raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta or "
+                       "--prior-tail-exponent (there is nothing to count for)")
+    if args.prior_tail_exponent is not None and args.semantic_prior is None:
+        raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
                        "expected; write one with `cfsr train`)")
@@ -257,7 +259,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             report["popularity_beta"] = adjustment.beta
             report["popularity_counts"] = args.popularity_counts
         if args.semantic_prior is not None:
-            report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency}
+            report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency,
+                                        "tail_exponent": adjustment.tail_exponent}
         atomic_write_json(args.json, _to_jsonable(report))
     return 0
 
@@ -265,10 +268,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) -> tuple[Any, str, Any]:
     """``(model, note, Adjustment)``: the model with ``--popularity-beta`` / ``--semantic-prior``
     applied (an 'auto' strength chosen on validation, both together when both are 'auto')."""
-    from .adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET, Adjustment, choose_adjustment
+    from .adjust import (DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_TAIL_EXPONENTS, VALID_NEGATIVES_SEED_OFFSET,
+                         Adjustment, choose_adjustment)
     from .data import align_semantic
 
-    beta, weight = args.popularity_beta, args.semantic_prior
+    beta, weight, gamma = args.popularity_beta, args.semantic_prior, args.prior_tail_exponent
     semantic = None
     if weight is not None:
         if args.embeddings:
@@ -279,24 +283,26 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
             raise CLIError(f"--semantic-prior needs item embeddings: the model at {args.model} has no semantic "
                            "table, so pass --embeddings")
     note = ""
-    if "auto" in (beta, weight):
+    if "auto" in (beta, weight, gamma):
         betas = DEFAULT_BETAS if beta == "auto" else (float(beta or 0.0),)
         weights = DEFAULT_PRIOR_WEIGHTS if weight == "auto" else (float(weight or 0.0),)
+        gammas = DEFAULT_TAIL_EXPONENTS if gamma == "auto" else (float(gamma or 0.0),)
         # chosen under the protocol evaluated; sampled validation negatives come from another seed than test's
         adjustment, values = choose_adjustment(model, split, semantic, betas, weights, (args.prior_recency,),
                                                max_len=max_len, protocol=args.protocol,
-                                               seed=args.seed + VALID_NEGATIVES_SEED_OFFSET)
+                                               seed=args.seed + VALID_NEGATIVES_SEED_OFFSET, tail_exponents=gammas)
         note = f" (chosen on validation {args.protocol} NDCG@10 {values[adjustment]:.4f} from {len(values)} points)"
     else:
-        adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency)
+        adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency, float(gamma or 0.0))
     if beta is not None:
         note = f", popularity beta {adjustment.beta}" + note
     if weight is not None:
-        note = f", semantic prior weight {adjustment.weight} recency {adjustment.recency}" + note
+        note = (f", semantic prior weight {adjustment.weight} recency {adjustment.recency}"
+                + (f" tail exponent {adjustment.tail_exponent}" if gamma is not None else "") + note)
     counts = None
     if args.popularity_counts == "inputs":
         counts = split.input_popularity(args.split)
-        if adjustment.beta != 0:
+        if adjustment.beta != 0 or (adjustment.weight != 0 and adjustment.tail_exponent != 0):
             note += f", popularity counted over the {args.split} inputs"
     return adjustment.wrap(model, split, semantic, popularity=counts), note, adjustment
 
@@ -420,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prior-recency", type=_fraction, default=0.0, metavar="R",
                    help="with --semantic-prior: weight R ** age of the history's items in the user's profile "
                         "(default 0: the last item alone)")
+    e.add_argument("--prior-tail-exponent", type=_beta, default=None, metavar="GAMMA",
+                   help="with --semantic-prior: item i's prior weight times (1 + training count_i) ** -GAMMA, "
+                        "relative to the geometric-mean count (rare items lean more on their semantic "
+                        "neighbours); 'auto' chooses GAMMA on validation from 0, 0.5, 1, 2 with the other 'auto's")
     e.add_argument("--embeddings", default=None,
                    help="with --semantic-prior: item embeddings for the prior (default: the model's own semantic "
                         "table; needed for a model without one)")

@@ -279,3 +279,54 @@ def test_semantic_prior_bad_inputs_are_named():
         choose_adjustment(model, split, table, metric="MRR")
     with pytest.raises(ValueError, match="grid is empty"):
         choose_adjustment(model, split, table, betas=())
+
+
+def test_tail_exponent_weighs_each_items_prior_by_its_count_relative_to_the_geometric_mean():
+    split = chain_split()
+    model = ConstantScores(split.num_items)
+    table = circle_table(split, noise=0.2)
+    unit = torch.nn.functional.normalize(table, dim=1)
+    counts = np.asarray(split.item_popularity, dtype=np.float64)
+    assert counts[1:].min() < counts[1:].max()  # a skewed catalogue: the factors differ
+    seq = torch.tensor([[0, 0, 3, 7, 2], [4, 9, 1, 0, 0]])
+    prior = SemanticPrior(model, table, 2.0, popularity=counts, tail_exponent=0.7)
+    own = model.full_scores(model.user_state(seq))
+    log_c = np.log1p(counts[1:])
+    factor = torch.as_tensor(np.exp(-0.7 * (log_c - log_c.mean())), dtype=torch.float32)
+    full = prior.full_scores(prior.user_state(seq))
+    for row, item in ((0, 2), (1, 1)):
+        torch.testing.assert_close(full[row, 1:], own[row, 1:] + 2.0 * factor * (unit @ unit[item - 1]))
+    # rarer items get more of the prior; the geometric-mean count gets the plain weight
+    order = np.argsort(counts[1:])
+    assert factor[order[0]] > 1.0 > factor[order[-1]]
+    states = prior.user_state(seq)
+    cands = torch.tensor([[3, 1, 7], [2, 2, 9]])
+    torch.testing.assert_close(prior.score(states, cands), full.gather(1, cands))
+    # exponent 0 weighs every item alike, counts or not
+    torch.testing.assert_close(SemanticPrior(model, table, 2.0, popularity=counts, tail_exponent=0.0)
+                               .full_scores(states), SemanticPrior(model, table, 2.0).full_scores(states))
+
+
+def test_choose_adjustment_with_tail_exponents_matches_evaluate_and_wrap_passes_the_counts():
+    split = chain_split()
+    model = SuccessorPlusPopularity(split, signal=0.3)
+    table = circle_table(split, noise=0.3)
+    best, values = choose_adjustment(model, split, table, betas=(0.0, 0.5), weights=(0.0, 1.0, 3.0),
+                                     recencies=(0.0, 0.6), tail_exponents=(0.0, 0.5, 1.0), batch_size=7)
+    assert len(values) == 2 * (1 + 2 * 2 * 3)  # weight 0 once per beta: recency and exponent do nothing
+    assert {p.tail_exponent for p in values if p.weight == 0} == {0.0}
+    for point, value in values.items():
+        wrapped = point.wrap(model, split, table)
+        assert value == pytest.approx(evaluate(wrapped, split, "valid").summary()["Overall"]["NDCG@10"], abs=1e-12)
+    assert values[best] == max(values.values())
+    # wrap weighs the prior by the counts it is given (those of the test inputs here), as the popularity term
+    point = Adjustment(beta=0.5, weight=1.0, tail_exponent=1.0)
+    inputs = split.input_popularity("test")
+    wrapped = point.wrap(model, split, table, popularity=inputs)
+    log_c = np.log1p(np.asarray(inputs, dtype=np.float64)[1:])
+    torch.testing.assert_close(wrapped.model.item_scale[1:],
+                               torch.as_tensor(np.exp(-(log_c - log_c.mean())), dtype=torch.float32))
+    with pytest.raises(ValueError, match="needs the items' counts"):
+        SemanticPrior(model, table, 1.0, tail_exponent=0.5)
+    with pytest.raises(ValueError, match="tail_exponent must be"):
+        SemanticPrior(model, table, 1.0, popularity=inputs, tail_exponent=math.inf)

@@ -193,7 +193,7 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
     --embeddings); 'auto' chooses weight and beta together on validation, as choose_adjustment does;
     the numbers match the API's."""
     from cfsr_head import Adjustment, DualViewHead, align_semantic, choose_adjustment, evaluate
-    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET
+    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_TAIL_EXPONENTS, VALID_NEGATIVES_SEED_OFFSET
     from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
 
     sasrec, dual = tmp_path / "sasrec", tmp_path / "dual"
@@ -213,7 +213,7 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
         assert "semantic prior weight 3.0 recency 0.5" in capsys.readouterr().out
         got = json.loads(report.read_text())
         expected = evaluate(Adjustment(0.0, 3.0, 0.5).wrap(model, split, table), split, "test", max_len=10).summary()
-        assert got["semantic_prior"] == {"weight": 3.0, "recency": 0.5}
+        assert got["semantic_prior"] == {"weight": 3.0, "recency": 0.5, "tail_exponent": 0.0}
         assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
         assert main([*base, "--model", str(folder), "--semantic-prior", "auto", "--popularity-beta", "auto",
                      "--json", str(report), *extra]) == 0
@@ -230,6 +230,26 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
         assert got["semantic_prior"]["weight"] == best.weight and got["popularity_beta"] == best.beta
         expected = evaluate(best.wrap(model, split, table), split, "test", "sampled", seed=3, max_len=10).summary()
         assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
+    # --prior-tail-exponent: the prior weighed by (1 + count) ** -gamma, fixed or chosen with the rest
+    model = DualViewHead.from_pretrained(dual)
+    own_table = model.semantic_table[1: model.num_items + 1]
+    assert main([*base, "--model", str(dual), "--semantic-prior", "3", "--prior-tail-exponent", "1",
+                 "--json", str(report)]) == 0
+    assert "tail exponent 1.0" in capsys.readouterr().out
+    got = json.loads(report.read_text())
+    expected = evaluate(Adjustment(0.0, 3.0, 0.0, 1.0).wrap(model, split, own_table), split, "test", max_len=10)
+    assert got["semantic_prior"] == {"weight": 3.0, "recency": 0.0, "tail_exponent": 1.0}
+    assert got["summary"]["Overall"] == pytest.approx(expected.summary()["Overall"])
+    uniform = evaluate(Adjustment(0.0, 3.0, 0.0).wrap(model, split, own_table), split, "test", max_len=10)
+    assert got["summary"]["Overall"] != uniform.summary()["Overall"]  # the exponent reached the prior
+    assert main([*base, "--model", str(dual), "--semantic-prior", "auto", "--prior-tail-exponent", "auto",
+                 "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+    best, _ = choose_adjustment(model, split, own_table, weights=DEFAULT_PRIOR_WEIGHTS,
+                                tail_exponents=DEFAULT_TAIL_EXPONENTS, max_len=10)
+    assert got["semantic_prior"] == {"weight": best.weight, "recency": 0.0, "tail_exponent": best.tail_exponent}
+    assert main([*base, "--model", str(dual), "--prior-tail-exponent", "1"]) == 2
+    assert "needs --semantic-prior" in capsys.readouterr().err
     assert main([*base, "--model", str(dual), "--semantic-prior", "0", "--json", str(report)]) == 0
     plain = tmp_path / "plain.json"
     assert main([*base, "--model", str(dual), "--json", str(plain)]) == 0

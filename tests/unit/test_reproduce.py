@@ -206,6 +206,24 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     text, _ = bench_popadjust.report(study, with_prior)
     assert "w/o Cro vs w/o Cro +prior (both adjusted)" in text
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{prior_grid.tag}*.json")))
+    # tail exponents widen the prior's grid: the popularity-only row keeps its cache, the prior row
+    # validates at least as high as without them, and test is the chosen point's wrapped model
+    tail_grid = dataclasses.replace(prior_grid, tail_exponents=(0.0, 1.0))
+    assert bench_popadjust.Grid().tag == bench_popadjust.Grid(tail_exponents=(0.0,)).tag != tail_grid.tag
+    with_tail = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, tail_grid)
+    assert with_tail["w/o Cro"] == got["w/o Cro"]
+    rec, tail_adj = with_tail["w/o Cro +prior"][0]
+    assert len(tail_adj["valid"]) == 3 * (1 + 2 * 2 * 2) and tail_adj["valid_best"] >= prior_adj["valid_best"]
+    from cfsr_head import evaluate
+    from cfsr_head.adjust import Adjustment
+
+    runner = rp.Runner(dataclasses.replace(study, report_only=True))
+    row = next(r for r in bench_popadjust.cached_rows(study, runner, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, "t"))
+    point = Adjustment(tail_adj["beta"], tail_adj["weight"], tail_adj["recency"], tail_adj["tail_exponent"])
+    semantic = bench_popadjust.frozen_semantic(study, runner)
+    expected = evaluate(point.wrap(row.load_head(study, runner, rec), runner.split, semantic), runner.split, "test")
+    assert tail_adj["test"]["full"]["Overall"] == pytest.approx(expected.summary()["Overall"])
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{tail_grid.tag}*.json")))
     # chosen on the sampled protocol's validation N@10: its own cache, and the plain validation value
     # is the sampled one (the unadjusted model's, since 0 is in the grid)
     sampled_grid = dataclasses.replace(grid, protocol="sampled")
