@@ -268,17 +268,18 @@ class Adjustment:
              popularity: Any = None) -> nn.Module:
         """``model`` with this adjustment: ``PopularityAdjusted(SemanticPrior(model, ...), ...)``,
         leaving out a part whose strength is 0. ``popularity``: ``[N+1]`` counts for the popularity
-        term and the prior's ``tail_exponent`` (default ``split_data.item_popularity``, the training
-        counts ``choose_adjustment`` uses); ``split_data.input_popularity("test")`` counts the
-        validation items too, as of the test inputs."""
-        counts = split_data.item_popularity if popularity is None else popularity
+        term (default ``split_data.item_popularity``, the training counts ``choose_adjustment``
+        uses); ``split_data.input_popularity("test")`` counts the validation items too, as of the
+        test inputs. The prior's ``tail_exponent`` always weighs by the training counts: it stands
+        for how much the model saw of an item, and the model was trained on those alone."""
         if self.weight != 0:
             if semantic is None:
                 raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
             model = SemanticPrior(model, semantic, self.weight, self.recency,
-                                  popularity=counts if self.tail_exponent != 0 else None,
+                                  popularity=split_data.item_popularity if self.tail_exponent != 0 else None,
                                   tail_exponent=self.tail_exponent)
         if self.beta != 0:
+            counts = split_data.item_popularity if popularity is None else popularity
             model = PopularityAdjusted(model, counts, self.beta)
         return model
 

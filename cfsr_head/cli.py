@@ -222,9 +222,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import atomic_write_json, read_json
 
     model_dir = Path(args.model)
-    if args.popularity_counts != "train" and args.popularity_beta is None and args.prior_tail_exponent is None:
-        raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta or "
-                       "--prior-tail-exponent (there is nothing to count for)")
+    if args.popularity_counts != "train" and args.popularity_beta is None:
+        raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
+                       "popularity term to count for)")
     if args.prior_tail_exponent is not None and args.semantic_prior is None:
         raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -302,7 +302,7 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
     counts = None
     if args.popularity_counts == "inputs":
         counts = split.input_popularity(args.split)
-        if adjustment.beta != 0 or (adjustment.weight != 0 and adjustment.tail_exponent != 0):
+        if adjustment.beta != 0:
             note += f", popularity counted over the {args.split} inputs"
     return adjustment.wrap(model, split, semantic, popularity=counts), note, adjustment
 
@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --semantic-prior: weight R ** age of the history's items in the user's profile "
                         "(default 0: the last item alone)")
     e.add_argument("--prior-tail-exponent", type=_beta, default=None, metavar="GAMMA",
-                   help="with --semantic-prior: item i's prior weight times (1 + training count_i) ** -GAMMA, "
+                   help="with --semantic-prior: item i's prior weight times (1 + training count_i) ** -GAMMA "
+                        "(always the training counts: what the model saw), "
                         "relative to the geometric-mean count (rare items lean more on their semantic "
                         "neighbours); 'auto' chooses GAMMA on validation from 0, 0.5, 1, 2 with the other 'auto's")
     e.add_argument("--embeddings", default=None,

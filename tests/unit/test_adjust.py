@@ -319,13 +319,16 @@ def test_choose_adjustment_with_tail_exponents_matches_evaluate_and_wrap_passes_
         wrapped = point.wrap(model, split, table)
         assert value == pytest.approx(evaluate(wrapped, split, "valid").summary()["Overall"]["NDCG@10"], abs=1e-12)
     assert values[best] == max(values.values())
-    # wrap weighs the prior by the counts it is given (those of the test inputs here), as the popularity term
+    # given the counts of the test inputs, wrap uses them for the popularity term only: the prior keeps
+    # weighing by the training counts, what the model saw of each item
     point = Adjustment(beta=0.5, weight=1.0, tail_exponent=1.0)
     inputs = split.input_popularity("test")
     wrapped = point.wrap(model, split, table, popularity=inputs)
-    log_c = np.log1p(np.asarray(inputs, dtype=np.float64)[1:])
+    assert torch.equal(wrapped.log_popularity, torch.log1p(torch.as_tensor(inputs, dtype=torch.float32)))
+    log_c = np.log1p(np.asarray(split.item_popularity, dtype=np.float64)[1:])
     torch.testing.assert_close(wrapped.model.item_scale[1:],
                                torch.as_tensor(np.exp(-(log_c - log_c.mean())), dtype=torch.float32))
+    assert not np.array_equal(np.asarray(inputs), np.asarray(split.item_popularity))
     with pytest.raises(ValueError, match="needs the items' counts"):
         SemanticPrior(model, table, 1.0, tail_exponent=0.5)
     with pytest.raises(ValueError, match="tail_exponent must be"):
