@@ -56,7 +56,7 @@ DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 VALID_NEGATIVES_SEED_OFFSET = 10_000
 # SemanticPrior weights on the scale of the model's scores (a cosine head with temperature 0.1 scores in [-10, 10])
 DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-# SemanticPrior tail exponents: 0 weighs every item alike, 1 gives an item 10x rarer 10x the weight
+# SemanticPrior tail exponents: 0 weighs every item alike; 1 gives an item whose 1 + count is 10x smaller 10x the weight
 DEFAULT_TAIL_EXPONENTS = (0.0, 0.5, 1.0, 2.0)
 
 
