@@ -85,6 +85,13 @@ def prior_item_scale(popularity: Any, num_items: int, tail_exponent: float) -> T
     return scale
 
 
+def _scaled_prior(similarity: Tensor, scale: Tensor, candidates: Tensor | None) -> Tensor:
+    """``similarity`` (``[B, N+1]``, or ``[B, C]`` over ``candidates``) times each item's ``scale``
+    (``prior_item_scale``): ``SemanticPrior.prior`` and ``choose_adjustment`` both weigh this way."""
+    scale = scale.to(similarity.dtype)
+    return similarity * (scale if candidates is None else scale[candidates.long()])
+
+
 class PopularityAdjusted(nn.Module):
     """``model``'s scores minus ``beta * log(1 + count_i)``, ``count_i`` item i's training count.
     A negative ``beta`` adds popularity back (for a model trained with a logit-adjusted loss,
@@ -234,10 +241,7 @@ class SemanticPrior(nn.Module):
         """``similarity`` times each item's ``item_scale`` (all ones without a ``tail_exponent``):
         the prior before ``weight``."""
         sim = self.similarity(profiles, candidates)
-        if self.tail_exponent == 0:
-            return sim
-        scale = self.item_scale.to(sim.dtype)
-        return sim * (scale if candidates is None else scale[candidates.long()])
+        return sim if self.tail_exponent == 0 else _scaled_prior(sim, self.item_scale, candidates)
 
     def full_scores(self, states: Tensor) -> Tensor:
         own, prof = self._split(states)
@@ -331,15 +335,16 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     history = None if sampled else split_data.history("valid")
     cands_all = sampled_candidates(split_data, target_all, n_negatives, seed) if sampled else None
     log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)
-    priors = {(r, g): SemanticPrior(model, semantic, 1.0, r, popularity=split_data.item_popularity if g else None,
-                                    tail_exponent=g).to(dev)
-              for r, g in {(p.recency, p.tail_exponent) for p in grid if p.weight != 0}}
-    was_training = model.training
-    model.eval()
-    totals = dict.fromkeys(grid, 0.0)
     by_prior: dict[tuple[float, tuple[float, float]], list[Adjustment]] = {}
     for point in grid:
         by_prior.setdefault((point.weight, (point.recency, point.tail_exponent)), []).append(point)
+    shapes = {shape for weight, shape in by_prior if weight != 0}  # (recency, tail exponent) pairs in use
+    # one profile and similarity per recency; a tail exponent only rescales it
+    priors = {r: SemanticPrior(model, semantic, 1.0, r).to(dev) for r, _ in shapes}
+    scales = {g: prior_item_scale(split_data.item_popularity, n_items, g).to(dev) for _, g in shapes if g != 0}
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys(grid, 0.0)
     try:
         for b in range(0, len(target_all), batch_size):
             seq, tgt = seq_all[b:b + batch_size].to(dev), target_all[b:b + batch_size].to(dev)
@@ -347,7 +352,9 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
             cands = cands_all[b:b + batch_size].to(dev) if sampled else None
             # the scores as the wrapped model's ``score`` (sampled) or ``full_scores`` computes them
             own = model.score(states, cands) if sampled else model.full_scores(states)
-            prior = {rg: pr.prior(pr.profile(seq, seq == 0), cands) for rg, pr in priors.items()}
+            sims = {r: pr.similarity(pr.profile(seq, seq == 0), cands) for r, pr in priors.items()}
+            prior = {(r, g): sims[r] if g == 0 else _scaled_prior(sims[r], scales[g], cands)
+                     for r, g in shapes}
             pop = (log_pop[cands] if sampled else log_pop).to(own.dtype)
             if sampled:
                 first = torch.zeros(len(cands), dtype=torch.long, device=dev)
