@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--cft-steps", type=int, default=40, help="contrastive steps (batch 32)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior-tail-exponents", nargs="+", type=float, default=[0.0], metavar="GAMMA",
+                        help="also choose the prior's tail exponent from these (item i's weight times "
+                             "(1 + training count_i) ** -GAMMA); default 0 only: every item alike")
     args = parser.parse_args()
 
     folder = Path(args.dataset)
@@ -98,8 +101,10 @@ def main() -> None:
         Trainer(model, split, config).fit()
         print(f"[stage 2] {name}: trained in {time.time() - t0:.0f} s")
         results[name] = evaluate(model, split, split="test")
-        prior, _ = choose_adjustment(model, split, semantic, weights=(0, 0.5, 1, 2, 4, 8), recencies=(0, 0.5))
-        print(f"[stage 2] {name}: semantic prior weight {prior.weight}, recency {prior.recency} (chosen on validation)")
+        prior, _ = choose_adjustment(model, split, semantic, weights=(0, 0.5, 1, 2, 4, 8), recencies=(0, 0.5),
+                                     tail_exponents=args.prior_tail_exponents)
+        print(f"[stage 2] {name}: semantic prior weight {prior.weight}, recency {prior.recency}, "
+              f"tail exponent {prior.tail_exponent} (chosen on validation)")
         results[f"{name} + prior"] = evaluate(prior.wrap(model, split, semantic), split, split="test")
 
     print(f"\nTest, full ranking over {split.num_items} items ({len(split.users)} users)")
