@@ -9,6 +9,12 @@ history without the last two items, which leave-one-out keeps for validation and
 - ``AUC``: how often a consecutive pair is more similar than a random pair of items.
 With ``--held-out`` the transitions into leave-one-out's validation items are scored instead (for
 embeddings fine-tuned with collaborative positives, which have seen the training transitions).
+``--by-popularity`` splits ``next@k`` by the next item's group (tail / head item, the evaluation's
+``GroupSpec`` on training counts). ``--reference`` adds two rows to read the text models against: a
+purely collaborative embedding of the same items (``cooccurrence_embeddings``: truncated SVD of the
+positive PMI of items near each other in training histories) and the best linear map from each
+frozen text embedding onto it (``linear_map``, ridge regression), i.e. how much of the
+collaborative neighbourhood a text model could reach by a linear readout.
 
 By default it reads every embedding file the study cached for the dataset
 (``runs/reproduce/<dataset>/embeddings``; each file's training metadata says frozen, CFT or pair
@@ -25,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.reproduce import REPO_ROOT
-from cfsr_head import load_dataset
+from cfsr_head import GroupSpec, leave_one_out, load_dataset
 from llm_item_embed import ItemEmbeddings
 
 
@@ -35,11 +41,16 @@ def _ranked_from_end(dataset: str) -> tuple[pd.DataFrame, np.ndarray]:
     return inter, inter.groupby("user_id").cumcount(ascending=False).to_numpy()
 
 
-def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """(previous item id, next item id) for consecutive interactions, last two per user held out."""
+def training_histories(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(user id, item id) of every training interaction in (user, time) order, last two per user held out."""
     inter, rank_from_end = _ranked_from_end(dataset)
     inter = inter[rank_from_end >= 2]
-    users, items = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
+    return inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
+
+
+def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(previous item id, next item id) for consecutive interactions, last two per user held out."""
+    users, items = training_histories(dataset)
     same = users[1:] == users[:-1]
     return items[:-1][same], items[1:][same]
 
@@ -54,8 +65,72 @@ def held_out_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     return prev["item_id"].to_numpy(), nxt["item_id"].to_numpy()
 
 
+def tail_items(dataset: str) -> set[str]:
+    """Ids of the evaluation's tail items: below the head threshold of ``GroupSpec`` on training counts."""
+    split = leave_one_out(load_dataset(dataset))
+    threshold, _ = GroupSpec().thresholds(split)
+    pop = split.item_popularity[1:]
+    return set(np.asarray(split.item_index.ids)[pop < threshold].tolist())
+
+
+def cooccurrence_embeddings(users: np.ndarray, items: np.ndarray, ids: list[str], dim: int = 64, window: int = 3,
+                            seed: int = 0) -> ItemEmbeddings:
+    """A purely collaborative item embedding over ``ids``: two items of one user's history ``d <= window``
+    steps apart co-occur with weight ``1 / d``; rows are the truncated SVD (``dim``) of the positive PMI
+    (context counts smoothed by the power 0.75, as word2vec's negatives), L2-normalised. Items that never
+    co-occur get zero rows. ``users`` / ``items`` are in (user, time) order, e.g. ``training_histories``."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    pos = {i: j for j, i in enumerate(ids)}
+    missing = [i for i in pd.unique(items) if i not in pos]
+    if missing:
+        raise ValueError(f"item {missing[0]!r} of the histories is not among the embedding ids")
+    it = np.fromiter((pos[i] for i in items), dtype=np.int64, count=len(items))
+    n = len(ids)
+    rows, cols, vals = [], [], []
+    for d in range(1, window + 1):
+        same = users[d:] == users[:-d]
+        a, b = it[:-d][same], it[d:][same]
+        rows += [a, b]
+        cols += [b, a]
+        vals.append(np.full(2 * len(a), 1.0 / d))
+    counts = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)).tocsr()
+    counts.setdiag(0)
+    counts.eliminate_zeros()
+    c = counts.tocoo()
+    row_sum = np.asarray(counts.sum(axis=1)).ravel()
+    context = row_sum ** 0.75
+    pmi = np.log(c.data * context.sum() / (row_sum[c.row] * context[c.col]))
+    keep = pmi > 0
+    ppmi = sp.coo_matrix((pmi[keep], (c.row[keep], c.col[keep])), shape=(n, n)).tocsr()
+    x = TruncatedSVD(min(dim, n - 1), random_state=seed).fit_transform(ppmi)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    return ItemEmbeddings(list(ids), x.astype(np.float32), {"training": {}, "reference": f"co-occurrence PPMI-SVD {dim}"})
+
+
+def fit_linear_map(source: ItemEmbeddings, target: ItemEmbeddings, alpha: float = 1.0):
+    """Ridge regression of ``target`` on ``source`` (rows matched by id), fitted on the items with a
+    non-zero target row; returns the fitted ``sklearn.linear_model.Ridge``."""
+    from sklearn.linear_model import Ridge
+
+    x = source.numpy().astype(np.float32)
+    y = target.numpy()[np.asarray(target.index_of(list(source.ids)))]
+    fit = np.linalg.norm(y, axis=1) > 0
+    return Ridge(alpha=alpha).fit(x[fit], y[fit])
+
+
+def linear_map(source: ItemEmbeddings, target: ItemEmbeddings, alpha: float = 1.0) -> ItemEmbeddings:
+    """``source`` mapped onto ``target`` by :func:`fit_linear_map`, for every item (the best linear
+    readout of the target from the source)."""
+    pred = fit_linear_map(source, target, alpha).predict(source.numpy().astype(np.float32)).astype(np.float32)
+    return ItemEmbeddings(list(source.ids), pred, {"training": {}, "reference": "linear map"})
+
+
 def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: int = 10,
-                     n_queries: int = 5000, seed: int = 0) -> dict[str, float]:
+                     n_queries: int = 5000, seed: int = 0, tail: set[str] | None = None) -> dict[str, float]:
+    """``next@k``, ``AUC`` and the mean cosines of consecutive and random pairs; with ``tail`` (ids of
+    tail items) also ``next@k`` over the transitions whose next item is a tail / head item."""
     rng = np.random.default_rng(seed)
     X = emb.numpy().astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True).clip(min=1e-12)
@@ -63,17 +138,23 @@ def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: 
     keep = a != b  # repeated consumption says nothing about neighbourhoods
     a, b = a[keep], b[keep]
     pick = rng.choice(len(a), size=min(n_queries, len(a)), replace=False)
-    hits = 0
-    for chunk in np.array_split(pick, max(1, len(pick) // 500)):
-        sims = X[a[chunk]] @ X.T
-        sims[np.arange(len(chunk)), a[chunk]] = -np.inf
+    hit = np.zeros(len(pick), dtype=bool)
+    for chunk in np.array_split(np.arange(len(pick)), max(1, len(pick) // 500)):
+        q = pick[chunk]
+        sims = X[a[q]] @ X.T
+        sims[np.arange(len(q)), a[q]] = -np.inf
         top = np.argpartition(-sims, k, axis=1)[:, :k]
-        hits += int((top == b[chunk][:, None]).any(axis=1).sum())
+        hit[chunk] = (top == b[q][:, None]).any(axis=1)
     pos = (X[a] * X[b]).sum(axis=1)
     pairs = rng.integers(0, len(X), size=(len(a), 2))
     neg = (X[pairs[:, 0]] * X[pairs[:, 1]]).sum(axis=1)
     auc = float((pos[:, None] > rng.choice(neg, size=256)[None, :]).mean())
-    return {f"next@{k}": hits / len(pick), "AUC": auc, "cos next": float(pos.mean()), "cos random": float(neg.mean())}
+    out = {f"next@{k}": float(hit.mean()), "AUC": auc, "cos next": float(pos.mean()), "cos random": float(neg.mean())}
+    if tail is not None:
+        is_tail = np.isin(np.asarray(emb.ids, dtype=object)[b[pick]], list(tail))
+        out[f"next@{k} tail"] = float(hit[is_tail].mean()) if is_tail.any() else float("nan")
+        out[f"next@{k} head"] = float(hit[~is_tail].mean()) if (~is_tail).any() else float("nan")
+    return out
 
 
 def embeddings_label(emb: ItemEmbeddings) -> str:
@@ -84,7 +165,7 @@ def embeddings_label(emb: ItemEmbeddings) -> str:
         fit_s = float(emb.metadata.get("fit_seconds", 0) or 0)
         return "frozen" if fit_s == 0 else f"CFT ({fit_s:.0f} s)"
     if not training:
-        return "frozen"
+        return emb.metadata.get("reference", "frozen")
     return f"{'pair CFT' if training.get('positive_pairs') else 'CFT'} ({training.get('steps', '?')} steps)"
 
 
@@ -97,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", action="store_true",
                    help="score the transitions into the validation items instead of the training ones (use "
                         "this for embeddings fine-tuned on training transitions, e.g. pair_prob > 0)")
+    p.add_argument("--by-popularity", action="store_true",
+                   help="also next@k over transitions into tail items and into head items (evaluation groups)")
+    p.add_argument("--reference", action="store_true",
+                   help="add a co-occurrence embedding of the training histories and its linear readout from "
+                        "each frozen text embedding")
+    p.add_argument("--queries", type=int, default=5000, help="transitions sampled for next@k")
     a = p.parse_args(argv)
     files = [Path(f) for f in a.embeddings] if a.embeddings else sorted(
         (REPO_ROOT / "runs" / "reproduce" / Path(a.dataset).name / "embeddings").glob("*.safetensors"))
@@ -104,16 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no embedding files: run benchmarks.reproduce on the dataset first or pass --embeddings")
     prev, nxt = (held_out_transitions if a.held_out else training_transitions)(a.dataset)
     print(f"{Path(a.dataset).name}: {len(prev)} {'held-out' if a.held_out else 'training'} transitions, k={a.k}")
+    tail = tail_items(a.dataset) if a.by_popularity else None
+    loaded = [(f.name, ItemEmbeddings.load(f)) for f in files]
+    if a.reference:
+        users, items = training_histories(a.dataset)
+        collab = cooccurrence_embeddings(users, items, list(loaded[0][1].ids))
+        readouts = [(f"{name} (linear map)", linear_map(emb, collab)) for name, emb in loaded
+                    if embeddings_label(emb) == "frozen"]
+        loaded += [("co-occurrence", collab), *readouts]
     rows = []
-    for f in files:
-        emb = ItemEmbeddings.load(f)
-        rows.append((embeddings_label(emb), f.name, neighbour_scores(emb, prev, nxt, k=a.k)))
+    for name, emb in loaded:
+        rows.append((embeddings_label(emb), name, neighbour_scores(emb, prev, nxt, k=a.k, n_queries=a.queries, tail=tail)))
     frozen = next((r for r in rows if r[0] == "frozen"), None)
     for label, name, s in rows:
         ratio = ""
         if frozen is not None and label != "frozen":
-            ratio = "  ratio to frozen: " + ", ".join(f"{m} {s[m] / frozen[2][m]:.2f}x" for m in (f"next@{a.k}", "AUC"))
-        print(f"  {label:<14} {name:<28} " + "  ".join(f"{m} {v:.3f}" for m, v in s.items()) + ratio)
+            ratio = "  ratio to frozen: " + ", ".join(f"{m} {s[m] / frozen[2][m]:.2f}x" for m in s
+                                                      if m.startswith("next@") or m == "AUC")
+        print(f"  {label:<26} {name:<40} " + "  ".join(f"{m} {v:.3f}" for m, v in s.items()) + ratio)
     return 0
 
 
