@@ -149,7 +149,7 @@ def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Vari
 
 def main(argv: list[str] | None = None) -> int:
     study, rows = build_study(argv)
-    print(f"report: {rp.run_study(study, rows)}")
+    print(f"{'embeddings' if study.stage1_only else 'report'}: {rp.run_study(study, rows)}")
     return 0
 
 

@@ -215,6 +215,7 @@ class Study:
     sensitivity_r: tuple[float, ...] = SENSITIVITY_R  # stage-1 drop probabilities of the sensitivity part
     sensitivity_k: tuple[int, ...] = SENSITIVITY_K    # stage-1 view counts of the sensitivity part
     report_only: bool = False           # train nothing: report the cached runs, list the missing ones
+    stage1_only: bool = False           # compute (or find) the rows' item embeddings and stop before stage 2
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
 
@@ -760,6 +761,8 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     for part in study.parts:
         names += [n for n in PARTS.get(part, []) if n not in names]
     names += [n for n in study.variants if n not in names]
+    if study.stage1_only:
+        return stage1_only(study, runner, [known[n] for n in names])
     results: dict[str, dict[str, list[dict]]] = {}
     for n in names:
         seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
@@ -778,6 +781,27 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
     return write_report(study, results, sens, runner.missing)
+
+
+def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
+    """Compute (or find in the cache) the item embeddings of ``variants``, of the decoder row and of the
+    sensitivity points the study names, train nothing else, and print each file; returns their folder
+    (``bench_neighbours`` reads every file there)."""
+    if study.decoder:
+        variants = [*variants, smollm2_variant()]
+    if "sensitivity" in study.parts:
+        base = study.stage1
+        variants += [sensitivity_variant(r, base.n_views, base) for r in study.sensitivity_r]
+        variants += [sensitivity_variant(base.drop_prob, k, base) for k in study.sensitivity_k]
+    done: set[Path] = set()
+    for variant in variants:
+        settings = runner.stage1_settings(variant)
+        if settings is None or (path := embeddings_path(study, settings)) in done:
+            continue
+        runner.semantic(variant)
+        done.add(path)
+        print(f"[stage 1] {variant.name}: {path}", flush=True)
+    return study.workdir / study.name / "embeddings"
 
 
 def _best_record(runs: dict[str, list[dict]]) -> dict | None:
@@ -819,6 +843,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the runs already cached (missing ones are listed "
                         "and left out; rows show how many seeds they have)")
+    p.add_argument("--stage1-only", action="store_true",
+                   help="compute (or find in the cache) the item embeddings of the rows named and stop: no stage 2, "
+                        "no report (for benchmarks.bench_neighbours)")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "reproduce"))
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "results"))
     a = p.parse_args(argv)
@@ -857,13 +884,13 @@ def parse_args(argv: list[str] | None = None) -> Study:
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
                  significance=tuple(a.significance), all_seeds=tuple(a.all_seeds), quick=a.quick,
                  sensitivity_r=tuple(a.sensitivity_r or sens_r), sensitivity_k=tuple(a.sensitivity_k or sens_k),
-                 report_only=a.report_only, command=command)
+                 report_only=a.report_only, stage1_only=a.stage1_only, command=command)
 
 
 def main(argv: list[str] | None = None) -> int:
     study = parse_args(argv)
-    report = run_study(study)
-    print(f"report: {report}")
+    out = run_study(study)
+    print(f"{'embeddings' if study.stage1_only else 'report'}: {out}")
     return 0
 
 
