@@ -307,6 +307,31 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert len(list((tmp_path / "work" / "toy" / "runs").glob("*.json"))) == n_records
 
 
+def test_stage1_only_computes_each_rows_embeddings_once_and_trains_nothing_else(tmp_path, tiny_bert_dir, monkeypatch,
+                                                                              one_thread):
+    from benchmarks import reproduce as rp
+    from llm_item_embed import ItemEmbeddings
+
+    data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(12)], "title": [f"product {k}" for k in range(12)]},
+                       {"user_id": [f"u{k // 6}" for k in range(36)], "item_id": [f"i{(k * 5) % 12}" for k in range(36)],
+                        "timestamp": list(range(36))})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("stage 2 ran")
+
+    monkeypatch.setattr(rp.Trainer, "fit", no_training)
+    study = rp.parse_args(["--dataset", str(data), "--quick", "--parts", "main", "--variants", "w/o Cro pairCFT",
+                           "--stage1-only", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    study = dataclasses.replace(study, stage1=dataclasses.replace(study.stage1, model=tiny_bert_dir, max_steps=2,
+                                                                  batch_size=4))
+    folder = rp.run_study(study)
+    tables = [ItemEmbeddings.load(f) for f in sorted(folder.glob("*.safetensors"))]
+    # frozen (LLM2X, SAID, LLM-ESR share it), the paper CFT (LLM-CFSR) and the pair CFT: one file each
+    assert sorted((bool(t.metadata["training"]), bool(t.metadata["training"].get("positive_pairs")))
+                  for t in tables) == [(False, False), (True, False), (True, True)]
+    assert not (tmp_path / "work" / "toy" / "runs").exists() and not (tmp_path / "out").exists()
+
+
 def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch):
     from benchmarks import reproduce as rp
 
@@ -429,6 +454,64 @@ def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
     bad = neighbour_scores(ItemEmbeddings(ids, rng.normal(size=(n, 16))), prev, nxt, k=1)
     assert good["next@1"] == 1.0 and good["AUC"] > 0.99
     assert bad["next@1"] < 0.1 and 0.3 < bad["AUC"] < 0.7
+
+
+def test_neighbour_scores_split_next_at_k_by_the_next_items_group():
+    import numpy as np
+
+    from benchmarks.bench_neighbours import neighbour_scores
+    from llm_item_embed import ItemEmbeddings
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{j}" for j in range(40)]
+    x = rng.normal(size=(40, 8))
+    x[1::2] = x[0::2] + 0.01 * rng.normal(size=(20, 8))  # i2j+1 is i2j's twin
+    prev, nxt = np.array(ids[0:20:2] + ids[20:40:2]), np.array(ids[1:20:2] + ids[23:40:2] + ids[21:22])
+    tail = set(ids[:20])  # the first ten transitions go to a twin (tail items), the rest to another item
+    s = neighbour_scores(ItemEmbeddings(ids, x), prev, nxt, k=1, tail=tail)
+    assert s["next@1 tail"] == 1.0 and s["next@1 head"] == 0.0 and s["next@1"] == 0.5
+    assert "next@1 tail" not in neighbour_scores(ItemEmbeddings(ids, x), prev, nxt, k=1)
+
+
+def test_cooccurrence_embeddings_separate_communities_and_reject_unknown_items():
+    import numpy as np
+    import pytest
+
+    from benchmarks.bench_neighbours import cooccurrence_embeddings
+
+    rng = np.random.default_rng(0)
+    a, b = [f"a{j}" for j in range(5)], [f"b{j}" for j in range(5)]
+    users, items = [], []
+    for u in range(60):  # every user stays in one community
+        community = a if u % 2 else b
+        users += [u] * 6
+        items += list(rng.choice(community, size=6))
+    ids = a + b + ["never"]
+    emb = cooccurrence_embeddings(np.array(users), np.array(items), ids, dim=4, window=2)
+    x = emb.numpy()
+    assert np.allclose(np.linalg.norm(x[:10], axis=1), 1.0, atol=1e-5) and not x[10].any()  # unseen: zero row
+    sims = x[:10] @ x[:10].T
+    np.fill_diagonal(sims, -np.inf)
+    assert (sims.argmax(axis=1) // 5 == np.arange(10) // 5).all()  # nearest neighbour in the same community
+    with pytest.raises(ValueError, match="'zz'"):
+        cooccurrence_embeddings(np.array([0, 0]), np.array(["a0", "zz"]), ids)
+
+
+def test_linear_map_recovers_a_linear_target_and_skips_items_without_one():
+    import numpy as np
+
+    from benchmarks.bench_neighbours import linear_map
+    from llm_item_embed import ItemEmbeddings
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{j}" for j in range(300)]
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    y = x @ rng.normal(size=(6, 3)).astype(np.float32)
+    y[:50] = 0.0  # no target: left out of the fit, still predicted
+    target = ItemEmbeddings(ids[::-1], y[::-1])  # another order: rows are matched by id
+    pred = linear_map(ItemEmbeddings(ids, x), target, alpha=1e-6).numpy()
+    truth = x @ np.linalg.lstsq(x[50:], y[50:], rcond=None)[0]
+    assert np.allclose(pred, truth, atol=1e-3) and np.abs(pred[:50]).sum() > 1
 
 
 def test_held_out_transitions_are_the_ones_into_the_validation_items(tmp_path):
@@ -727,3 +810,30 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
         assert cfg.mixed_precision == "bf16" and not cfg.show_progress_bar  # the override, and the harness's quiet bar
         assert cfg.extra_loss_weight == (0.1 if distilled else 1.0), name
         assert isinstance(trainer.extra_loss, rp.SelfDistillation) == distilled, name
+
+
+def test_align_cft_tunes_towards_a_collaborative_target_with_or_without_the_paper_loss(tmp_path, tiny_bert_dir,
+                                                                                        one_thread):
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.bench_align_cft import align_cft, frozen_embeddings
+    from llm_item_embed import ItemEmbeddings
+
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_id": [f"i{j}" for j in range(12)], "title": [f"product {j}" for j in range(12)],
+                          "brand": [f"brand {j % 3}" for j in range(12)]})
+    target = ItemEmbeddings(list(items["item_id"])[::-1], rng.normal(size=(12, 4)).astype(np.float32))
+    frozen = frozen_embeddings(items, tmp_path, model=tiny_bert_dir)
+    assert (tmp_path / "frozen-64.safetensors").exists()
+    with pytest.raises(ValueError, match="max_length=64"):  # a cached file of other settings is refused
+        frozen_embeddings(items, tmp_path, path=str(tmp_path / "frozen-64.safetensors"), max_length=128)
+    settings = dict(steps=6, batch_size=4, lr=1e-2, align_temperature=0.1, drop_prob=0.2, seed=0, model=tiny_bert_dir)
+    both, history = align_cft(items, target, None, cft_weight=1.0, align_weight=1.0, **settings)
+    only, history_only = align_cft(items, target, frozen, cft_weight=0.0, align_weight=1.0, **settings)
+    again, _ = align_cft(items, target, frozen, cft_weight=0.0, align_weight=1.0, **settings)
+    assert list(both.ids) == list(items["item_id"]) and both.numpy().shape == frozen.numpy().shape
+    assert len(history) == 6 and all(h["paper"] > 0 and np.isfinite(h["align"]) for h in history)
+    assert all(h["paper"] == 0 for h in history_only)  # cft_weight 0: the paper term is not computed
+    assert not np.allclose(only.numpy(), frozen.numpy(), atol=1e-4)  # the LoRA moved the embeddings
+    np.testing.assert_array_equal(only.numpy(), again.numpy())  # one seed, one result
