@@ -10,12 +10,12 @@ from .backbone import BackboneSettings, LoraSettings, TextEncoder, default_model
 from .embedder import ItemEmbedder
 from .embeddings import ItemEmbeddings
 from .losses import ContrastiveLoss
-from .pairs import sequence_pairs
+from .pairs import cooccurrence_embeddings, sequence_pairs
 from .prompts import PromptTemplate
 from .training import ContrastiveTrainer, FitConfig
 
 __all__ = [
     "__version__", "ItemEmbedder", "PromptTemplate", "LoraSettings", "BackboneSettings", "TextEncoder",
     "ItemEmbeddings", "ContrastiveLoss", "FitConfig", "ContrastiveTrainer", "load_text_encoder",
-    "default_model_path", "sequence_pairs",
+    "default_model_path", "sequence_pairs", "cooccurrence_embeddings",
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
@@ -180,7 +181,8 @@ class ItemEmbedder:
 
     def fit(self, df: Any, id_column: str = "item_id", epochs: int = 1, batch_size: int = 64, lr: float = 2e-4,
             *, positive_pairs: Any = None, pair_prob: float = 0.5, mask_known_positives: bool = True,
-            **fit_config: Any) -> "ItemEmbedder":
+            targets: Any = None, target_weight: float = 1.0, view_weight: float = 1.0,
+            target_temperature: float = 0.05, target_init: str = "ridge", **fit_config: Any) -> "ItemEmbedder":
         """Contrastive LoRA fine-tuning on the items of ``df`` (two dropped views per item are positives).
 
         ``positive_pairs`` (beyond the paper): a two-column table (or ``(n, 2)`` array) of item ids that
@@ -192,15 +194,39 @@ class ItemEmbedder:
         ``mask_known_positives`` (default), an in-batch candidate that is a partner of the anchor (or
         renders the same prompt) is left out of the anchor's negatives instead of being pushed away.
 
+        ``targets`` (beyond the paper): an :class:`~llm_item_embed.embeddings.ItemEmbeddings` with a target
+        vector per item id, e.g. :func:`llm_item_embed.pairs.cooccurrence_embeddings` of the training
+        histories. Each masked view, through a linear projection trained with the adapter, is matched
+        to its item's target among the batch's (:class:`~llm_item_embed.losses.TargetAlignmentLoss`,
+        cosine logits over ``target_temperature``, weight ``target_weight``), beside the paper's InfoNCE
+        between views (weight ``view_weight``; 0 trains the alignment alone). Items without a target
+        (not in ``targets``, or a zero row) are neither anchors nor candidates of the alignment.
+        ``target_init="ridge"`` starts the projection at the ridge readout of the targets from the
+        un-tuned model's embeddings (one extra encoding pass over the table; skipped when resuming);
+        ``"random"`` at PyTorch's default. Not combined with ``positive_pairs``.
+
         Extra keyword arguments go to :class:`llm_item_embed.training.FitConfig` (seed, mixed precision,
         mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table, the pairs and
         the settings are checked before the model is loaded. Returns ``self``.
         """
-        from .losses import ContrastiveLoss
+        from .losses import AlignedContrastiveLoss, ContrastiveLoss, TargetAlignmentLoss
         from .pairs import PairIndex
-        from .training import ContrastiveTrainer, FitConfig
+        from .training import ContrastiveTrainer, FitConfig, ViewBatch, find_latest_checkpoint
 
         self._validate(df, id_column)
+        goal = has_goal = None
+        if targets is not None:
+            if positive_pairs is not None:
+                raise ValueError("targets and positive_pairs cannot be combined: a view of a partner would be "
+                                 "matched to the anchor's target")
+            goal, has_goal = _aligned_targets(targets, df[id_column].astype(str).tolist())
+            if target_init not in ("ridge", "random"):
+                raise ValueError(f"target_init must be 'ridge' or 'random', got {target_init!r}")
+            if view_weight < 0 or target_weight < 0 or view_weight + target_weight == 0:
+                raise ValueError(f"need view_weight, target_weight >= 0 and not both 0, got {view_weight}, "
+                                 f"{target_weight}")
+            if not (np.isfinite(target_temperature) and target_temperature > 0):
+                raise ValueError(f"target_temperature must be a positive number, got {target_temperature}")
         pair_index = None
         if positive_pairs is not None:
             if not 0.0 < pair_prob <= 1.0:
@@ -224,8 +250,11 @@ class ItemEmbedder:
         self._warn_truncated(self._count_truncated(full), len(full))
         template, drop_prob, n_views = self.template, self.drop_prob, self.n_views
 
-        def make_views(item_indices: np.ndarray, rng: np.random.Generator) -> tuple[list[list[str]], np.ndarray]:
+        def make_views(item_indices: np.ndarray, rng: np.random.Generator) -> Any:
             idx = np.asarray(item_indices, dtype=np.int64)
+            if goal is not None:
+                views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
+                return ViewBatch(views, group_ids[idx], targets=goal[idx], target_mask=has_goal[idx])
             if pair_index is None:
                 views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
                 return views, group_ids[idx]
@@ -238,13 +267,31 @@ class ItemEmbedder:
             return views, None, pair_index.known_positives(idx, sources, group_ids)
 
         loss = self.loss_module
+        if isinstance(loss, AlignedContrastiveLoss):  # a later fit keeps the learned temperature
+            loss = loss.contrastive
         if loss is None:
             loss = ContrastiveLoss(similarity=_SIMILARITY[self.similarity], temperature=self.temperature)
+        target_settings: dict[str, Any] = {}
+        if goal is not None:
+            with torch.random.fork_rng(devices=[]):  # the projection's start follows the fit's seed too
+                torch.manual_seed(config.seed)
+                alignment = TargetAlignmentLoss(encoder.dim, goal.shape[1], target_temperature)
+            resuming = config.resume_from is not None and (
+                config.resume_from != "latest"
+                or (config.output_dir is not None and find_latest_checkpoint(config.output_dir) is not None))
+            if target_init == "ridge" and not resuming:  # a resumed run loads its projection
+                _ridge_init(alignment.projection, self.encode_texts(full, show_progress_bar=False), goal, has_goal)
+            loss = AlignedContrastiveLoss(loss, alignment, view_weight=view_weight, target_weight=target_weight)
+            target_settings = {"items_with_target": int(has_goal.sum()), "dim": int(goal.shape[1]),
+                               "target_weight": float(target_weight), "view_weight": float(view_weight),
+                               "temperature": float(target_temperature), "init": target_init}
         trainer = ContrastiveTrainer(encoder, loss, config)
         view_settings = {"drop_prob": drop_prob, "n_views": n_views,
                          "pair_prob": float(pair_prob) if pair_index else None}
         if pair_index is not None and mask_known_positives:  # (added later: unmasked runs keep their fingerprint)
             view_settings["mask_known_positives"] = True
+        if goal is not None:  # (added later: runs without targets keep their fingerprint)
+            view_settings["targets"] = {**target_settings, "sha256": hashlib.sha256(goal.tobytes()).hexdigest()}
         result = trainer.train(make_views, n_items, data_fingerprint=_data_fingerprint(full, pair_index, view_settings))
         self.loss_module = loss
         self.temperature = float(loss.temperature)
@@ -252,6 +299,7 @@ class ItemEmbedder:
                    **({"positive_pairs": pair_index.n_pairs, "pair_prob": float(pair_prob),
                        "mask_known_positives": bool(mask_known_positives),
                        "pair_weighted": pair_index.weights is not None} if pair_index else {}),
+                   **({"targets": target_settings} if target_settings else {}),
                    "fit_config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {}}
         if isinstance(result, list) and result and isinstance(result[-1], Mapping):  # loss history
             summary.update(steps=int(result[-1].get("step", len(result))), first_loss=result[0].get("loss"),
@@ -562,6 +610,14 @@ class ItemEmbedder:
 
             state, _ = load_safetensors(folder / "loss.safetensors")
             loss = ContrastiveLoss(similarity=_SIMILARITY[emb.similarity], temperature=emb.temperature)
+            if "alignment.projection.weight" in state:  # fitted with targets
+                from .losses import AlignedContrastiveLoss, TargetAlignmentLoss
+
+                t = emb.training_summary.get("targets") or {}
+                out_dim, in_dim = state["alignment.projection.weight"].shape
+                loss = AlignedContrastiveLoss(loss, TargetAlignmentLoss(in_dim, out_dim, t.get("temperature", 0.05)),
+                                              view_weight=t.get("view_weight", 1.0),
+                                              target_weight=t.get("target_weight", 1.0))
             loss.load_state_dict(state)
             emb.loss_module = loss
         return emb
@@ -634,6 +690,39 @@ class ItemEmbedder:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _aligned_targets(targets: Any, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix [n, t] float32, has_target [n] bool)`` of ``targets`` in the order of ``ids``; items that
+    are missing or have a zero row get a zero row and False. Checked before any model work."""
+    if not (hasattr(targets, "ids") and hasattr(targets, "numpy")):
+        raise TypeError(f"targets must be an ItemEmbeddings (ids and a matrix), got {type(targets).__name__}")
+    matrix = np.asarray(targets.numpy(), dtype=np.float32)
+    target_ids = [str(i) for i in targets.ids]
+    if matrix.ndim != 2 or matrix.shape[0] != len(target_ids) or matrix.shape[1] < 1:
+        raise ValueError(f"targets must be an [n_ids, dim] matrix, got shape {matrix.shape} for {len(target_ids)} ids")
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if len(bad):
+        raise ValueError(f"targets: the row of item {target_ids[bad[0]]!r} is not finite")
+    rows = pd.Index(target_ids).get_indexer(list(ids))
+    goal = np.zeros((len(ids), matrix.shape[1]), dtype=np.float32)
+    goal[rows >= 0] = matrix[rows[rows >= 0]]
+    has_goal = np.linalg.norm(goal, axis=1) > 0
+    if has_goal.sum() < 2:
+        raise ValueError(f"targets cover {int(has_goal.sum())} of the table's {len(ids)} items (by id, non-zero "
+                         f"rows); the alignment needs at least 2")
+    return goal, has_goal
+
+
+def _ridge_init(projection: torch.nn.Linear, embeddings: np.ndarray, goal: np.ndarray, has_goal: np.ndarray,
+                alpha: float = 1.0) -> None:
+    """Set ``projection`` to the ridge regression of ``goal`` on ``embeddings`` over the targeted rows."""
+    from sklearn.linear_model import Ridge
+
+    fit = Ridge(alpha=alpha).fit(embeddings[has_goal], goal[has_goal])
+    with torch.no_grad():
+        projection.weight.copy_(torch.from_numpy(np.asarray(fit.coef_, dtype=np.float32)))
+        projection.bias.copy_(torch.from_numpy(np.asarray(fit.intercept_, dtype=np.float32)))
+
+
 def _data_fingerprint(prompts: Sequence[str], pair_index: Any, settings: Mapping[str, Any]) -> str:
     """SHA-256 of the training prompts (in table order), the positive-pair index and the view settings."""
     h = hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode())

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContrastiveLoss", "gather_with_grad", "grad_cache_backward", "RandContext"]
+__all__ = ["ContrastiveLoss", "TargetAlignmentLoss", "AlignedContrastiveLoss", "gather_with_grad", "grad_cache_backward",
+           "RandContext"]
 
 _DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05}
 
@@ -221,6 +222,114 @@ class ContrastiveLoss(nn.Module):
                 total = total + F.cross_entropy(logits, labels)
                 n_pairs += 1
         return total * (2.0 / n_pairs)
+
+
+class TargetAlignmentLoss(nn.Module):
+    """Symmetric in-batch InfoNCE between projected views and the items' target vectors (beyond the paper).
+
+    For each view ``a`` and anchor ``i``: ``z_i = normalize(W e_i^a + b)``, ``t_k = normalize(target_k)``,
+    ``logits[i, k] = z_i . t_k / temperature``; the loss of the view is the mean of the text->target
+    cross-entropy (row ``i`` against every target of the batch) and the target->text one (column), and
+    the loss is the mean over views. Rows with ``target_mask`` False (items without a target) are
+    neither anchors nor candidates; with fewer than two targeted rows in the (global) batch the loss is
+    0. Under several processes the projected views are gathered with gradients, as in
+    :class:`ContrastiveLoss`.
+
+    Args:
+        embed_dim: width of the pooled text embeddings.
+        target_dim: width of the targets.
+        temperature: fixed softmax temperature of the cosine logits.
+        gather_across_processes: use the candidates of every process when distributed.
+
+    Call: ``loss(views [K, B, d], targets [B, t], target_mask [B] | None) -> scalar``.
+    """
+
+    def __init__(self, embed_dim: int, target_dim: int, temperature: float = 0.05,
+                 gather_across_processes: bool = True) -> None:
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        self.projection = nn.Linear(int(embed_dim), int(target_dim))
+        self.temperature = float(temperature)
+        self.gather_across_processes = gather_across_processes
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:.4g}"
+
+    def forward(self, views: Tensor, targets: Tensor, target_mask: Tensor | None = None) -> Tensor:
+        if views.dim() != 3:
+            raise ValueError(f"views must have shape [K, B, d], got {tuple(views.shape)}")
+        k_views, b_local, _ = views.shape
+        targets = torch.as_tensor(targets, device=views.device, dtype=torch.float32)
+        if targets.shape != (b_local, self.projection.out_features):
+            raise ValueError(f"targets must have shape [{b_local}, {self.projection.out_features}], "
+                             f"got {tuple(targets.shape)}")
+        mask = (torch.ones(b_local, dtype=torch.bool, device=views.device) if target_mask is None
+                else torch.as_tensor(target_mask, device=views.device).bool())
+        rank, world = _dist_world() if self.gather_across_processes else (0, 1)
+        t = F.normalize(targets, dim=-1)
+        if world > 1:
+            all_t, all_mask = _gather_no_grad(t), _gather_no_grad(mask.to(torch.uint8)).bool()
+        else:
+            all_t, all_mask = t, mask
+        n_targeted = int(all_mask.sum())
+        if n_targeted < 2:
+            return views.sum() * 0.0  # nothing to contrast; keeps the graph (DDP expects every gradient)
+        rows = mask.nonzero().squeeze(1)  # this process's anchors that have a target
+        labels = rows + rank * b_local
+        blocked = ~all_mask  # candidates without a target
+        total = views.sum() * 0.0
+        for view in views:
+            z = F.normalize(self.projection(view.float()), dim=-1)
+            all_z = gather_with_grad(z, dim=0) if world > 1 else z
+            to_target = ((z[rows] @ all_t.T) / self.temperature).masked_fill(blocked[None, :], float("-inf"))
+            to_text = ((t[rows] @ all_z.T) / self.temperature).masked_fill(blocked[None, :], float("-inf"))
+            total = total + (F.cross_entropy(to_target, labels, reduction="sum")
+                             + F.cross_entropy(to_text, labels, reduction="sum")) / 2
+        # the sum over this process's anchors, scaled so that the mean over processes is the mean over
+        # every targeted anchor of the global batch (= the single-process loss), as ContrastiveLoss's
+        return total * world / (n_targeted * k_views)
+
+
+class AlignedContrastiveLoss(nn.Module):
+    """``view_weight * ContrastiveLoss(views) + target_weight * TargetAlignmentLoss(views, targets)``.
+
+    The paper's masked-view InfoNCE and the alignment of every view to its item's target (e.g. a
+    collaborative embedding, :func:`llm_item_embed.pairs.cooccurrence_embeddings`); ``view_weight = 0``
+    trains the alignment alone. ``temperature`` and ``clamp_`` are the contrastive part's, so the
+    trainer treats it like a :class:`ContrastiveLoss`.
+
+    Call: ``loss(views, group_ids, known_positives, targets=[B, t], target_mask=[B]) -> scalar``.
+    """
+
+    def __init__(self, contrastive: ContrastiveLoss, alignment: TargetAlignmentLoss, view_weight: float = 1.0,
+                 target_weight: float = 1.0) -> None:
+        super().__init__()
+        if view_weight < 0 or target_weight < 0 or view_weight + target_weight == 0:
+            raise ValueError(f"need view_weight, target_weight >= 0 and not both 0, got {view_weight}, {target_weight}")
+        self.contrastive = contrastive
+        self.alignment = alignment
+        self.view_weight = float(view_weight)
+        self.target_weight = float(target_weight)
+
+    @property
+    def temperature(self) -> float:
+        return self.contrastive.temperature
+
+    def clamp_(self) -> None:
+        self.contrastive.clamp_()
+
+    def extra_repr(self) -> str:
+        return f"view_weight={self.view_weight:g}, target_weight={self.target_weight:g}"
+
+    def forward(self, views: Tensor, group_ids: Tensor | None = None, known_positives: Tensor | None = None,
+                targets: Tensor | None = None, target_mask: Tensor | None = None) -> Tensor:
+        if targets is None:
+            raise ValueError("AlignedContrastiveLoss needs the batch's targets (fit(..., targets=...))")
+        total = self.target_weight * self.alignment(views, targets, target_mask)
+        if self.view_weight > 0:
+            total = total + self.view_weight * self.contrastive(views, group_ids, known_positives)
+        return total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""Collaborative positive pairs for contrastive fine-tuning (an extension beyond the paper).
+"""Collaborative signals for contrastive fine-tuning (extensions beyond the paper).
 
 The paper's CFT treats two masked prompts of the *same* item as positives: it teaches the model
-which attributes identify an item, not which items users consume together. Passing
-``positive_pairs`` to :meth:`ItemEmbedder.fit` also makes the masked prompt of an item that
-followed it in some user's history a positive (with probability ``pair_prob`` per view), so that
-the text encoder learns the collaborative neighbourhoods too, and can carry them to items with
-few interactions through their text.
+which attributes identify an item, not which items users consume together. Two ways to add the
+collaborative signal:
+
+- ``positive_pairs`` (:func:`sequence_pairs`) for :meth:`ItemEmbedder.fit`: the masked prompt of an
+  item that followed it in some user's history is a positive too (with probability ``pair_prob``
+  per view);
+- ``targets`` (:func:`cooccurrence_embeddings`): each masked prompt, through a learned projection,
+  is matched to its item's collaborative vector among the batch's, so the text encoder learns the
+  map from text to collaborative neighbourhoods and carries it to items with few interactions.
 
 >>> pairs = sequence_pairs(interactions, holdout_last=2)   # leave-one-out: never train on valid/test
 >>> embedder.fit(items, positive_pairs=pairs, pair_prob=0.5)
+>>> targets = cooccurrence_embeddings(interactions, holdout_last=2)
+>>> embedder.fit(items, targets=targets, view_weight=0.0)
 """
 from __future__ import annotations
 
@@ -18,6 +24,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+
+
+def _histories(interactions: pd.DataFrame, user_column: str, item_column: str, time_column: str | None,
+               holdout_last: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user, item id as str) of every interaction in (user, time) order, each user's last
+    ``holdout_last`` dropped; the columns are checked first."""
+    for col in (user_column, item_column, *([time_column] if time_column else [])):
+        if col not in interactions.columns:
+            raise KeyError(f"interactions has no column {col!r} (columns: {list(interactions.columns)})")
+    if holdout_last < 0:
+        raise ValueError(f"holdout_last must be >= 0, got {holdout_last}")
+    df = interactions[[user_column, item_column] + ([time_column] if time_column else [])]
+    if time_column:
+        df = df.sort_values([user_column, time_column], kind="stable")
+    else:
+        df = df.sort_values(user_column, kind="stable")
+    if holdout_last:
+        df = df[df.groupby(user_column, sort=False).cumcount(ascending=False).to_numpy() >= holdout_last]
+    return df[user_column].to_numpy(), df[item_column].astype(str).to_numpy()
 
 
 def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", item_column: str = "item_id",
@@ -32,23 +57,11 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
     (over all users and gaps); ``counts=True`` adds that number as a third column ``count``, which
     :meth:`ItemEmbedder.fit` then uses as the partner's sampling weight.
     """
-    for col in (user_column, item_column, *([time_column] if time_column else [])):
-        if col not in interactions.columns:
-            raise KeyError(f"interactions has no column {col!r} (columns: {list(interactions.columns)})")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if holdout_last < 0:
-        raise ValueError(f"holdout_last must be >= 0, got {holdout_last}")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
-    df = interactions[[user_column, item_column] + ([time_column] if time_column else [])]
-    if time_column:
-        df = df.sort_values([user_column, time_column], kind="stable")
-    else:
-        df = df.sort_values(user_column, kind="stable")
-    if holdout_last:
-        df = df[df.groupby(user_column, sort=False).cumcount(ascending=False).to_numpy() >= holdout_last]
-    users, items = df[user_column].to_numpy(), df[item_column].astype(str).to_numpy()
+    users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
     left, right = [], []
     for gap in range(1, window + 1):
         same = users[gap:] == users[:-gap]
@@ -62,6 +75,60 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
            .groupby(["item_id", "positive_id"], sort=False).size().reset_index(name="count"))
     out = out[out["count"] >= min_count].reset_index(drop=True)
     return out if counts else out[["item_id", "positive_id"]]
+
+
+def cooccurrence_embeddings(interactions: pd.DataFrame, ids: Sequence[str] | None = None, dim: int = 64,
+                            window: int = 3, holdout_last: int = 0, user_column: str = "user_id",
+                            item_column: str = "item_id", time_column: str | None = "timestamp",
+                            seed: int = 0) -> "ItemEmbeddings":
+    """A purely collaborative item embedding, e.g. the ``targets`` of :meth:`ItemEmbedder.fit`.
+
+    Two items ``g <= window`` steps apart in one user's history co-occur with weight ``1 / g``; the rows
+    are the truncated SVD (``dim`` components) of the positive PMI of these counts (context counts
+    smoothed by the power 0.75, as word2vec's negative sampling), L2-normalised. ``ids`` fixes the
+    rows (default: every item of ``interactions``, sorted); an item that never co-occurs gets a zero
+    row, which ``fit`` reads as "no target". ``holdout_last`` as in :func:`sequence_pairs` (2 for
+    leave-one-out). Sparse throughout: memory grows with the distinct co-occurring pairs.
+    """
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    from .embeddings import ItemEmbeddings
+
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
+    ids = sorted(set(interactions[item_column].astype(str))) if ids is None else [str(i) for i in ids]
+    rows = pd.Index(ids).get_indexer(items)
+    if (rows < 0).any():
+        raise KeyError(f"interactions: item id {items[np.flatnonzero(rows < 0)[0]]!r} is not among ids")
+    n = len(ids)
+    if not 1 <= dim < n:
+        raise ValueError(f"dim must be in [1, {n - 1}] for {n} items, got {dim}")
+    src, dst, weight = [], [], []
+    for gap in range(1, window + 1):
+        same = users[gap:] == users[:-gap]
+        a, b = rows[:-gap][same], rows[gap:][same]
+        src += [a, b]
+        dst += [b, a]
+        weight.append(np.full(2 * len(a), 1.0 / gap))
+    counts = sp.coo_matrix((np.concatenate(weight), (np.concatenate(src), np.concatenate(dst))),
+                           shape=(n, n)).tocsr()  # duplicates summed
+    counts.setdiag(0)
+    counts.eliminate_zeros()
+    if counts.nnz == 0:
+        raise ValueError("no two different items co-occur in the histories (after holdout_last)")
+    c = counts.tocoo()
+    total = np.asarray(counts.sum(axis=1)).ravel()
+    context = total ** 0.75
+    pmi = np.log(c.data * context.sum() / (total[c.row] * context[c.col]))
+    keep = pmi > 0
+    ppmi = sp.csr_matrix((pmi[keep], (c.row[keep], c.col[keep])), shape=(n, n))
+    x = TruncatedSVD(dim, random_state=seed).fit_transform(ppmi)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    return ItemEmbeddings(ids, x.astype(np.float32),
+                          {"collaborative": {"method": "PPMI-SVD", "dim": dim, "window": window,
+                                             "holdout_last": holdout_last, "seed": seed}})
 
 
 @dataclass(frozen=True)

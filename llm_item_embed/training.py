@@ -51,7 +51,7 @@ from torch import nn
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from .losses import ContrastiveLoss, grad_cache_backward
 
-__all__ = ["FitConfig", "ContrastiveTrainer", "NonFiniteLossError", "find_latest_checkpoint"]
+__all__ = ["FitConfig", "ContrastiveTrainer", "ViewBatch", "NonFiniteLossError", "find_latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,17 +190,38 @@ def _call_make_views(fn: Callable, idx: np.ndarray, rng: np.random.Generator, ep
     return fn(idx, rng)
 
 
-def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]], np.ndarray | None, np.ndarray | None]:
-    """Normalise ``views``, ``(views, group_ids)`` or ``(views, group_ids, known_positives)`` and check shapes."""
-    views, groups, known = result, None, None
-    if isinstance(result, tuple) and len(result) == 3:
-        views, groups, known = result
-    elif isinstance(result, tuple) and len(result) == 2 and (
-        result[1] is None or isinstance(result[1], (np.ndarray, torch.Tensor))
-        or (isinstance(result[1], (list, tuple)) and result[1] and not isinstance(result[1][0], str))
-    ):
-        views, groups = result
-    views = [list(v) for v in views]
+@dataclass
+class ViewBatch:
+    """What ``make_views`` renders for one global batch of ``B`` items.
+
+    ``views``: ``K`` lists of ``B`` texts; ``group_ids`` [B] (equal ids are not each other's negatives);
+    ``known_positives`` bool [B, B] or [K, B, B] (see :class:`ContrastiveLoss`); ``targets`` float [B, t]
+    and ``target_mask`` bool [B] (the items' target vectors, for a loss that takes them, e.g.
+    :class:`~llm_item_embed.losses.AlignedContrastiveLoss`)."""
+
+    views: list[list[str]]
+    group_ids: np.ndarray | None = None
+    known_positives: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    target_mask: np.ndarray | None = None
+
+
+def _split_views_result(result: Any, n: int, step: int) -> ViewBatch:
+    """Normalise ``views``, ``(views, group_ids)``, ``(views, group_ids, known_positives)`` or a
+    :class:`ViewBatch`, and check shapes."""
+    if isinstance(result, ViewBatch):
+        batch = dataclasses.replace(result)
+    else:
+        views, groups, known = result, None, None
+        if isinstance(result, tuple) and len(result) == 3:
+            views, groups, known = result
+        elif isinstance(result, tuple) and len(result) == 2 and (
+            result[1] is None or isinstance(result[1], (np.ndarray, torch.Tensor))
+            or (isinstance(result[1], (list, tuple)) and result[1] and not isinstance(result[1][0], str))
+        ):
+            views, groups = result
+        batch = ViewBatch(views, groups, known)
+    views = batch.views = [list(v) for v in batch.views]
     if len(views) < 2:
         raise ValueError(f"make_views returned {len(views)} view(s) at step {step}; need at least 2")
     for k, v in enumerate(views):
@@ -209,17 +230,32 @@ def _split_views_result(result: Any, n: int, step: int) -> tuple[list[list[str]]
         bad = next((t for t in v if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"make_views: view {k} contains a {type(bad).__name__}, expected str (step {step})")
-    if groups is not None:
-        groups = np.asarray(groups if not isinstance(groups, torch.Tensor) else groups.cpu().numpy())
+
+    def as_array(x: Any) -> np.ndarray:
+        return np.asarray(x if not isinstance(x, torch.Tensor) else x.cpu().numpy())
+
+    if batch.group_ids is not None:
+        groups = as_array(batch.group_ids)
         if groups.shape != (n,):
             raise ValueError(f"make_views: group_ids has shape {groups.shape}, expected ({n},) at step {step}")
-        groups = groups.astype(np.int64)
-    if known is not None:
-        known = np.asarray(known if not isinstance(known, torch.Tensor) else known.cpu().numpy())
+        batch.group_ids = groups.astype(np.int64)
+    if batch.known_positives is not None:
+        known = batch.known_positives = as_array(batch.known_positives)
         if known.dtype != np.bool_ or known.shape not in ((n, n), (len(views), n, n)):
             raise ValueError(f"make_views: known_positives must be a bool array of shape ({n}, {n}) or "
                              f"({len(views)}, {n}, {n}), got {known.dtype} {known.shape} at step {step}")
-    return views, groups, known
+    if batch.targets is not None:
+        targets = batch.targets = as_array(batch.targets).astype(np.float32)
+        if targets.ndim != 2 or targets.shape[0] != n:
+            raise ValueError(f"make_views: targets must have shape ({n}, dim), got {targets.shape} at step {step}")
+        mask = np.ones(n, dtype=bool) if batch.target_mask is None else as_array(batch.target_mask)
+        if mask.dtype != np.bool_ or mask.shape != (n,):
+            raise ValueError(f"make_views: target_mask must be a bool array of shape ({n},), got "
+                             f"{mask.dtype} {mask.shape} at step {step}")
+        batch.target_mask = mask
+    elif batch.target_mask is not None:
+        raise ValueError(f"make_views: a target_mask without targets at step {step}")
+    return batch
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -305,7 +341,8 @@ class ContrastiveTrainer:
         ``make_views(item_indices, rng)`` renders the global batch: ``views`` (``K`` lists of texts),
         ``(views, group_ids)`` (items with equal ids are not each other's negatives) or
         ``(views, group_ids, known_positives)`` (bool ``[B, B]`` or ``[K, B, B]``, see
-        :class:`ContrastiveLoss`; ``group_ids`` may be ``None``).
+        :class:`ContrastiveLoss`; ``group_ids`` may be ``None``), or a :class:`ViewBatch`, which can
+        also carry the items' ``targets`` (passed to the loss as ``targets=`` / ``target_mask=``).
 
         ``data_fingerprint``: any string that identifies what ``make_views`` draws from (items, prompts,
         positive pairs); it is stored in every checkpoint, and resuming with a different one is refused."""
@@ -374,20 +411,30 @@ class ContrastiveTrainer:
                 idx = self._batch_indices(int(n_items), b, spe, epoch, i)
                 bl = len(idx) // P
                 rng = np.random.default_rng([cfg.seed, step])
-                views, gids, known = _split_views_result(_call_make_views(make_views, idx, rng, epoch, step),
-                                                         len(idx), step + 1)
-                k = len(views)
+                batch = _split_views_result(_call_make_views(make_views, idx, rng, epoch, step), len(idx), step + 1)
+                k = len(batch.views)
                 lo, hi = rank * bl, (rank + 1) * bl
-                texts = [t for v in views for t in v[lo:hi]]
-                g_local = torch.as_tensor(gids[lo:hi], device=device) if gids is not None else None
+                texts = [t for v in batch.views for t in v[lo:hi]]
+
+                def local(x: np.ndarray | None, anchors_axis: int = 0) -> torch.Tensor | None:
+                    if x is None:
+                        return None
+                    return torch.as_tensor(np.take(x, np.arange(lo, hi), axis=anchors_axis), device=device)
+
+                g_local = local(batch.group_ids)
                 # this process's anchors against every candidate of the global batch
-                known_local = torch.as_tensor(known[..., lo:hi, :], device=device) if known is not None else None
+                known_local = local(batch.known_positives, -2)
+                targets_local, target_mask_local = local(batch.targets), local(batch.target_mask)
                 torch.manual_seed(_derived_seed(cfg.seed, step, rank))
 
                 def loss_fn(reps: torch.Tensor) -> torch.Tensor:
+                    views = reps.reshape(k, bl, -1)
+                    if targets_local is not None:
+                        return self.loss(views, g_local, known_local, targets=targets_local,
+                                         target_mask=target_mask_local)
                     if known_local is None:  # a custom loss may take (views, group_ids) only
-                        return self.loss(reps.reshape(k, bl, -1), g_local)
-                    return self.loss(reps.reshape(k, bl, -1), g_local, known_local)
+                        return self.loss(views, g_local)
+                    return self.loss(views, g_local, known_local)
 
                 if cfg.mini_batch_size is None:
                     feats = {kk: v.to(device) for kk, v in self.encoder.tokenize(texts).items()}

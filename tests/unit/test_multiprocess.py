@@ -3,8 +3,9 @@
 The parent computes the single-process reference in-process, launches this same file as the worker
 under ``python -m torch.distributed.run --nproc_per_node 2``, and compares what the workers wrote
 (safetensors + JSON): (a) the loss and the DDP-averaged gradients of ``ContrastiveLoss`` with
-cross-process negatives; (b) three ``ContrastiveTrainer`` steps, plain, with GradCache and with a
-known-positives mask that spans both processes.
+cross-process negatives; (b) three ``ContrastiveTrainer`` steps, plain, with GradCache, with a
+known-positives mask that spans both processes, and with targets (``AlignedContrastiveLoss``; some
+items without a target, unevenly spread over the two processes' halves).
 """
 from __future__ import annotations
 
@@ -32,10 +33,18 @@ def _texts() -> tuple[list[list[str]], np.ndarray]:
     return views, groups
 
 
-def _make_views(items: list[str], known_positives: bool = False):
+TARGET_DIM = 4
+
+
+def _make_views(items: list[str], known_positives: bool = False, targets: bool = False):
+    from llm_item_embed.training import ViewBatch
+
+    goal = np.random.default_rng(5).normal(size=(len(items), TARGET_DIM)).astype(np.float32)
     def make_views(idx: np.ndarray, rng: np.random.Generator):
         views = [[" ".join(w for w in items[i].split() if rng.random() > 0.3) or items[i] for i in idx]
                  for _ in range(K)]
+        if targets:  # items 0, 1, 2 (mod 8) have no target: a different count on each half of the batch
+            return ViewBatch(views, np.asarray(idx), targets=goal[idx], target_mask=idx % 8 > 2)
         if not known_positives:
             return views, np.asarray(idx)
         # a per-view mask that links items across the two processes' halves of the batch
@@ -49,7 +58,7 @@ def run_case(tok_path: str, out: Path) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from llm_item_embed.io import atomic_save_safetensors, atomic_write_json
-    from llm_item_embed.losses import ContrastiveLoss
+    from llm_item_embed.losses import AlignedContrastiveLoss, ContrastiveLoss, TargetAlignmentLoss
     from llm_item_embed.training import ContrastiveTrainer, FitConfig
     from tiny_encoder import TinyEncoder
 
@@ -83,17 +92,22 @@ def run_case(tok_path: str, out: Path) -> None:
 
     # (b) the trainer, plain and GradCache
     items = [f"{v0}" for v0 in views[0]] * 2  # 16 items -> 2 steps per epoch
-    for tag, mini in (("plain", None), ("gc", 3), ("known", None)):
+    for tag, mini in (("plain", None), ("gc", 3), ("known", None), ("targets", None), ("targets_gc", 3)):
         enc, lf = TinyEncoder(tok_path), ContrastiveLoss()
+        if tag.startswith("targets"):
+            torch.manual_seed(2)  # the projection starts the same in every process
+            lf = AlignedContrastiveLoss(lf, TargetAlignmentLoss(enc.dim, TARGET_DIM, temperature=0.5),
+                                        view_weight=0.5)
         cfg = FitConfig(batch_size=B, max_steps=STEPS, lr=5e-2, warmup_ratio=0.0, show_progress_bar=False,
                         mini_batch_size=mini, seed=11)
         hist = ContrastiveTrainer(enc, lf, cfg, accelerator=acc).train(
-            _make_views(items, known_positives=tag == "known"), len(items))
+            _make_views(items, known_positives=tag == "known", targets=tag.startswith("targets")), len(items))
         info[f"hist.{tag}"] = hist
         for n, p in enc.named_parameters():
             if p.requires_grad:
                 tensors[f"{tag}.{n}"] = p.detach().clone()
-        tensors[f"{tag}.log_scale"] = lf.log_scale.detach().clone()
+        for n, p in lf.named_parameters():
+            tensors[f"{tag}.loss.{n}"] = p.detach().clone()
         GradientState._reset_state()
 
     atomic_save_safetensors(out / f"rank{rank}.safetensors", tensors)
@@ -146,7 +160,9 @@ def test_two_processes_match_one(tiny_bert_dir: str, tmp_path: Path) -> None:
                                            msg=lambda m, k=key: f"{k}: {m}")
         # (b) trainer: same loss history and final parameters on every rank
         assert ref_info["hist.known"][0]["loss"] != pytest.approx(ref_info["hist.plain"][0]["loss"], abs=1e-3)
-        for tag in ("plain", "gc", "known"):
+        assert ref_info["hist.targets"][0]["loss"] != pytest.approx(ref_info["hist.plain"][0]["loss"], abs=1e-3)
+        assert "targets.loss.alignment.projection.weight" in ref  # the projection is trained and compared
+        for tag in ("plain", "gc", "known", "targets", "targets_gc"):
             for h1, h2 in zip(ref_info[f"hist.{tag}"], info[f"hist.{tag}"], strict=True):
                 assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5), (tag, h1, h2)
                 assert h2["temperature"] == pytest.approx(h1["temperature"], abs=1e-6)
