@@ -11,8 +11,8 @@ With ``--held-out`` the transitions into leave-one-out's validation items are sc
 embeddings fine-tuned with collaborative positives, which have seen the training transitions).
 ``--by-popularity`` splits ``next@k`` by the next item's group (tail / head item, the evaluation's
 ``GroupSpec`` on training counts). ``--reference`` adds two rows to read the text models against: a
-purely collaborative embedding of the same items (``cooccurrence_embeddings``: truncated SVD of the
-positive PMI of items near each other in training histories) and the best linear map from each
+purely collaborative embedding of the same items (``llm_item_embed.cooccurrence_embeddings`` of the
+training histories: truncated SVD of the positive PMI of items near each other) and the best linear map from each
 frozen text embedding onto it (``linear_map``, ridge regression), i.e. how much of the
 collaborative neighbourhood a text model could reach by a linear readout.
 
@@ -32,7 +32,7 @@ import pandas as pd
 
 from benchmarks.reproduce import REPO_ROOT
 from cfsr_head import GroupSpec, leave_one_out, load_dataset
-from llm_item_embed import ItemEmbeddings
+from llm_item_embed import ItemEmbeddings, cooccurrence_embeddings
 
 
 def _ranked_from_end(dataset: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -73,42 +73,6 @@ def tail_items(dataset: str) -> set[str]:
     return set(np.asarray(split.item_index.ids)[pop < threshold].tolist())
 
 
-def cooccurrence_embeddings(users: np.ndarray, items: np.ndarray, ids: list[str], dim: int = 64, window: int = 3,
-                            seed: int = 0) -> ItemEmbeddings:
-    """A purely collaborative item embedding over ``ids``: two items of one user's history ``d <= window``
-    steps apart co-occur with weight ``1 / d``; rows are the truncated SVD (``dim``) of the positive PMI
-    (context counts smoothed by the power 0.75, as word2vec's negatives), L2-normalised. Items that never
-    co-occur get zero rows. ``users`` / ``items`` are in (user, time) order, e.g. ``training_histories``."""
-    import scipy.sparse as sp
-    from sklearn.decomposition import TruncatedSVD
-
-    pos = {i: j for j, i in enumerate(ids)}
-    missing = [i for i in pd.unique(items) if i not in pos]
-    if missing:
-        raise ValueError(f"item {missing[0]!r} of the histories is not among the embedding ids")
-    it = np.fromiter((pos[i] for i in items), dtype=np.int64, count=len(items))
-    n = len(ids)
-    rows, cols, vals = [], [], []
-    for d in range(1, window + 1):
-        same = users[d:] == users[:-d]
-        a, b = it[:-d][same], it[d:][same]
-        rows += [a, b]
-        cols += [b, a]
-        vals.append(np.full(2 * len(a), 1.0 / d))
-    counts = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)).tocsr()
-    counts.setdiag(0)
-    counts.eliminate_zeros()
-    c = counts.tocoo()
-    row_sum = np.asarray(counts.sum(axis=1)).ravel()
-    context = row_sum ** 0.75
-    pmi = np.log(c.data * context.sum() / (row_sum[c.row] * context[c.col]))
-    keep = pmi > 0
-    ppmi = sp.coo_matrix((pmi[keep], (c.row[keep], c.col[keep])), shape=(n, n)).tocsr()
-    x = TruncatedSVD(min(dim, n - 1), random_state=seed).fit_transform(ppmi)
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
-    return ItemEmbeddings(list(ids), x.astype(np.float32), {"training": {}, "reference": f"co-occurrence PPMI-SVD {dim}"})
-
-
 def fit_linear_map(source: ItemEmbeddings, target: ItemEmbeddings, alpha: float = 1.0):
     """Ridge regression of ``target`` on ``source`` (rows matched by id), fitted on the items with a
     non-zero target row; returns the fitted ``sklearn.linear_model.Ridge``."""
@@ -124,7 +88,7 @@ def linear_map(source: ItemEmbeddings, target: ItemEmbeddings, alpha: float = 1.
     """``source`` mapped onto ``target`` by :func:`fit_linear_map`, for every item (the best linear
     readout of the target from the source)."""
     pred = fit_linear_map(source, target, alpha).predict(source.numpy().astype(np.float32)).astype(np.float32)
-    return ItemEmbeddings(list(source.ids), pred, {"training": {}, "reference": "linear map"})
+    return ItemEmbeddings(list(source.ids), pred, {"reference": "linear map"})
 
 
 def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: int = 10,
@@ -158,15 +122,21 @@ def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: 
 
 
 def embeddings_label(emb: ItemEmbeddings) -> str:
-    """"frozen", "CFT (N steps)" or "pair CFT (N steps)" from the file's metadata (files written before
-    the metadata carried the training summary: from the study's fit_seconds)."""
+    """"frozen", "CFT (N steps)", "pair CFT (N steps)", "target CFT (N steps)", "co-occurrence" or
+    "linear map" from the file's metadata (files written before the metadata carried the training
+    summary: from the study's fit_seconds)."""
+    if "reference" in emb.metadata:
+        return str(emb.metadata["reference"])
+    if "collaborative" in emb.metadata:
+        return "co-occurrence"
     training = emb.metadata.get("training")
     if training is None:
         fit_s = float(emb.metadata.get("fit_seconds", 0) or 0)
         return "frozen" if fit_s == 0 else f"CFT ({fit_s:.0f} s)"
     if not training:
-        return emb.metadata.get("reference", "frozen")
-    return f"{'pair CFT' if training.get('positive_pairs') else 'CFT'} ({training.get('steps', '?')} steps)"
+        return "frozen"
+    kind = "pair CFT" if training.get("positive_pairs") else "target CFT" if training.get("targets") else "CFT"
+    return f"{kind} ({training.get('steps', '?')} steps)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     tail = tail_items(a.dataset) if a.by_popularity else None
     loaded = [(f.name, ItemEmbeddings.load(f)) for f in files]
     if a.reference:
-        users, items = training_histories(a.dataset)
-        collab = cooccurrence_embeddings(users, items, list(loaded[0][1].ids))
+        collab = cooccurrence_embeddings(load_dataset(a.dataset).interactions, ids=list(loaded[0][1].ids),
+                                         holdout_last=2)
         readouts = [(f"{name} (linear map)", linear_map(emb, collab)) for name, emb in loaded
                     if embeddings_label(emb) == "frozen"]
         loaded += [("co-occurrence", collab), *readouts]

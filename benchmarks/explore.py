@@ -33,6 +33,8 @@ PAIRS_2EP = (PAIRS, ("epochs", 2), ("max_steps", None))
 PAIRS_MASKED = (PAIRS, ("mask_known_positives", True))
 PAIRS_WEIGHTED = (PAIRS, ("pair_weighted", True))
 PAIRS_STRONG = (PAIRS, ("pair_weighted", True), ("pair_min_count", 2))
+TARGETS = (("target", "cooccurrence"), ("view_weight", 0.0))  # the alignment alone
+TARGETS_AND_VIEWS = (("target", "cooccurrence"),)  # the alignment beside the paper's InfoNCE
 
 EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # item-table init scale: random (SASRec uses N(0, 0.02^2)) and PCA (SAID's PCA coordinates of
@@ -95,6 +97,14 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # the best dual view (per-view losses 0.5, cosine) on the pair-CFT embeddings: whether CFT earns its place there
     Variant("w/o Cro pairCFT vloss0.5 cos0.1", head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 0.5)),
             stage1=(PAIRS,)),
+    # CFT with collaborative targets (ItemEmbedder.fit targets=: each masked view matched to its item's
+    # co-occurrence vector of the training histories through a ridge-started projection), alone or beside
+    # the paper's InfoNCE, under the single view, the paper's form and the best dual view
+    Variant("SAID targetCFT cos0.1", head=(ONE_VIEW, ("score_temperature", 0.1)), stage1=TARGETS),
+    Variant("SAID targetCFT+views cos0.1", head=(ONE_VIEW, ("score_temperature", 0.1)), stage1=TARGETS_AND_VIEWS),
+    Variant("LLM-CFSR targetCFT", stage1=TARGETS),
+    Variant("w/o Cro targetCFT vloss0.5 cos0.1", head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 0.5)),
+            stage1=TARGETS),
     # SAID's ID table pulled toward its PCA initialisation (DualViewConfig.collab_anchor_weight),
     # so that rare items keep their semantic coordinates
     *[Variant(f"SAID anchor{a} cos0.1", semantic="frozen",

@@ -86,6 +86,18 @@ class Stage1:
                                         # library's default; the study's pair rows were run before it existed)
     pair_min_count: int = 1           # with pairs: only pairs seen in at least this many transitions
     pair_weighted: bool = False       # with pairs: draw partners in proportion to their transition count
+    target: str | None = None         # "cooccurrence": each masked view is also matched to its item's
+                                      # co-occurrence vector of the training histories (ItemEmbedder.fit
+                                      # targets=; beyond the paper)
+    target_weight: float = 1.0        # with a target: weight of the alignment to it
+    target_dim: int = 64              # with a target: width of the co-occurrence vectors
+    view_weight: float = 1.0          # with a target: weight of the paper's masked-view InfoNCE (0: alignment alone)
+
+    def __post_init__(self) -> None:
+        if self.target not in (None, "cooccurrence"):
+            raise ValueError(f"Stage1.target must be None or 'cooccurrence', got {self.target!r}")
+        if self.target is not None and self.pair_prob > 0:
+            raise ValueError("Stage1: a target and positive pairs (pair_prob > 0) cannot be combined")
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,8 @@ class Stage2:
 # Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
 # hold these values, so that adding a setting does not invalidate finished runs.
 STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
-                       "pair_weighted": False}
+                       "pair_weighted": False, "target": None, "target_weight": 1.0, "view_weight": 1.0,
+                       "target_dim": 64}
 STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0}
 
 
@@ -244,9 +257,9 @@ def item_template(items: pd.DataFrame):
 
 def embeddings_path(study: Study, settings: Stage1) -> Path:
     """Where ``stage1_embeddings`` caches the embeddings of these settings (keyed by the settings and
-    the content of items.csv, and of interactions.csv when pairs are used)."""
+    the content of items.csv, and of interactions.csv when pairs or targets are used)."""
     fingerprint = {"stage1": stage1_key(settings), "items": file_digest(study.dataset / "items.csv")}
-    if settings.tuned and settings.pair_prob > 0:
+    if settings.tuned and (settings.pair_prob > 0 or settings.target is not None):
         fingerprint["interactions"] = file_digest(study.dataset / "interactions.csv")
     return study.workdir / study.name / "embeddings" / f"{config_hash(fingerprint)}.safetensors"
 
@@ -254,7 +267,7 @@ def embeddings_path(study: Study, settings: Stage1) -> Path:
 def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, interactions: pd.DataFrame):
     """Item embeddings of the dataset's items.csv, cached by settings and file content
     (``interactions`` give the positive pairs when ``settings.pair_prob > 0``)."""
-    from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, sequence_pairs
+    from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, cooccurrence_embeddings, sequence_pairs
 
     path = embeddings_path(study, settings)
     folder, key = path.parent, path.stem
@@ -265,15 +278,20 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
                             max_length=settings.max_length, gguf_file=settings.gguf_file)
     t0 = time.time()
     if settings.tuned:
-        pairs = {}
-        if settings.pair_prob > 0:  # training histories only: leave-one-out's valid/test items are held out
-            pairs = {"positive_pairs": sequence_pairs(interactions, holdout_last=2, min_count=settings.pair_min_count,
-                                                      counts=settings.pair_weighted),
-                     "pair_prob": settings.pair_prob, "mask_known_positives": settings.mask_known_positives}
+        collaborative = {}  # training histories only: leave-one-out's valid/test items are held out
+        if settings.pair_prob > 0:
+            pairs = sequence_pairs(interactions, holdout_last=2, min_count=settings.pair_min_count,
+                                   counts=settings.pair_weighted)
+            collaborative = {"positive_pairs": pairs, "pair_prob": settings.pair_prob,
+                             "mask_known_positives": settings.mask_known_positives}
+        if settings.target == "cooccurrence":
+            collaborative = {"targets": cooccurrence_embeddings(interactions, ids=items["item_id"].astype(str),
+                                                                dim=settings.target_dim, holdout_last=2),
+                             "target_weight": settings.target_weight, "view_weight": settings.view_weight}
         # checkpoints every 50 steps: an interrupted fine-tune resumes from the last one
         embedder.fit(items, id_column="item_id", epochs=settings.epochs, batch_size=settings.batch_size,
                      lr=settings.lr, max_steps=settings.max_steps, seed=settings.seed,
-                     output_dir=str(folder / f"{key}-cft"), save_every=50, resume_from="latest", **pairs)
+                     output_dir=str(folder / f"{key}-cft"), save_every=50, resume_from="latest", **collaborative)
     fit_s = time.time() - t0
     embeddings = embedder.encode(items, id_column="item_id")
     embeddings.metadata["fit_seconds"] = round(fit_s, 1)

@@ -76,6 +76,39 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
     assert stage1_key(Stage1(pair_prob=0.5, mask_known_positives=True))["mask_known_positives"] is True
     strong = stage1_key(Stage1(pair_prob=0.5, pair_min_count=2, pair_weighted=True))
     assert strong["pair_min_count"] == 2 and strong["pair_weighted"] is True
+    target = stage1_key(Stage1(target="cooccurrence", view_weight=0.0))
+    assert target["target"] == "cooccurrence" and target["view_weight"] == 0.0 and "target_weight" not in target
+    with pytest.raises(ValueError, match="'pairs'"):
+        Stage1(target="pairs")
+
+
+def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_path, tiny_bert_dir, monkeypatch,
+                                                                           one_thread):
+    import llm_item_embed
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(12)], "title": [f"product {k}" for k in range(12)]},
+                       {"user_id": [f"u{k // 6}" for k in range(36)], "item_id": [f"i{(k * 5) % 12}" for k in range(36)],
+                        "timestamp": list(range(36))})
+    study = rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")])
+    data_ = rp.load_dataset(data)
+    seen = {}
+    fit = llm_item_embed.ItemEmbedder.fit
+
+    def spy(self, df, **kwargs):
+        seen.update(kwargs)
+        return fit(self, df, **kwargs)
+
+    monkeypatch.setattr(llm_item_embed.ItemEmbedder, "fit", spy)
+    settings = rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32, target="cooccurrence",
+                         view_weight=0.0, target_dim=4)
+    emb = rp.stage1_embeddings(study, settings, data_.items, data_.interactions)
+    assert emb.metadata["training"]["targets"]["view_weight"] == 0.0
+    targets = seen["targets"]
+    assert list(targets.ids) == list(data_.items["item_id"].astype(str))
+    assert targets.metadata["collaborative"]["holdout_last"] == 2  # validation and test items never leak in
+    plain = rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32))
+    assert rp.embeddings_path(study, settings) != plain
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
@@ -473,30 +506,6 @@ def test_neighbour_scores_split_next_at_k_by_the_next_items_group():
     assert "next@1 tail" not in neighbour_scores(ItemEmbeddings(ids, x), prev, nxt, k=1)
 
 
-def test_cooccurrence_embeddings_separate_communities_and_reject_unknown_items():
-    import numpy as np
-    import pytest
-
-    from benchmarks.bench_neighbours import cooccurrence_embeddings
-
-    rng = np.random.default_rng(0)
-    a, b = [f"a{j}" for j in range(5)], [f"b{j}" for j in range(5)]
-    users, items = [], []
-    for u in range(60):  # every user stays in one community
-        community = a if u % 2 else b
-        users += [u] * 6
-        items += list(rng.choice(community, size=6))
-    ids = a + b + ["never"]
-    emb = cooccurrence_embeddings(np.array(users), np.array(items), ids, dim=4, window=2)
-    x = emb.numpy()
-    assert np.allclose(np.linalg.norm(x[:10], axis=1), 1.0, atol=1e-5) and not x[10].any()  # unseen: zero row
-    sims = x[:10] @ x[:10].T
-    np.fill_diagonal(sims, -np.inf)
-    assert (sims.argmax(axis=1) // 5 == np.arange(10) // 5).all()  # nearest neighbour in the same community
-    with pytest.raises(ValueError, match="'zz'"):
-        cooccurrence_embeddings(np.array([0, 0]), np.array(["a0", "zz"]), ids)
-
-
 def test_linear_map_recovers_a_linear_target_and_skips_items_without_one():
     import numpy as np
 
@@ -810,30 +819,3 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
         assert cfg.mixed_precision == "bf16" and not cfg.show_progress_bar  # the override, and the harness's quiet bar
         assert cfg.extra_loss_weight == (0.1 if distilled else 1.0), name
         assert isinstance(trainer.extra_loss, rp.SelfDistillation) == distilled, name
-
-
-def test_align_cft_tunes_towards_a_collaborative_target_with_or_without_the_paper_loss(tmp_path, tiny_bert_dir,
-                                                                                        one_thread):
-    import numpy as np
-    import pandas as pd
-
-    from benchmarks.bench_align_cft import align_cft, frozen_embeddings
-    from llm_item_embed import ItemEmbeddings
-
-    rng = np.random.default_rng(0)
-    items = pd.DataFrame({"item_id": [f"i{j}" for j in range(12)], "title": [f"product {j}" for j in range(12)],
-                          "brand": [f"brand {j % 3}" for j in range(12)]})
-    target = ItemEmbeddings(list(items["item_id"])[::-1], rng.normal(size=(12, 4)).astype(np.float32))
-    frozen = frozen_embeddings(items, tmp_path, model=tiny_bert_dir)
-    assert (tmp_path / "frozen-64.safetensors").exists()
-    with pytest.raises(ValueError, match="max_length=64"):  # a cached file of other settings is refused
-        frozen_embeddings(items, tmp_path, path=str(tmp_path / "frozen-64.safetensors"), max_length=128)
-    settings = dict(steps=6, batch_size=4, lr=1e-2, align_temperature=0.1, drop_prob=0.2, seed=0, model=tiny_bert_dir)
-    both, history = align_cft(items, target, None, cft_weight=1.0, align_weight=1.0, **settings)
-    only, history_only = align_cft(items, target, frozen, cft_weight=0.0, align_weight=1.0, **settings)
-    again, _ = align_cft(items, target, frozen, cft_weight=0.0, align_weight=1.0, **settings)
-    assert list(both.ids) == list(items["item_id"]) and both.numpy().shape == frozen.numpy().shape
-    assert len(history) == 6 and all(h["paper"] > 0 and np.isfinite(h["align"]) for h in history)
-    assert all(h["paper"] == 0 for h in history_only)  # cft_weight 0: the paper term is not computed
-    assert not np.allclose(only.numpy(), frozen.numpy(), atol=1e-4)  # the LoRA moved the embeddings
-    np.testing.assert_array_equal(only.numpy(), again.numpy())  # one seed, one result
