@@ -252,11 +252,10 @@ class ItemEmbedder:
 
         def make_views(item_indices: np.ndarray, rng: np.random.Generator) -> Any:
             idx = np.asarray(item_indices, dtype=np.int64)
-            if goal is not None:
-                views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
-                return ViewBatch(views, group_ids[idx], targets=goal[idx], target_mask=has_goal[idx])
             if pair_index is None:
                 views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in idx] for _ in range(n_views)]
+                if goal is not None:
+                    return ViewBatch(views, group_ids[idx], targets=goal[idx], target_mask=has_goal[idx])
                 return views, group_ids[idx]
             sources = [idx] + [pair_index.sample(idx, pair_prob, rng) for _ in range(n_views - 1)]
             views = [[template.join(template.drop(atoms[i], drop_prob, rng)) for i in src] for src in sources]
