@@ -90,13 +90,9 @@ def read_items(path: str | os.PathLike, id_column: str) -> Any:
     return df
 
 
-def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_count: int = 1,
-               counts: bool = False) -> Any:
-    """Positive pairs from an interactions table (user_id, item_id[, timestamp]): consecutive items of each
-    user's history, the last ``holdout_last`` interactions of each user left out, pairs seen fewer than
-    ``min_count`` times dropped (``counts``: with a count column). Unknown items are named."""
-    from .pairs import sequence_pairs
-
+def read_interactions(path: str | os.PathLike, item_ids: Any) -> Any:
+    """An interactions table (user_id, item_id[, timestamp]) whose items are all in ``item_ids``;
+    missing columns and unknown items are named."""
     path = Path(path)
     df = _read_table(path, "interactions", {"user_id": str, "item_id": str})
     missing = [c for c in ("user_id", "item_id") if c not in df.columns]
@@ -108,6 +104,17 @@ def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_co
     if unknown:
         raise CLIError(f"interactions file {path}: {len(unknown)} item id(s) are not in the items table, "
                        f"e.g. {unknown[:5]}")
+    return df
+
+
+def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_count: int = 1,
+               counts: bool = False) -> Any:
+    """Positive pairs from an interactions table (user_id, item_id[, timestamp]): consecutive items of each
+    user's history, the last ``holdout_last`` interactions of each user left out, pairs seen fewer than
+    ``min_count`` times dropped (``counts``: with a count column). Unknown items are named."""
+    from .pairs import sequence_pairs
+
+    df = read_interactions(path, item_ids)
     pairs = sequence_pairs(df, time_column="timestamp" if "timestamp" in df.columns else None,
                            holdout_last=holdout_last, min_count=min_count, counts=counts)
     if len(pairs) == 0:
@@ -115,6 +122,19 @@ def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_co
                        f"(after holding out the last {holdout_last} per user"
                        + (f", seen at least {min_count} times)" if min_count > 1 else ")"))
     return pairs
+
+
+def read_targets(path: str | os.PathLike, item_ids: Any, holdout_last: int, dim: int) -> Any:
+    """Co-occurrence targets (:func:`~llm_item_embed.pairs.cooccurrence_embeddings`) of an interactions
+    table, one row per item of ``item_ids``, each user's last ``holdout_last`` interactions left out."""
+    from .pairs import cooccurrence_embeddings
+
+    df = read_interactions(path, item_ids)
+    try:
+        return cooccurrence_embeddings(df, ids=list(item_ids), dim=dim, holdout_last=holdout_last,
+                                       time_column="timestamp" if "timestamp" in df.columns else None)
+    except ValueError as exc:
+        raise CLIError(f"interactions file {path}: {exc}") from None
 
 
 def build_template(args: argparse.Namespace) -> Any:
@@ -244,11 +264,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--pair-min-count must be at least 1, got {args.pair_min_count}")
     df = read_items(args.items, args.id_column)
     check_table(df, template, args.id_column, args.items)
+    if args.view_weight < 0 or args.target_weight < 0 or args.view_weight + args.target_weight == 0:
+        raise CLIError(f"--view-weight and --target-weight must be >= 0 and not both 0, got {args.view_weight}, "
+                       f"{args.target_weight}")
     weighted = args.pair_weighting == "count"
-    pairs = None
-    if args.interactions:
+    pairs = targets = None
+    if args.interactions and args.collaborative == "pairs":
         pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last, args.pair_min_count,
                            counts=weighted)
+    elif args.interactions:
+        targets = read_targets(args.interactions, df[args.id_column].astype(str), args.holdout_last, args.target_dim)
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -259,6 +284,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                           mask_known_positives=not args.negatives_include_partners)
         logger.info("%d positive pairs from %s (pair_prob %.2f, %s partners)", len(pairs), args.interactions,
                     args.pair_prob, "count-weighted" if weighted else "uniform")
+    if targets is not None:
+        fit_kwargs.update(targets=targets, view_weight=args.view_weight, target_weight=args.target_weight)
+        logger.info("co-occurrence targets (dim %d) from %s", args.target_dim, args.interactions)
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
@@ -404,11 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c = fit.add_argument_group("collaborative positives (beyond the paper)")
     c.add_argument("--interactions", help="interactions table (user_id, item_id[, timestamp]): items that follow "
-                                          "each other in a history become positives too")
+                                          "each other in a history become positives too (or, with "
+                                          "--collaborative targets, give each item a co-occurrence target)")
+    c.add_argument("--collaborative", choices=["pairs", "targets"], default="pairs",
+                   help="what --interactions teach: consecutive items as positives (pairs, default), or each "
+                        "view matched to its item's co-occurrence vector (targets)")
+    c.add_argument("--view-weight", type=float, default=1.0,
+                   help="with targets: weight of the paper's InfoNCE between masked views (0: the alignment alone)")
+    c.add_argument("--target-weight", type=float, default=1.0, help="with targets: weight of the alignment")
+    c.add_argument("--target-dim", type=int, default=64, help="with targets: width of the co-occurrence vectors")
     c.add_argument("--pair-prob", type=float, default=0.5,
                    help="probability that a view is a partner's instead of the item's own (default: 0.5)")
     c.add_argument("--holdout-last", type=int, default=2,
-                   help="interactions per user left out of the pairs (default 2: leave-one-out's validation "
+                   help="interactions per user left out of the pairs or targets (default 2: leave-one-out's validation "
                         "and test items)")
     c.add_argument("--pair-min-count", type=int, default=1,
                    help="only pairs that follow each other in at least this many histories' steps (default: 1)")

@@ -280,6 +280,23 @@ def test_fit_pair_options_reach_the_training(tiny_bert_dir, items_csv, tmp_path,
     assert {k: training[k] for k in expected} == expected
 
 
+def test_fit_with_collaborative_targets_reaches_the_training(tiny_bert_dir, items_csv, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ["fit", str(items_csv), "--model", tiny_bert_dir, "--output-dir", str(run_dir), "--batch-size", "4",
+              "--max-steps", "1", "--lora-r", "4", "--no-progress", "-q", "--interactions",
+              str(write_histories(tmp_path)), "--collaborative", "targets", "--holdout-last", "0"]
+    code, out, err = run(capsys, *common, "--target-dim", "2", "--view-weight", "0")
+    assert code == 0, err
+    training = json.loads((run_dir / "item_embedder_config.json").read_text())["training"]
+    assert "positive_pairs" not in training
+    assert training["targets"]["dim"] == 2 and training["targets"]["view_weight"] == 0.0
+    assert training["targets"]["items_with_target"] == 12  # every item of the three histories co-occurs
+    code, out, err = run(capsys, *common, "--target-dim", "99")
+    assert code == 1 and "dim must be in [1, " in err
+    code, out, err = run(capsys, *common, "--view-weight", "0", "--target-weight", "0")
+    assert code == 1 and "not both 0" in err
+
+
 def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     template = tmp_path / "template.json"
