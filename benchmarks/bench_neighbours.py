@@ -122,9 +122,9 @@ def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: 
 
 
 def embeddings_label(emb: ItemEmbeddings) -> str:
-    """"frozen", "CFT (N steps)", "pair CFT (N steps)", "target CFT (N steps)", "co-occurrence" or
-    "linear map" from the file's metadata (files written before the metadata carried the training
-    summary: from the study's fit_seconds)."""
+    """"frozen", "CFT (N steps)", "pair CFT (N steps)", "target CFT (N steps)", "target CFT + views
+    (N steps)", "co-occurrence" or "linear map" from the file's metadata (files written before the
+    metadata carried the training summary: from the study's fit_seconds)."""
     if "reference" in emb.metadata:
         return str(emb.metadata["reference"])
     if "collaborative" in emb.metadata:
@@ -135,7 +135,10 @@ def embeddings_label(emb: ItemEmbeddings) -> str:
         return "frozen" if fit_s == 0 else f"CFT ({fit_s:.0f} s)"
     if not training:
         return "frozen"
-    kind = "pair CFT" if training.get("positive_pairs") else "target CFT" if training.get("targets") else "CFT"
+    targets = training.get("targets")
+    kind = "pair CFT" if training.get("positive_pairs") else "target CFT" if targets else "CFT"
+    if targets and targets.get("view_weight", 0):
+        kind += " + views"  # the paper's InfoNCE between views kept beside the alignment
     return f"{kind} ({training.get('steps', '?')} steps)"
 
 

@@ -547,6 +547,8 @@ def test_neighbour_bench_labels_files_from_their_training_metadata():
     assert label({"training": {}}) == "frozen"
     assert label({"training": {"steps": 200}}) == "CFT (200 steps)"
     assert label({"training": {"steps": 200, "positive_pairs": 9}}) == "pair CFT (200 steps)"
+    assert label({"training": {"steps": 200, "targets": {"view_weight": 0.0}}}) == "target CFT (200 steps)"
+    assert label({"training": {"steps": 200, "targets": {"view_weight": 1.0}}}) == "target CFT + views (200 steps)"
     assert label({"fit_seconds": 0.0}) == "frozen" and label({"fit_seconds": 12.0}) == "CFT (12 s)"  # older files
 
 
