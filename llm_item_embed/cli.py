@@ -124,15 +124,16 @@ def read_pairs(path: str | os.PathLike, item_ids: Any, holdout_last: int, min_co
     return pairs
 
 
-def read_targets(path: str | os.PathLike, item_ids: Any, holdout_last: int, dim: int) -> Any:
+def read_targets(path: str | os.PathLike, item_ids: Any, holdout_last: int, **options: Any) -> Any:
     """Co-occurrence targets (:func:`~llm_item_embed.pairs.cooccurrence_embeddings`) of an interactions
-    table, one row per item of ``item_ids``, each user's last ``holdout_last`` interactions left out."""
+    table, one row per item of ``item_ids``, each user's last ``holdout_last`` interactions left out
+    (``options``, e.g. ``dim``, go to that function)."""
     from .pairs import cooccurrence_embeddings
 
     df = read_interactions(path, item_ids)
     try:
-        return cooccurrence_embeddings(df, ids=list(item_ids), dim=dim, holdout_last=holdout_last,
-                                       time_column="timestamp" if "timestamp" in df.columns else None)
+        return cooccurrence_embeddings(df, ids=list(item_ids), holdout_last=holdout_last,
+                                       time_column="timestamp" if "timestamp" in df.columns else None, **options)
     except ValueError as exc:
         raise CLIError(f"interactions file {path}: {exc}") from None
 
@@ -262,18 +263,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--holdout-last must be >= 0, got {args.holdout_last}")
     if args.pair_min_count < 1:
         raise CLIError(f"--pair-min-count must be at least 1, got {args.pair_min_count}")
+    target_options = {"view_weight": args.view_weight, "target_weight": args.target_weight}
+    if args.collaborative == "targets":
+        if not args.interactions:
+            raise CLIError("--collaborative targets needs --interactions (the histories the targets come from)")
+        from .losses import check_alignment_weights
+
+        try:
+            check_alignment_weights(*(1.0 if w is None else w for w in target_options.values()))
+        except ValueError as exc:
+            raise CLIError(f"--view-weight / --target-weight: {exc}") from None
+    else:
+        given = [f"--{k.replace('_', '-')}" for k, v in {**target_options, "target_dim": args.target_dim}.items()
+                 if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} only apply with --collaborative targets")
     df = read_items(args.items, args.id_column)
     check_table(df, template, args.id_column, args.items)
-    if args.view_weight < 0 or args.target_weight < 0 or args.view_weight + args.target_weight == 0:
-        raise CLIError(f"--view-weight and --target-weight must be >= 0 and not both 0, got {args.view_weight}, "
-                       f"{args.target_weight}")
     weighted = args.pair_weighting == "count"
     pairs = targets = None
     if args.interactions and args.collaborative == "pairs":
         pairs = read_pairs(args.interactions, df[args.id_column], args.holdout_last, args.pair_min_count,
                            counts=weighted)
     elif args.interactions:
-        targets = read_targets(args.interactions, df[args.id_column].astype(str), args.holdout_last, args.target_dim)
+        targets = read_targets(args.interactions, df[args.id_column].astype(str), args.holdout_last,
+                               **({"dim": args.target_dim} if args.target_dim is not None else {}))
     emb = new_embedder(args, template)
     fit_kwargs = dict(
         id_column=args.id_column, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -285,8 +299,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         logger.info("%d positive pairs from %s (pair_prob %.2f, %s partners)", len(pairs), args.interactions,
                     args.pair_prob, "count-weighted" if weighted else "uniform")
     if targets is not None:
-        fit_kwargs.update(targets=targets, view_weight=args.view_weight, target_weight=args.target_weight)
-        logger.info("co-occurrence targets (dim %d) from %s", args.target_dim, args.interactions)
+        fit_kwargs.update(targets=targets, **{k: v for k, v in target_options.items() if v is not None})
+        logger.info("co-occurrence targets (dim %d) from %s", targets.dim, args.interactions)
     optional = dict(seed=args.seed, mini_batch_size=args.mini_batch_size, save_every=args.save_every,
                     mixed_precision=args.mixed_precision, show_progress_bar=False if args.no_progress else None)
     fit_kwargs.update(_supported(emb.fit, {k: v for k, v in optional.items() if v is not None}))
@@ -437,11 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--collaborative", choices=["pairs", "targets"], default="pairs",
                    help="what --interactions teach: consecutive items as positives (pairs, default), or each "
                         "view matched to its item's co-occurrence vector (targets)")
-    c.add_argument("--view-weight", type=float, default=1.0,
-                   help="with targets: weight of the paper's InfoNCE between masked views (0: the alignment "
-                        "alone, the better choice on Amazon Beauty)")
-    c.add_argument("--target-weight", type=float, default=1.0, help="with targets: weight of the alignment")
-    c.add_argument("--target-dim", type=int, default=64, help="with targets: width of the co-occurrence vectors")
+    c.add_argument("--view-weight", type=float, default=None,
+                   help="with targets: weight of the paper's InfoNCE between masked views (default 1; 0: the "
+                        "alignment alone, the better choice on Amazon Beauty)")
+    c.add_argument("--target-weight", type=float, default=None,
+                   help="with targets: weight of the alignment (default 1)")
+    c.add_argument("--target-dim", type=int, default=None,
+                   help="with targets: width of the co-occurrence vectors (default 64)")
     c.add_argument("--pair-prob", type=float, default=0.5,
                    help="probability that a view is a partner's instead of the item's own (default: 0.5)")
     c.add_argument("--holdout-last", type=int, default=2,

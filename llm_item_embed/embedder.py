@@ -210,7 +210,7 @@ class ItemEmbedder:
         mini_batch_size for GradCache, output_dir, save_every, resume_from, ...). The table, the pairs and
         the settings are checked before the model is loaded. Returns ``self``.
         """
-        from .losses import AlignedContrastiveLoss, ContrastiveLoss, TargetAlignmentLoss
+        from .losses import AlignedContrastiveLoss, ContrastiveLoss, TargetAlignmentLoss, check_alignment_weights
         from .pairs import PairIndex
         from .training import ContrastiveTrainer, FitConfig, ViewBatch, find_latest_checkpoint
 
@@ -223,9 +223,7 @@ class ItemEmbedder:
             goal, has_goal = _aligned_targets(targets, df[id_column].astype(str).tolist())
             if target_init not in ("ridge", "random"):
                 raise ValueError(f"target_init must be 'ridge' or 'random', got {target_init!r}")
-            if view_weight < 0 or target_weight < 0 or view_weight + target_weight == 0:
-                raise ValueError(f"need view_weight, target_weight >= 0 and not both 0, got {view_weight}, "
-                                 f"{target_weight}")
+            check_alignment_weights(view_weight, target_weight)
             if not (np.isfinite(target_temperature) and target_temperature > 0):
                 raise ValueError(f"target_temperature must be a positive number, got {target_temperature}")
         pair_index = None

@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContrastiveLoss", "TargetAlignmentLoss", "AlignedContrastiveLoss", "gather_with_grad", "grad_cache_backward",
-           "RandContext"]
+__all__ = ["ContrastiveLoss", "TargetAlignmentLoss", "AlignedContrastiveLoss", "check_alignment_weights",
+           "gather_with_grad", "grad_cache_backward", "RandContext"]
 
 _DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05}
 
@@ -291,6 +291,12 @@ class TargetAlignmentLoss(nn.Module):
         return total * world / (n_targeted * k_views)
 
 
+def check_alignment_weights(view_weight: float, target_weight: float) -> None:
+    """Raise ``ValueError`` unless both weights of :class:`AlignedContrastiveLoss` are >= 0 and not both 0."""
+    if view_weight < 0 or target_weight < 0 or view_weight + target_weight == 0:
+        raise ValueError(f"need view_weight, target_weight >= 0 and not both 0, got {view_weight}, {target_weight}")
+
+
 class AlignedContrastiveLoss(nn.Module):
     """``view_weight * ContrastiveLoss(views) + target_weight * TargetAlignmentLoss(views, targets)``.
 
@@ -305,8 +311,7 @@ class AlignedContrastiveLoss(nn.Module):
     def __init__(self, contrastive: ContrastiveLoss, alignment: TargetAlignmentLoss, view_weight: float = 1.0,
                  target_weight: float = 1.0) -> None:
         super().__init__()
-        if view_weight < 0 or target_weight < 0 or view_weight + target_weight == 0:
-            raise ValueError(f"need view_weight, target_weight >= 0 and not both 0, got {view_weight}, {target_weight}")
+        check_alignment_weights(view_weight, target_weight)
         self.contrastive = contrastive
         self.alignment = alignment
         self.view_weight = float(view_weight)

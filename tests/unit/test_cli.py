@@ -295,6 +295,13 @@ def test_fit_with_collaborative_targets_reaches_the_training(tiny_bert_dir, item
     assert code == 1 and "dim must be in [1, " in err
     code, out, err = run(capsys, *common, "--view-weight", "0", "--target-weight", "0")
     assert code == 1 and "not both 0" in err
+    # target options are refused where they would be ignored, before any model work
+    pairs_run = [a for a in common if a not in ("--collaborative", "targets")]
+    code, out, err = run(capsys, *pairs_run, "--view-weight", "0", "--target-dim", "2")
+    assert code == 1 and "--view-weight, --target-dim only apply with --collaborative targets" in err
+    no_histories = common[:common.index("--interactions")] + ["--collaborative", "targets"]
+    code, out, err = run(capsys, *no_histories)
+    assert code == 1 and "--collaborative targets needs --interactions" in err
 
 
 def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, monkeypatch):
