@@ -212,7 +212,7 @@ class ItemEmbedder:
         """
         from .losses import AlignedContrastiveLoss, ContrastiveLoss, TargetAlignmentLoss, check_alignment_weights
         from .pairs import PairIndex
-        from .training import ContrastiveTrainer, FitConfig, ViewBatch, find_latest_checkpoint
+        from .training import ContrastiveTrainer, FitConfig, ViewBatch, resume_checkpoint
 
         self._validate(df, id_column)
         goal = has_goal = None
@@ -274,10 +274,7 @@ class ItemEmbedder:
             with torch.random.fork_rng(devices=[]):  # the projection's start follows the fit's seed too
                 torch.manual_seed(config.seed)
                 alignment = TargetAlignmentLoss(encoder.dim, goal.shape[1], target_temperature)
-            resuming = config.resume_from is not None and (
-                config.resume_from != "latest"
-                or (config.output_dir is not None and find_latest_checkpoint(config.output_dir) is not None))
-            if target_init == "ridge" and not resuming:  # a resumed run loads its projection
+            if target_init == "ridge" and resume_checkpoint(config) is None:  # a resumed run loads its projection
                 _ridge_init(alignment.projection, self.encode_texts(full, show_progress_bar=False), goal, has_goal)
             loss = AlignedContrastiveLoss(loss, alignment, view_weight=view_weight, target_weight=target_weight)
             target_settings = {"items_with_target": int(has_goal.sum()), "dim": int(goal.shape[1]),

@@ -51,7 +51,8 @@ from torch import nn
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from .losses import ContrastiveLoss, grad_cache_backward
 
-__all__ = ["FitConfig", "ContrastiveTrainer", "ViewBatch", "NonFiniteLossError", "find_latest_checkpoint"]
+__all__ = ["FitConfig", "ContrastiveTrainer", "ViewBatch", "NonFiniteLossError", "find_latest_checkpoint",
+           "resume_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,20 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
             if best is None or step > best[0]:
                 best = (step, child)
     return None if best is None else best[1]
+
+
+def resume_checkpoint(config: FitConfig) -> Path | None:
+    """The checkpoint a training with ``config`` resumes from: None when ``resume_from`` is None, or is
+    ``"latest"`` and ``output_dir`` holds none yet; a named folder that is not a checkpoint raises."""
+    if config.resume_from is None:
+        return None
+    if config.resume_from == "latest":
+        return find_latest_checkpoint(config.output_dir)  # type: ignore[arg-type]
+    path = Path(config.resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from={config.resume_from!r} is not a checkpoint folder "
+                                "(no trainer_state.json)")
+    return path
 
 
 def _derived_seed(*parts: int) -> int:
@@ -525,19 +540,10 @@ class ContrastiveTrainer:
             raise NonFiniteLossError(msg, step + 1, self.last_checkpoint)
 
     def _resolve_resume(self) -> Path | None:
-        cfg = self.config
-        if cfg.resume_from is None:
-            return None
-        if cfg.resume_from == "latest":
-            found = find_latest_checkpoint(cfg.output_dir)  # type: ignore[arg-type]
-            if found is None:
-                logger.info("resume_from='latest': no checkpoint in %s, starting fresh", cfg.output_dir)
-            return found
-        path = Path(cfg.resume_from)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume_from={cfg.resume_from!r} is not a checkpoint folder "
-                                    "(no trainer_state.json)")
-        return path
+        found = resume_checkpoint(self.config)
+        if found is None and self.config.resume_from == "latest":
+            logger.info("resume_from='latest': no checkpoint in %s, starting fresh", self.config.output_dir)
+        return found
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, acc: Any, optimizer: torch.optim.Optimizer, scheduler: Any, keys: list[str],

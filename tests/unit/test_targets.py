@@ -193,3 +193,24 @@ def test_resume_refuses_a_checkpoint_made_with_other_targets(tiny_bert_dir, tmp_
                                                        **more)
     resumed = ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, targets=targets_for(df["item_id"]), **more)
     assert resumed.training_summary["steps"] == 2
+
+
+def test_the_ridge_start_is_computed_once_and_a_resumed_fit_loads_its_projection(tiny_bert_dir, tmp_path,
+                                                                                  monkeypatch):
+    import llm_item_embed.embedder as embedder_module
+
+    calls = []
+    original = embedder_module._ridge_init
+    monkeypatch.setattr(embedder_module, "_ridge_init", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    df = items()
+    fit = dict(targets=targets_for(df["item_id"]), epochs=1, batch_size=4, lr=5e-3, show_progress_bar=False,
+               seed=0, output_dir=str(tmp_path), save_every=1, max_steps=2)
+    first = ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, resume_from="latest", **fit)  # no checkpoint yet
+    assert len(calls) == 1
+    resumed = ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, resume_from="latest", **fit)
+    assert len(calls) == 1  # no second ridge pass: the projection comes from checkpoint-2
+    torch.testing.assert_close(resumed.loss_module.alignment.projection.weight,
+                               first.loss_module.alignment.projection.weight, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ItemEmbedder(tiny_bert_dir, max_length=32).fit(df, resume_from=str(tmp_path / "nope"), **fit)
+    assert len(calls) == 1  # refused before the ridge pass
