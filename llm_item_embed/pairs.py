@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,14 @@ def _histories(interactions: pd.DataFrame, user_column: str, item_column: str, t
     return df[user_column].to_numpy(), df[item_column].astype(str).to_numpy()
 
 
+def _within_window(users: np.ndarray, values: np.ndarray, window: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(gap, earlier, later)`` for ``gap`` in 1..window: the ``values`` of every two interactions ``gap``
+    steps apart in one user's history (``users`` / ``values`` in (user, time) order)."""
+    for gap in range(1, window + 1):
+        same = users[gap:] == users[:-gap]
+        yield gap, values[:-gap][same], values[gap:][same]
+
+
 def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", item_column: str = "item_id",
                    time_column: str | None = "timestamp", window: int = 1, holdout_last: int = 0,
                    min_count: int = 1, counts: bool = False) -> pd.DataFrame:
@@ -63,9 +71,7 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
     left, right = [], []
-    for gap in range(1, window + 1):
-        same = users[gap:] == users[:-gap]
-        a, b = items[:-gap][same], items[gap:][same]
+    for _, a, b in _within_window(users, items, window):
         keep = a != b
         left.append(a[keep])
         right.append(b[keep])
@@ -106,9 +112,7 @@ def cooccurrence_embeddings(interactions: pd.DataFrame, ids: Sequence[str] | Non
     if not 1 <= dim < n:
         raise ValueError(f"dim must be in [1, {n - 1}] for {n} items, got {dim}")
     src, dst, weight = [], [], []
-    for gap in range(1, window + 1):
-        same = users[gap:] == users[:-gap]
-        a, b = rows[:-gap][same], rows[gap:][same]
+    for gap, a, b in _within_window(users, rows, window):
         src += [a, b]
         dst += [b, a]
         weight.append(np.full(2 * len(a), 1.0 / gap))
