@@ -42,6 +42,7 @@ from cfsr_head import (
     GRU4RecEncoder,
     PopularityModel,
     SASRecEncoder,
+    SemanticPrior,
     SplitData,
     TrainConfig,
     Trainer,
@@ -117,6 +118,10 @@ class Stage2:
     seed: int = 0
     length_buckets: int = 0           # TrainConfig.length_buckets (sortish batches; 0 = plain shuffle)
     logit_adjustment: float = 0.0     # TrainConfig.logit_adjustment (logit-adjusted loss; 0 = the plain loss)
+    # a SemanticPrior over the study's frozen embeddings trained in (Trainer(..., prior=...)); 0 = none
+    prior_weight: float = 0.0
+    prior_recency: float = 0.0
+    prior_tail_exponent: float = 0.0
 
 
 # Fields added to Stage1 / Stage2 after results were cached: left out of the cache keys while they
@@ -124,7 +129,8 @@ class Stage2:
 STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
                        "pair_weighted": False, "target": None, "target_weight": 1.0, "view_weight": 1.0,
                        "target_dim": 64}
-STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0}
+STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0, "prior_weight": 0.0, "prior_recency": 0.0,
+                       "prior_tail_exponent": 0.0}
 
 
 def _key_fields(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
@@ -365,22 +371,33 @@ def build_model(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nda
 
 
 def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.ndarray | None,
-                 model: DualViewHead, **config_overrides: Any) -> Trainer:
-    """The ``Trainer`` of one stage-2 run: ``s2``'s settings, and for LLM-ESR its self-distillation
-    (weight 0.1); ``config_overrides`` are further ``TrainConfig`` fields (output_dir, mixed_precision ...)."""
+                 model: DualViewHead, prior_table: np.ndarray | None = None, **config_overrides: Any) -> Trainer:
+    """The ``Trainer`` of one stage-2 run: ``s2``'s settings, for LLM-ESR its self-distillation
+    (weight 0.1), and with ``s2.prior_weight`` > 0 a ``SemanticPrior`` over ``prior_table`` (the
+    study's frozen embeddings in index order) trained in; ``config_overrides`` are further
+    ``TrainConfig`` fields (output_dir, mixed_precision ...)."""
     config = TrainConfig(**{"loss": s2.loss, "epochs": s2.epochs, "patience": s2.patience, "lr": s2.lr,
                             "batch_size": s2.batch_size, "max_len": s2.max_len, "seed": s2.seed,
                             "length_buckets": s2.length_buckets, "logit_adjustment": s2.logit_adjustment,
                             "show_progress_bar": False, "extra_loss_weight": 0.1 if variant.distill else 1.0,
                             **config_overrides})
     extra = SelfDistillation(split, semantic) if variant.distill else None
-    return Trainer(model, split, config, extra_loss=extra)
+    prior = None
+    if s2.prior_weight:
+        if prior_table is None:
+            raise ValueError("Stage2.prior_weight > 0 needs the prior's table (prior_table=...)")
+        prior = SemanticPrior(model, prior_table, s2.prior_weight, s2.prior_recency,
+                              popularity=split.item_popularity if s2.prior_tail_exponent else None,
+                              tail_exponent=s2.prior_tail_exponent)
+    return Trainer(model, split, config, extra_loss=extra, prior=prior)
 
 
 def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
-               semantic: np.ndarray | None, embeddings_key: str | None) -> dict[str, Any] | None:
+               semantic: np.ndarray | None, embeddings_key: str | None,
+               prior_table: np.ndarray | None = None) -> dict[str, Any] | None:
     """Train (or load the cached result of) one run; returns its record (None: not cached and
-    ``study.report_only``)."""
+    ``study.report_only``). ``prior_table``: the trained-in prior's table (``s2.prior_weight`` > 0);
+    the run's test results then score with the prior added at its trained weight."""
     key = config_hash({"dataset": study.name, "variant": dataclasses.asdict(variant), "stage2": stage2_key(s2),
                        "embeddings": embeddings_key, "version": 1})
     runs = study.workdir / study.name / "runs"
@@ -397,7 +414,9 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
         best_valid = evaluate(model, split, split="valid").summary()
     else:
         model = build_model(variant, s2, split, semantic)
-        result = make_trainer(variant, s2, split, semantic, model, output_dir=str(runs / f"{key}-ckpt")).fit()
+        trainer = make_trainer(variant, s2, split, semantic, model, prior_table, output_dir=str(runs / f"{key}-ckpt"))
+        result = trainer.fit()
+        model = trainer.scoring_model
         history = [{k: h.get(k) for k in ("epoch", "train_loss", "metric", "epoch_time")} for h in result.history]
         best_valid = result.best_valid
     record: dict[str, Any] = {"key": key, "dataset": study.name, "variant": variant.name, "stage2": dataclasses.asdict(s2),
@@ -482,8 +501,19 @@ class Runner:
         out[loss] += [r for r in more if r is not None]
         return out
 
+    def prior_table(self) -> np.ndarray:
+        """The study's frozen (un-tuned) item embeddings in index order: the table of a trained-in
+        prior (``Stage2.prior_weight``), as of bench_popadjust's post-hoc one."""
+        frozen = Variant("frozen table", semantic="frozen")
+        table, _ = self.semantic(frozen)
+        if table is None:
+            raise FileNotFoundError("a trained-in prior needs the study's frozen embeddings (not cached)")
+        return table
+
     def _run(self, variant: Variant, s2: Stage2, semantic: np.ndarray | None, emb_key: str | None) -> dict | None:
-        rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key)
+        trains_prior = s2.prior_weight != 0 and not variant.popularity and not self.study.report_only
+        prior_table = self.prior_table() if trains_prior else None
+        rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key, prior_table)
         if rec is None:
             self.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} seed={s2.seed}")
         return rec
@@ -847,6 +877,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--logit-adjustment", type=float, default=None, metavar="TAU",
                    help="train every row with the logit-adjusted loss (TrainConfig.logit_adjustment; "
                         "beyond the paper; default 0: the plain loss)")
+    p.add_argument("--train-prior", type=float, nargs=3, default=None, metavar=("WEIGHT", "RECENCY", "GAMMA"),
+                   help="train every row with a SemanticPrior over the frozen embeddings added to its training logits "
+                        "(Trainer(..., prior=...); beyond the paper; scored with it added)")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
                    help="stage-2 losses to train (default: both, as the protocol asks; one loss for a fast tier)")
     p.add_argument("--significance", nargs="+", default=(), metavar="NAME",
@@ -889,6 +922,11 @@ def parse_args(argv: list[str] | None = None) -> Study:
                         ("length_buckets", a.length_buckets), ("logit_adjustment", a.logit_adjustment)):
         if value is not None:
             stage2 = dataclasses.replace(stage2, **{name: value})
+    if a.train_prior is not None:
+        weight, recency, gamma = a.train_prior
+        if not 0 <= recency <= 1:
+            p.error(f"--train-prior: RECENCY must lie in [0, 1], got {recency}")
+        stage2 = dataclasses.replace(stage2, prior_weight=weight, prior_recency=recency, prior_tail_exponent=gamma)
     if a.dropout_grid:
         grid = {"dropout": tuple(a.dropout_grid)}
     if a.sensitivity_r and not all(0 < r < 1 for r in a.sensitivity_r):

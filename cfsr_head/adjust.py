@@ -216,6 +216,32 @@ class SemanticPrior(nn.Module):
         w = torch.pow(rows.new_tensor(self.recency), age.clamp_min(0).to(rows.dtype)) * real  # 0 ** 0 = 1
         return F.normalize((rows * w.unsqueeze(-1)).sum(1), dim=1)
 
+    def position_profiles(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, L, d_llm]`` unit-length profiles at every position: position t's is the profile of the
+        sequence cut after t (``profile`` of ``item_seq[:, :t+1]``), the one that scores the item at
+        t + 1 in training; zero at padding. Indices outside 1..N count as padding."""
+        real = (item_seq > 0) & (item_seq <= self.num_items)
+        if padding_mask is not None:
+            real = real & ~padding_mask
+        rows = self.unit_semantic[item_seq.masked_fill(~real, 0).long()]
+        if self.recency == 0:
+            return rows  # unit rows, zero at padding
+        seen = real.long().cumsum(1)  # real items up to and including each position
+        age = seen.unsqueeze(2) - seen.unsqueeze(1)  # [B, t, s]: real items after s, up to t
+        steps = torch.arange(item_seq.shape[1], device=item_seq.device)
+        before = steps.unsqueeze(1) >= steps.unsqueeze(0)  # s at or before t
+        decay = torch.pow(rows.new_tensor(self.recency), age.clamp_min(0).to(rows.dtype)) * before
+        return F.normalize(torch.einsum("bts,bsd->btd", decay, rows), dim=-1)
+
+    @torch.no_grad()
+    def training_bias(self, item_seq: Tensor, padding_mask: Tensor | None, valid: Tensor,
+                      candidates: Tensor | None = None) -> Tensor:
+        """The prior trained in (``Trainer(..., prior=self)``): ``weight * prior`` for the training
+        positions ``valid`` (``[B, L]`` bool, M true) of ``item_seq``, against every item
+        (``[M, N+1]``) or against ``candidates`` (``[M, C]`` indices; index 0 gets 0)."""
+        profiles = self.position_profiles(item_seq, padding_mask)[valid]
+        return self.weight * self.prior(profiles, candidates)
+
     def user_state(self, item_seq: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         state = self.model.user_state(item_seq, padding_mask)
         seq = item_seq if self.max_len is None or item_seq.shape[1] <= self.max_len else item_seq[:, -self.max_len:]

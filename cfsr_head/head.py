@@ -522,7 +522,7 @@ class DualViewHead(nn.Module):
 
     def loss(self, item_seq: Tensor, pos: Tensor, neg: Tensor | None = None,
              padding_mask: Tensor | None = None, loss_type: str | None = None,
-             logit_bias: Tensor | None = None) -> Tensor:
+             logit_bias: Tensor | None = None, prior: Any = None) -> Tensor:
         """Mean loss over every non-padding position with a target (``pos > 0``).
 
         ``pos [B, L]``: next item per position. ``neg [B, L]`` or ``[B, L, n]``: negatives
@@ -538,6 +538,11 @@ class DualViewHead(nn.Module):
         training logit wherever it is scored, in every loss type and every view's loss: with
         ``tau * log(1 + count_i)`` this is the logit-adjusted loss (Menon et al., 2021), which
         ``TrainConfig.logit_adjustment`` sets up. Scoring at evaluation never sees it.
+
+        ``prior`` (optional; a ``SemanticPrior`` around this model, which ``Trainer(..., prior=...)``
+        passes) adds its ``training_bias`` to every training logit the same way: the score of item i
+        after position t gets ``weight * prior`` of the profile up to t, so the model learns what the
+        semantic prior does not already say, and is scored with the prior added (as the wrapper scores).
         """
         loss_type = loss_type or self.config.loss
         if loss_type not in LOSSES:
@@ -588,12 +593,21 @@ class DualViewHead(nn.Module):
             if logit_bias is not None:  # [N] or, with the fallback row, [N+1] (the fallback's bias 0)
                 bias = logit_bias[1: self._num_items + 1 + int(has_fallback)]
                 logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
+            if prior is not None:  # [M, N+1] over index 0..N: drop padding, the fallback column gets 0
+                bias = prior.training_bias(item_seq, padding_mask, valid)[:, 1:]
+                if has_fallback:
+                    bias = torch.cat([bias, bias.new_zeros(M, 1)], 1)
+                logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
         else:
             candidates = torch.cat([e_pos.unsqueeze(1), e_neg.view(M, -1, rows.shape[-1])], 1)
             logit_sets = self._logit_sets(out[valid], candidates)  # each [M, 1+n], the positive first
             if logit_bias is not None:  # invalid ids (fallback rows) take index 0's bias, 0
                 cand_ids = torch.cat([p.masked_fill(p_invalid, 0).unsqueeze(1), neg_v.masked_fill(n_invalid, 0)], 1)
                 bias = logit_bias[cand_ids]
+                logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
+            if prior is not None:
+                cand_ids = torch.cat([p.masked_fill(p_invalid, 0).unsqueeze(1), neg_v.masked_fill(n_invalid, 0)], 1)
+                bias = prior.training_bias(item_seq, padding_mask, valid, cand_ids)
                 logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
 
         def one_loss(logits: Tensor) -> Tensor:

@@ -171,9 +171,12 @@ class _LossModule(nn.Module):
     loss to come out of the prepared module's forward to synchronise gradients)."""
 
     def __init__(self, model: nn.Module, loss_type: str, extra_loss: ExtraLoss | None, extra_weight: float,
-                 logit_bias: torch.Tensor | None = None) -> None:
+                 logit_bias: torch.Tensor | None = None, prior: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        # the trained-in prior wraps ``model``: kept out of the module tree (a plain tuple), so that
+        # the model's parameters are registered once
+        self._prior = (prior,)
         self.loss_type = loss_type
         self.extra_loss = extra_loss
         self.extra_weight = extra_weight
@@ -181,7 +184,9 @@ class _LossModule(nn.Module):
         self.register_buffer("logit_bias", logit_bias, persistent=False)
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs = {} if self.logit_bias is None else {"logit_bias": self.logit_bias}
+        kwargs: dict[str, Any] = {} if self.logit_bias is None else {"logit_bias": self.logit_bias}
+        if self._prior[0] is not None:
+            kwargs["prior"] = self._prior[0]
         loss = self.model.loss(batch.input_seq, batch.pos, batch.neg,
                                padding_mask=batch.padding_mask, loss_type=self.loss_type, **kwargs)
         extra = None
@@ -345,6 +350,11 @@ class Trainer:
         callbacks: called as ``cb(trainer, record)`` after each epoch's checkpoint is written
             (raising ``KeyboardInterrupt`` there simulates an interruption), or objects with
             ``on_epoch_end(trainer, record)``.
+        prior: optional ``SemanticPrior`` around ``model``, trained in: every training logit gets
+            its bias (``SemanticPrior.training_bias``; ``model.loss`` must accept ``prior``), so the
+            model learns what the prior does not say, and validation, ``test`` and ``scoring_model``
+            score with the prior added. Its weight, recency and tail exponent are kept in the
+            checkpoint, and a resume with other ones is refused.
 
     Hooks: ``extra_loss`` and callback objects may define ``on_fit_start(trainer)`` (called once
     the weights are final for the first epoch of this call, i.e. after any resume: the place to
@@ -356,14 +366,25 @@ class Trainer:
     def __init__(self, model: nn.Module, split_data: Any, config: TrainConfig | None = None,
                  accelerator: Any = None, extra_loss: ExtraLoss | None = None,
                  eval_fn: Callable[..., Any] | None = None,
-                 callbacks: Iterable[Callable[["Trainer", dict], None]] = ()) -> None:
+                 callbacks: Iterable[Callable[["Trainer", dict], None]] = (),
+                 prior: nn.Module | None = None) -> None:
         self.config = config if config is not None else TrainConfig()
         lacking = [n for n in ("loss", "user_state", "full_scores", "score") if not callable(getattr(model, n, None))]
         if lacking:
             raise TypeError(f"model lacks the protocol method(s) {', '.join(lacking)} (see docs/architecture.md)")
         if not callable(getattr(split_data, "train_batches", None)):
             raise TypeError("split_data must have a train_batches(batch_size, max_len, rng) method")
+        if prior is not None:
+            if getattr(prior, "model", None) is not model:
+                raise ValueError("prior must wrap the model being trained (SemanticPrior(model, ...))")
+            if not callable(getattr(prior, "training_bias", None)):
+                raise TypeError(f"prior ({type(prior).__name__}) has no training_bias method")
+            accepted = _accepted_kwargs(model.loss)
+            if "prior" not in accepted and "*" not in accepted:
+                raise TypeError(f"a trained-in prior needs model.loss to accept prior "
+                                f"({type(model).__name__}.loss does not)")
         self.model = model
+        self.prior = prior
         self.split_data = split_data
         self.extra_loss = extra_loss
         self.eval_fn = eval_fn
@@ -384,8 +405,10 @@ class Trainer:
         if not params:
             raise ValueError("model has no trainable parameters")
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.prior is not None:
+            self.prior.to(self.accelerator.device)
         self.loss_module = _LossModule(self.model, cfg.loss, self.extra_loss, cfg.extra_loss_weight,
-                                       self._logit_bias())
+                                       self._logit_bias(), self.prior)
         self.prepared_loss, self.prepared_optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
         self._prepared = True
 
@@ -411,6 +434,17 @@ class Trainer:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def scoring_model(self) -> nn.Module:
+        """The model as it scores: ``prior`` (the model with the trained-in prior added) when there
+        is one, else the model itself."""
+        return self.prior if self.prior is not None else self.model
+
+    def _prior_settings(self) -> dict[str, float] | None:
+        if self.prior is None:
+            return None
+        return {k: float(getattr(self.prior, k)) for k in ("weight", "recency", "tail_exponent")}
+
     # -------------------------------------------------------------- evaluation
     def _evaluate(self, split: str, protocol: str, **kwargs: Any) -> Any:
         fn = self.eval_fn
@@ -419,7 +453,7 @@ class Trainer:
         accepted = _accepted_kwargs(fn)
         if "*" not in accepted:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        model = self.model
+        model = self.scoring_model
         was_training = model.training
         model.eval()
         try:
@@ -474,7 +508,7 @@ class Trainer:
         atomic_save_safetensors(stage / "model.safetensors", _cpu_state_dict(self.model))
         atomic_save_safetensors(stage / "optimizer.safetensors", opt_tensors)
         scaler = getattr(self.accelerator, "scaler", None)
-        full = dict(state, optimizer=opt_meta, config=self.config.to_dict(),
+        full = dict(state, optimizer=opt_meta, config=self.config.to_dict(), prior=self._prior_settings(),
                     scaler=_to_jsonable(scaler.state_dict()) if scaler is not None else None)
         atomic_write_json(stage / "trainer_state.json", _to_jsonable(full))  # marks the stage complete
         if last.exists():
@@ -500,6 +534,9 @@ class Trainer:
         old = saved.get("config", {})
         new = self.config.to_dict()
         diff = [k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k]]
+        if saved.get("prior") != self._prior_settings():
+            diff.append("prior")
+            old, new = {**old, "prior": saved.get("prior")}, {**new, "prior": self._prior_settings()}
         if diff:
             details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
             raise ValueError(f"{self.output_dir} holds a run with a different configuration ({details}); "

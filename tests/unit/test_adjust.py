@@ -186,6 +186,42 @@ def test_semantic_prior_adds_weight_times_the_cosine_to_the_recency_weighted_pro
     torch.testing.assert_close(decayed.user_state(longer)[:2], decayed.user_state(longer[:, -6:])[:2])
 
 
+def test_position_profiles_are_the_profiles_of_every_prefix_and_training_bias_weighs_them():
+    """Position t's profile is ``profile`` of the sequence cut after t (left and right padding,
+    recency 0 and 0.5, ids outside 1..N counted as padding); ``training_bias`` is ``weight *
+    prior`` of the profiles at the valid positions, tail weighting included."""
+    split = chain_split()
+    model = ConstantScores(split.num_items)
+    table = torch.randn(split.num_items, 5, generator=torch.Generator().manual_seed(2))
+    seq = torch.tensor([[0, 0, 3, 7, 2, 5], [4, 9, 1, 6, 0, 0], [0, 0, 0, 0, 0, 8]])
+    for recency in (0.0, 0.5):
+        prior = SemanticPrior(model, table, 1.0, recency)
+        profiles = prior.position_profiles(seq)
+        assert profiles.shape == (3, 6, 5)
+        for b in range(3):
+            for t in range(6):
+                if seq[b, t] == 0:
+                    continue
+                torch.testing.assert_close(profiles[b, t], prior.profile(seq[b:b + 1, :t + 1])[0])
+        assert profiles[0, :2].abs().sum() == 0 and profiles[2, :5].abs().sum() == 0
+    unknown = seq.clone()
+    unknown[1, 1] = split.num_items + 3  # an id outside 1..N: no row, treated as padding
+    torch.testing.assert_close(SemanticPrior(model, table, 1.0, 0.5).position_profiles(unknown)[1, 2],
+                               SemanticPrior(model, table, 1.0, 0.5).profile(torch.tensor([[4, 0, 1]]))[0])
+    weighted = SemanticPrior(model, table, 2.5, 0.5, popularity=split.item_popularity, tail_exponent=1.0)
+    valid = seq > 0
+    bias = weighted.training_bias(seq, None, valid)
+    assert bias.shape == (int(valid.sum()), split.num_items + 1)
+    torch.testing.assert_close(bias, 2.5 * weighted.prior(weighted.position_profiles(seq)[valid]))
+    # against candidates: the same values, gathered; index 0 (padding) gets 0
+    cands = torch.randint(0, split.num_items + 1, (int(valid.sum()), 4), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(weighted.training_bias(seq, None, valid, cands), bias.gather(1, cands))
+    assert (weighted.training_bias(seq, None, valid, torch.zeros_like(cands)) == 0).all()
+    # the last position's bias is the wrapper's prior over the whole sequence
+    last = weighted.full_scores(weighted.user_state(seq[:2])) - model.full_scores(model.user_state(seq[:2]))
+    torch.testing.assert_close(bias[[3, 7], 1:], last[:, 1:])
+
+
 def test_choose_adjustment_scores_every_point_as_evaluate_scores_the_wrapped_model():
     split = chain_split()
     model = SuccessorPlusPopularity(split, signal=0.3)

@@ -793,3 +793,66 @@ def test_logit_bias_with_fallback_rows_gives_them_no_bias() -> None:
         expected = F.cross_entropy(logits, torch.tensor([1, N, 3]))
         torch.testing.assert_close(head.loss(seq, pos, loss_type="ce", logit_bias=bias), expected,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_in_prior_adds_its_bias_per_position_in_every_loss_and_view() -> None:
+    """loss(..., prior=SemanticPrior(head, ...)) is the loss of the logits plus the prior of the
+    profile up to each position (fused and per view; CE over the catalogue, BPR and sampled
+    softmax over the candidates); a prior of weight 0 changes nothing."""
+    from cfsr_head import SemanticPrior
+
+    F = torch.nn.functional
+    w = 0.5
+    head = make_head(dropout=0.0, fusion="concat", view_loss_weight=w).eval()
+    seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
+    pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
+    neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+    table = semantic_table(seed=5)
+    counts = torch.arange(N + 1) % 7
+    prior = SemanticPrior(head, table, 2.0, recency=0.5, popularity=counts, tail_exponent=1.0)
+    with torch.no_grad():
+        out = head(seq)[:, -3:].reshape(6, -1)
+        reps = head.item_representations()
+        bias = 2.0 * prior.prior(prior.position_profiles(seq)[:, -3:].reshape(6, -1))  # [6, N+1]
+        assert bias[:, 1:].std() > 0
+        target, negs = pos[:, -3:].reshape(6, 1), neg[:, -3:].reshape(6, 1)
+        expected = {"ce": 0.0, "bpr": 0.0, "sampled_softmax": 0.0}
+        for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
+            s = out[:, cols] @ reps[:, cols].T + bias
+            ce_logits = s.clone()
+            ce_logits[:, 0] = float("-inf")
+            weight = 1.0 if k == 0 else w
+            expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
+            pair = torch.cat([s.gather(1, target), s.gather(1, negs)], 1)
+            expected["bpr"] += weight * -F.logsigmoid(pair[:, 0] - pair[:, 1]).mean()
+            expected["sampled_softmax"] += weight * F.cross_entropy(pair, torch.zeros(6, dtype=torch.long))
+        for loss_type, value in expected.items():
+            got = head.loss(seq, pos, neg, loss_type=loss_type, prior=prior)
+            torch.testing.assert_close(got, value, atol=1e-5, rtol=1e-5)
+            assert not torch.isclose(got, head.loss(seq, pos, neg, loss_type=loss_type))
+            torch.testing.assert_close(head.loss(seq, pos, neg, loss_type=loss_type,
+                                                 prior=SemanticPrior(head, table, 0.0)),
+                                       head.loss(seq, pos, neg, loss_type=loss_type))
+
+
+def test_a_trained_in_prior_gives_fallback_rows_no_bias() -> None:
+    """Unknown ids in the input count as padding for the prior, and the CE fallback column and
+    unknown negatives get a bias of 0."""
+    from cfsr_head import SemanticPrior
+
+    F = torch.nn.functional
+    head = make_head(dropout=0.0, missing_item_policy="fallback").eval()
+    prior = SemanticPrior(head, semantic_table(seed=5), 3.0)
+    seq = pad_batch([[1, N + 4, 3]], "left")
+    pos = pad_batch([[N + 4, 3, 4]], "left")
+    neg = pad_batch([[N + 7, 6, 7]], "left")
+    with torch.no_grad():
+        assert torch.isfinite(head.loss(seq, pos, neg, loss_type="bpr", prior=prior))
+        out = head(seq)[0, -3:]
+        table = head._table(with_fallback=True)[1:]
+        profiles = prior.position_profiles(seq)[0, -3:]
+        assert profiles[1].abs().sum() == 0  # the unknown input item has no semantic row
+        bias = 3.0 * prior.prior(profiles)[:, 1:]
+        logits = out @ table.T + torch.cat([bias, torch.zeros(3, 1)], 1)
+        expected = F.cross_entropy(logits, torch.tensor([N, 2, 3]))
+        torch.testing.assert_close(head.loss(seq, pos, loss_type="ce", prior=prior), expected, atol=1e-5, rtol=1e-5)

@@ -312,6 +312,25 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     both = bench_popadjust.popadjust_by_tau(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.0, 0.5])
     assert set(both) == {"w/o Cro", "w/o Cro la0.5"} and both["w/o Cro la0.5"][0][0]["key"] == la_run["key"]
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{la_run['key']}*.json")))
+    # a run trained with the semantic prior in (--train-prior): its own key, the prior's settings in
+    # the checkpoint, and test scored with the prior added at its trained weight
+    from cfsr_head import SemanticPrior
+
+    tp_study = dataclasses.replace(la_study, stage2=dataclasses.replace(la_study.stage2, prior_weight=2.0,
+                                                                        prior_tail_exponent=1.0))
+    tp_run = rp.Runner(tp_study).run(rp.VARIANTS["w/o Cro"], (0,))["ce"][0]
+    assert tp_run["key"] not in {la_run["key"], *(x["key"] for x in cached)}
+    state = rp.read_json(tmp_path / "work" / "toy" / "runs" / f"{tp_run['key']}-ckpt" / "last" / "trainer_state.json")
+    assert state["prior"] == {"weight": 2.0, "recency": 0.0, "tail_exponent": 1.0}
+    runner = rp.Runner(dataclasses.replace(tp_study, report_only=True))
+    row = next(r for r in bench_popadjust.cached_rows(tp_study, runner, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, "t"))
+    head = row.load_head(tp_study, runner, tp_run)
+    with_prior = SemanticPrior(head, bench_popadjust.frozen_semantic(tp_study, runner), 2.0,
+                               popularity=runner.split.item_popularity, tail_exponent=1.0)
+    expected = evaluate(with_prior, runner.split, "test").summary()["Overall"]
+    assert tp_run["test"]["full"]["Overall"] == pytest.approx(expected)
+    assert tp_run["test"]["full"]["Overall"] != pytest.approx(evaluate(head, runner.split, "test").summary()["Overall"])
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{tp_run['key']}*.json")))
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{best['key']}.{small.tag}*.json")))
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
     # when embeddings for those settings are cached
@@ -374,10 +393,14 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     study = rp.parse_args(["--dataset", str(data), "--losses", "ce", "ce", "--workdir", str(tmp_path / "w")])
     assert study.losses == ("ce",)
     assert "only" in rp._losses_sentence(study.losses) and "only" not in rp._losses_sentence(rp.LOSSES)
+    s2 = rp.parse_args(["--dataset", str(data), "--train-prior", "2", "0.5", "1"]).stage2
+    assert (s2.prior_weight, s2.prior_recency, s2.prior_tail_exponent) == (2.0, 0.5, 1.0)
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--dataset", str(data), "--train-prior", "2", "1.5", "1"])
 
     trained = []
 
-    def fake_run(study, variant, s2, split, semantic, key):
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
         trained.append(s2.loss)
         return {"valid": {"Overall": {"NDCG@10": 0.1}}}
 
@@ -397,7 +420,7 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
     trained = []
     valid = {("bpr", 0.2): 0.05, ("bpr", 0.5): 0.09, ("ce", 0.2): 0.07, ("ce", 0.5): 0.02}
 
-    def fake_run(study, variant, s2, split, semantic, key):
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
         trained.append((s2.loss, s2.dropout, s2.seed))
         return {"valid": {"Overall": {"NDCG@10": valid[s2.loss, s2.dropout] - 0.01 * s2.seed}}}
 
@@ -645,7 +668,7 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
         asked.append((settings.drop_prob, settings.n_views))
         return {i: np.ones(4) for i in items["item_id"]}
 
-    def fake_run(study, variant, s2, split, semantic, key):
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
         trained.append(variant.name)
         valid = 0.1 + 0.01 * len(trained)
         return {**record(valid, valid / 2), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}}
@@ -821,3 +844,16 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
         assert cfg.mixed_precision == "bf16" and not cfg.show_progress_bar  # the override, and the harness's quiet bar
         assert cfg.extra_loss_weight == (0.1 if distilled else 1.0), name
         assert isinstance(trainer.extra_loss, rp.SelfDistillation) == distilled, name
+        assert trainer.prior is None and trainer.scoring_model is model
+    # a trained-in prior: a SemanticPrior of the run's settings around the model, over the table given
+    with_prior = dataclasses.replace(s2, prior_weight=1.5, prior_recency=0.5, prior_tail_exponent=1.0)
+    model = rp.build_model(rp.VARIANTS["LLM-CFSR"], with_prior, split, semantic)
+    with pytest.raises(ValueError, match="prior_table"):
+        rp.make_trainer(rp.VARIANTS["LLM-CFSR"], with_prior, split, semantic, model)
+    trainer = rp.make_trainer(rp.VARIANTS["LLM-CFSR"], with_prior, split, semantic, model, semantic)
+    prior = trainer.prior
+    assert isinstance(prior, rp.SemanticPrior) and prior.model is model and trainer.scoring_model is prior
+    assert (prior.weight, prior.recency, prior.tail_exponent) == (1.5, 0.5, 1.0)
+    assert rp.stage2_key(s2) == rp.stage2_key(dataclasses.replace(with_prior, prior_weight=0.0, prior_recency=0.0,
+                                                                  prior_tail_exponent=0.0))
+    assert rp.stage2_key(with_prior) != rp.stage2_key(s2)

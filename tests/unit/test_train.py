@@ -599,3 +599,58 @@ def test_logit_adjustment_lowers_popular_items_in_the_learned_scores():
         return float(ranks[:, popular - 1].float().mean())
 
     assert popular_rank(1.0) > popular_rank(0.0) + 1.0
+
+
+# ------------------------------------------------------------------- trained-in semantic prior
+def successor_table(split) -> torch.Tensor:
+    """Rows in index order; item i's nearest neighbour is its successor i+1 (the toy's next item)."""
+    angles = torch.tensor([2 * math.pi * int(raw[1:]) / N_ITEMS for raw in split.item_index.ids])
+    return torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+
+
+def test_a_trained_in_prior_shapes_training_and_scores_validation_and_test(split, tmp_path):
+    from cfsr_head import SemanticPrior
+
+    table = successor_table(split)
+    plain = make_head()
+    Trainer(plain, split, cfg(epochs=2, loss="ce")).fit()
+    model = make_head()
+    prior = SemanticPrior(model, table, 2.0, popularity=split.item_popularity, tail_exponent=0.5)
+    seen = []
+
+    def recording_eval(m, split_data, **kwargs):
+        seen.append(m)
+        return evaluate(m, split_data, **kwargs)
+
+    trainer = Trainer(model, split, cfg(tmp_path, epochs=2, loss="ce"), eval_fn=recording_eval, prior=prior)
+    result = trainer.fit()
+    assert seen and all(m is prior for m in seen)  # validation scored with the prior added
+    assert trainer.scoring_model is prior
+    # the bias reached the loss: same seed and batches, other weights than plain training
+    assert not torch.allclose(model.item_embedding.weight, plain.item_embedding.weight)
+    valid = evaluate(prior, split, split="valid", groups=None).summary()["Overall"]["NDCG@10"]
+    assert result.best_metric == pytest.approx(valid)
+    test = trainer.test().summary()["Overall"]["NDCG@10"]
+    assert test == pytest.approx(evaluate(prior, split, split="test").summary()["Overall"]["NDCG@10"])
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert state["prior"] == {"weight": 2.0, "recency": 0.0, "tail_exponent": 0.5}
+
+
+def test_a_trained_in_prior_is_checked_and_a_resume_must_keep_it(split, tmp_path):
+    from cfsr_head import SemanticPrior
+
+    table = successor_table(split)
+    model = make_head()
+    with pytest.raises(ValueError, match="must wrap the model"):
+        Trainer(model, split, cfg(), prior=SemanticPrior(make_head(1), table, 1.0))
+    tiny = TinyModel()
+    with pytest.raises(TypeError, match="accept prior"):
+        Trainer(tiny, split, cfg(), prior=SemanticPrior(tiny, table, 1.0))
+    Trainer(model, split, cfg(tmp_path, epochs=1), prior=SemanticPrior(model, table, 1.0)).fit()
+    again = make_head()
+    with pytest.raises(ValueError, match="prior"):
+        Trainer(again, split, cfg(tmp_path, epochs=2), prior=SemanticPrior(again, table, 4.0)).fit()
+    with pytest.raises(ValueError, match="prior"):
+        Trainer(again, split, cfg(tmp_path, epochs=2)).fit()
+    resumed = Trainer(again, split, cfg(tmp_path, epochs=2), prior=SemanticPrior(again, table, 1.0)).fit()
+    assert resumed.resumed_from_epoch == 1
