@@ -163,13 +163,16 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) ->
 def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
                      taus: list[float]) -> dict[str, list[tuple[dict, dict]]]:
     """``popadjust`` for the rows' runs trained with each logit adjustment in ``taus`` (0: the plain
-    loss), merged; rows of tau > 0 are named ``"<row> la<tau>"`` (``"<row> la<tau> +prior"``)."""
+    loss), merged; rows of tau > 0 are named ``"<row> la<tau>"`` (``"<row> la<tau> +prior"``), and
+    runs trained with the prior in (``--train-prior``) carry ``" tp<weight>,<recency>,<gamma>"``."""
     results: dict[str, list[tuple[dict, dict]]] = {}
+    s2 = study.stage2
+    trained = f" tp{s2.prior_weight:g},{s2.prior_recency:g},{s2.prior_tail_exponent:g}" if s2.prior_weight else ""
     for tau in dict.fromkeys(taus):
         at_tau = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=tau))
         for name, pairs in popadjust(at_tau, rows, grid).items():
             base, prior, _ = name.partition(PRIOR_SUFFIX)
-            results[f"{base} la{tau:g}{prior}" if tau else name] = pairs
+            results[f"{base}{f' la{tau:g}' if tau else ''}{trained}{prior}"] = pairs
     return results
 
 

@@ -330,6 +330,8 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     expected = evaluate(with_prior, runner.split, "test").summary()["Overall"]
     assert tp_run["test"]["full"]["Overall"] == pytest.approx(expected)
     assert tp_run["test"]["full"]["Overall"] != pytest.approx(evaluate(head, runner.split, "test").summary()["Overall"])
+    trained_rows = bench_popadjust.popadjust_by_tau(tp_study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.5])
+    assert set(trained_rows) == {"w/o Cro la0.5 tp2,0,1"} and trained_rows["w/o Cro la0.5 tp2,0,1"][0][0] == tp_run
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{tp_run['key']}*.json")))
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{best['key']}.{small.tag}*.json")))
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
