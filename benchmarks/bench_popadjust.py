@@ -263,16 +263,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logit-adjustments", nargs="+", type=float, default=None, metavar="TAU",
                    help="the rows' runs trained with each of these logit adjustments (0: the plain loss), "
                         "side by side in one report; rows of tau > 0 are named '<row> la<tau>'")
+    p.add_argument("--untrained-too", action="store_true",
+                   help="with --train-prior: also the same rows trained without the prior in (cached runs), side by "
+                        "side and tested against each other")
     a, rest = p.parse_known_args(argv)
     study, rows = build_study(rest)
+    studies = [study]
+    if a.untrained_too:
+        if not study.stage2.prior_weight:
+            p.error("--untrained-too needs --train-prior")
+        studies.append(dataclasses.replace(study, stage2=dataclasses.replace(
+            study.stage2, prior_weight=0.0, prior_recency=0.0, prior_tail_exponent=0.0)))
     grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
                 test_counts=a.test_counts, tail_exponents=tuple(sorted(set(a.prior_tail_exponents))))
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     # with input counts, each row against the same choice scored with training counts: its twin grid, cached or
     # computed first, so that the input-count grid reuses its choice and only test is evaluated twice
-    twins = (popadjust_by_tau(study, rows, dataclasses.replace(grid, test_counts="train"), taus)
+    twins = ({k: v for st in studies
+              for k, v in popadjust_by_tau(st, rows, dataclasses.replace(grid, test_counts="train"), taus).items()}
              if grid.test_counts == "inputs" else None)
-    results = popadjust_by_tau(study, rows, grid, taus)
+    results = {k: v for st in studies for k, v in popadjust_by_tau(st, rows, grid, taus).items()}
     text, raw = report(study, results, twins)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
@@ -287,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             + (" On test the popularity term counts the validation items too (`--test-counts inputs`)."
                if grid.test_counts == "inputs" else "")
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
-               " tau); their plain column is that model's own scores." if any(taus) else "") + "\n\n" + text)
+               " tau); their plain column is that model's own scores." if any(taus) else "")
+            + (" Rows named `tp<weight>,<recency>,<gamma>` were trained with that `SemanticPrior` in (`Trainer(..., "
+               "prior=...)`, `--train-prior`); their plain column is the model's own scores, without the prior."
+               if study.stage2.prior_weight else "") + "\n\n" + text)
     print(text)
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
