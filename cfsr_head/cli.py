@@ -165,6 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError(f"--output-dir {out} holds a run with other settings ("
                            + ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
                            + "); use a new --output-dir")
+    if args.train_prior is not None:
+        if not args.embeddings:
+            raise CLIError("--train-prior needs --embeddings (the prior's item table; --variant sasrec takes none, "
+                           "--variant no-semantic is its counterpart with a table)")
+        weight, recency, gamma = args.train_prior
+        if not (math.isfinite(weight) and math.isfinite(gamma) and 0 <= recency <= 1):
+            raise CLIError(f"--train-prior: WEIGHT and GAMMA must be finite and RECENCY in [0, 1], got {args.train_prior}")
     if args.variant in NEEDS_EMBEDDINGS and not args.embeddings:
         raise CLIError(f"--variant {args.variant} needs --embeddings (a semantic item table)")
     if args.variant == "sasrec" and args.embeddings:
@@ -195,7 +202,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                         collab_anchor_weight=args.collab_anchor_weight or 0.0)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
-    trainer = Trainer(model, split, config)
+    prior = None
+    if args.train_prior is not None:
+        from .adjust import SemanticPrior
+
+        weight, recency, gamma = args.train_prior
+        prior = SemanticPrior(model, semantic, weight, recency,
+                              popularity=split.item_popularity if gamma else None, tail_exponent=gamma)
+    trainer = Trainer(model, split, config, prior=prior)
     result = trainer.fit()
     if not result.history or result.best_epoch == 0:
         raise CLIError("training produced no evaluated epoch")
@@ -203,6 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tests = {p: trainer.test(protocol=p) for p in ("full", "sampled")}
     metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,
                "train": result.to_dict(), "train_config": config.to_dict(),
+               "trained_prior": None if prior is None else {"weight": prior.weight, "recency": prior.recency,
+                                                            "tail_exponent": prior.tail_exponent},
                "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
     atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:
@@ -390,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the logit-adjusted loss: every training logit of an item gets "
                         "+ TAU * log(1 + its training count), so that scores learn what popularity does "
                         "not explain (beyond the paper; Menon et al., 2021)")
+    t.add_argument("--train-prior", type=float, nargs=3, default=None, metavar=("WEIGHT", "RECENCY", "GAMMA"),
+                   help="train with the semantic prior in (Trainer(..., prior=SemanticPrior(...))) over --embeddings: "
+                        "every training logit gets WEIGHT * the tail-weighted cosine to the profile so far; validation "
+                        "and the test numbers score with it added (beyond the paper). The saved head holds the "
+                        "model alone: evaluate it with --semantic-prior WEIGHT (or auto)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--sliding", action="store_true", help="train on every max_len window of long sequences")
     t.add_argument("--eval-protocol", choices=("full", "sampled"), default="full",

@@ -93,6 +93,25 @@ def test_train_then_evaluate_with_embeddings(dataset, embeddings_file, tmp_path,
     assert "sampled" in capsys.readouterr().out
 
 
+def test_train_prior_trains_the_prior_in_and_evaluate_adds_it_back(dataset, embeddings_file, tmp_path, capsys):
+    """--train-prior: the run's test numbers score with the prior added; the saved head is the model
+    alone, and evaluate --semantic-prior with the same settings gives the same numbers."""
+    out = tmp_path / "tp"
+    assert main(train_args(dataset, out, "--train-prior", "1.5", "0", "1", "--quiet")) == 2
+    assert "--train-prior needs --embeddings" in capsys.readouterr().err
+    assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--loss", "ce",
+                           "--train-prior", "1.5", "0", "1", "--quiet")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trained_prior"] == {"weight": 1.5, "recency": 0.0, "tail_exponent": 1.0}
+    trained = metrics["test"]["full"]["summary"]["Overall"]
+    plain, with_prior = tmp_path / "plain.json", tmp_path / "prior.json"
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--json", str(plain)]) == 0
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--json", str(with_prior),
+                 "--semantic-prior", "1.5", "--prior-tail-exponent", "1"]) == 0
+    assert json.loads(with_prior.read_text())["summary"]["Overall"] == pytest.approx(trained)
+    assert json.loads(plain.read_text())["summary"]["Overall"] != pytest.approx(trained)
+
+
 def test_semantic_view_beats_chance_on_the_pattern(dataset, embeddings_file, tmp_path):
     """Item i+1 follows i and the embeddings place neighbours together: the head must learn it."""
     out = tmp_path / "run"
