@@ -737,15 +737,39 @@ def test_collab_anchor_weight_is_checked() -> None:
 
 
 # ------------------------------------------------------------------- logit adjustment
-def test_logit_bias_shifts_each_items_training_logit_in_every_loss_and_view() -> None:
-    """loss(..., logit_bias=b) is the loss of the logits plus b[item] (fused and per view; CE over
-    the full catalogue, BPR and sampled softmax over the candidates); evaluation scores ignore it."""
+def biased_losses(out: torch.Tensor, reps: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                  negs: torch.Tensor, view_weight: float) -> dict[str, torch.Tensor]:
+    """CE / BPR / sampled-softmax losses of a concatenation head by hand: the fused score plus
+    ``view_weight`` times each view's own, every logit shifted by ``bias`` (``[N+1]`` per item, or
+    ``[M, N+1]`` per position); CE over items 1..N, the others over (target, one negative)."""
     F = torch.nn.functional
-    w = 0.5
-    head = make_head(dropout=0.0, fusion="concat", view_loss_weight=w).eval()
+    expected = {"ce": 0.0, "bpr": 0.0, "sampled_softmax": 0.0}
+    for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
+        s = out[:, cols] @ reps[:, cols].T + bias
+        ce_logits = s.clone()
+        ce_logits[:, 0] = float("-inf")
+        weight = 1.0 if k == 0 else view_weight
+        expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
+        pair = torch.cat([s.gather(1, target), s.gather(1, negs)], 1)
+        expected["bpr"] += weight * -F.logsigmoid(pair[:, 0] - pair[:, 1]).mean()
+        expected["sampled_softmax"] += weight * F.cross_entropy(pair, torch.zeros(len(out), dtype=torch.long))
+    return expected
+
+
+def concat_batch(view_weight: float) -> tuple[DualViewHead, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A concatenation head with per-view losses (eval mode) and a two-user batch: seq, pos, neg."""
+    head = make_head(dropout=0.0, fusion="concat", view_loss_weight=view_weight).eval()
     seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
     pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
     neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+    return head, seq, pos, neg
+
+
+def test_logit_bias_shifts_each_items_training_logit_in_every_loss_and_view() -> None:
+    """loss(..., logit_bias=b) is the loss of the logits plus b[item] (fused and per view; CE over
+    the full catalogue, BPR and sampled softmax over the candidates); evaluation scores ignore it."""
+    w = 0.5
+    head, seq, pos, neg = concat_batch(w)
     bias = torch.linspace(0.0, 3.0, N + 1)
     bias[0] = 99.0  # padding's entry is ignored
     with torch.no_grad():
@@ -754,16 +778,7 @@ def test_logit_bias_shifts_each_items_training_logit_in_every_loss_and_view() ->
         target, negs = pos[:, -3:].reshape(6, 1), neg[:, -3:].reshape(6, 1)
         b = bias.clone()
         b[0] = 0.0
-        expected = {"ce": 0.0, "bpr": 0.0, "sampled_softmax": 0.0}
-        for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
-            s = out[:, cols] @ reps[:, cols].T + b
-            ce_logits = s.clone()
-            ce_logits[:, 0] = float("-inf")
-            weight = 1.0 if k == 0 else w
-            expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
-            pair = torch.cat([s.gather(1, target), s.gather(1, negs)], 1)
-            expected["bpr"] += weight * -F.logsigmoid(pair[:, 0] - pair[:, 1]).mean()
-            expected["sampled_softmax"] += weight * F.cross_entropy(pair, torch.zeros(6, dtype=torch.long))
+        expected = biased_losses(out, reps, b, target, negs, w)
         for loss_type, value in expected.items():
             got = head.loss(seq, pos, neg, loss_type=loss_type, logit_bias=bias)
             torch.testing.assert_close(got, value, atol=1e-5, rtol=1e-5)
@@ -801,12 +816,8 @@ def test_a_trained_in_prior_adds_its_bias_per_position_in_every_loss_and_view() 
     softmax over the candidates); a prior of weight 0 changes nothing."""
     from cfsr_head import SemanticPrior
 
-    F = torch.nn.functional
     w = 0.5
-    head = make_head(dropout=0.0, fusion="concat", view_loss_weight=w).eval()
-    seq = pad_batch([[1, 2, 3], [4, 5, 6]], "left")
-    pos = pad_batch([[2, 3, 4], [5, 6, 7]], "left")
-    neg = pad_batch([[5, 6, 7], [8, 9, 1]], "left")
+    head, seq, pos, neg = concat_batch(w)
     table = semantic_table(seed=5)
     counts = torch.arange(N + 1) % 7
     prior = SemanticPrior(head, table, 2.0, recency=0.5, popularity=counts, tail_exponent=1.0)
@@ -816,16 +827,7 @@ def test_a_trained_in_prior_adds_its_bias_per_position_in_every_loss_and_view() 
         bias = 2.0 * prior.prior(prior.position_profiles(seq)[:, -3:].reshape(6, -1))  # [6, N+1]
         assert bias[:, 1:].std() > 0
         target, negs = pos[:, -3:].reshape(6, 1), neg[:, -3:].reshape(6, 1)
-        expected = {"ce": 0.0, "bpr": 0.0, "sampled_softmax": 0.0}
-        for k, cols in enumerate([slice(None), slice(0, D), slice(D, 2 * D)]):
-            s = out[:, cols] @ reps[:, cols].T + bias
-            ce_logits = s.clone()
-            ce_logits[:, 0] = float("-inf")
-            weight = 1.0 if k == 0 else w
-            expected["ce"] += weight * F.cross_entropy(ce_logits, target.squeeze(1))
-            pair = torch.cat([s.gather(1, target), s.gather(1, negs)], 1)
-            expected["bpr"] += weight * -F.logsigmoid(pair[:, 0] - pair[:, 1]).mean()
-            expected["sampled_softmax"] += weight * F.cross_entropy(pair, torch.zeros(6, dtype=torch.long))
+        expected = biased_losses(out, reps, bias, target, negs, w)
         for loss_type, value in expected.items():
             got = head.loss(seq, pos, neg, loss_type=loss_type, prior=prior)
             torch.testing.assert_close(got, value, atol=1e-5, rtol=1e-5)
