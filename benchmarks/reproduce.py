@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from cfsr_head import (
+    Adjustment,
     DualViewHead,
     EvalResult,
     GRU4RecEncoder,
     PopularityModel,
     SASRecEncoder,
-    SemanticPrior,
     SplitData,
     TrainConfig,
     Trainer,
@@ -386,9 +386,8 @@ def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nd
     if s2.prior_weight:
         if prior_table is None:
             raise ValueError("Stage2.prior_weight > 0 needs the prior's table (prior_table=...)")
-        prior = SemanticPrior(model, prior_table, s2.prior_weight, s2.prior_recency,
-                              popularity=split.item_popularity if s2.prior_tail_exponent else None,
-                              tail_exponent=s2.prior_tail_exponent)
+        point = Adjustment(weight=s2.prior_weight, recency=s2.prior_recency, tail_exponent=s2.prior_tail_exponent)
+        prior = point.semantic_prior(model, split, prior_table)
     return Trainer(model, split, config, extra_loss=extra, prior=prior)
 
 

@@ -303,15 +303,21 @@ class Adjustment:
         test inputs. The prior's ``tail_exponent`` always weighs by the training counts: it stands
         for how much the model saw of an item, and the model was trained on those alone."""
         if self.weight != 0:
-            if semantic is None:
-                raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
-            model = SemanticPrior(model, semantic, self.weight, self.recency,
-                                  popularity=split_data.item_popularity if self.tail_exponent != 0 else None,
-                                  tail_exponent=self.tail_exponent)
+            model = self.semantic_prior(model, split_data, semantic)
         if self.beta != 0:
             counts = split_data.item_popularity if popularity is None else popularity
             model = PopularityAdjusted(model, counts, self.beta)
         return model
+
+    def semantic_prior(self, model: nn.Module, split_data: SplitData, semantic: Any) -> SemanticPrior:
+        """This point's ``SemanticPrior`` around ``model`` (weight, recency, and the tail exponent over
+        ``split_data``'s training counts), without the popularity term: what ``wrap`` adds, and what
+        ``Trainer(..., prior=...)`` trains in."""
+        if semantic is None:
+            raise ValueError("an adjustment with a semantic prior (weight != 0) needs the semantic table")
+        return SemanticPrior(model, semantic, self.weight, self.recency,
+                             popularity=split_data.item_popularity if self.tail_exponent != 0 else None,
+                             tail_exponent=self.tail_exponent)
 
     def _strength(self) -> tuple:
         """Orders points from the weakest adjustment up (ties of ``choose_adjustment``)."""

@@ -204,11 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     split.item_index.save(out / "item_index.json")
     prior = None
     if args.train_prior is not None:
-        from .adjust import SemanticPrior
+        from .adjust import Adjustment
 
         weight, recency, gamma = args.train_prior
-        prior = SemanticPrior(model, semantic, weight, recency,
-                              popularity=split.item_popularity if gamma else None, tail_exponent=gamma)
+        prior = Adjustment(weight=weight, recency=recency, tail_exponent=gamma).semantic_prior(model, split, semantic)
     trainer = Trainer(model, split, config, prior=prior)
     result = trainer.fit()
     if not result.history or result.best_epoch == 0:

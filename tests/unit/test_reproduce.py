@@ -854,7 +854,9 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
         rp.make_trainer(rp.VARIANTS["LLM-CFSR"], with_prior, split, semantic, model)
     trainer = rp.make_trainer(rp.VARIANTS["LLM-CFSR"], with_prior, split, semantic, model, semantic)
     prior = trainer.prior
-    assert isinstance(prior, rp.SemanticPrior) and prior.model is model and trainer.scoring_model is prior
+    from cfsr_head import SemanticPrior
+
+    assert isinstance(prior, SemanticPrior) and prior.model is model and trainer.scoring_model is prior
     assert (prior.weight, prior.recency, prior.tail_exponent) == (1.5, 0.5, 1.0)
     assert rp.stage2_key(s2) == rp.stage2_key(dataclasses.replace(with_prior, prior_weight=0.0, prior_recency=0.0,
                                                                   prior_tail_exponent=0.0))
