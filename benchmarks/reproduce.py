@@ -923,8 +923,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
             stage2 = dataclasses.replace(stage2, **{name: value})
     if a.train_prior is not None:
         weight, recency, gamma = a.train_prior
-        if not 0 <= recency <= 1:
-            p.error(f"--train-prior: RECENCY must lie in [0, 1], got {recency}")
+        try:
+            Adjustment(weight=weight, recency=recency, tail_exponent=gamma)
+        except ValueError as e:
+            p.error(f"--train-prior WEIGHT RECENCY GAMMA: {e}")
         stage2 = dataclasses.replace(stage2, prior_weight=weight, prior_recency=recency, prior_tail_exponent=gamma)
     if a.dropout_grid:
         grid = {"dropout": tuple(a.dropout_grid)}

@@ -294,6 +294,13 @@ class Adjustment:
     recency: float = 0.0
     tail_exponent: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name in ("beta", "weight", "tail_exponent"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.recency <= 1.0:
+            raise ValueError(f"recency must be in [0, 1], got {self.recency!r}")
+
     def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None,
              popularity: Any = None) -> nn.Module:
         """``model`` with this adjustment: ``PopularityAdjusted(SemanticPrior(model, ...), ...)``,

@@ -149,6 +149,7 @@ def _load_split(data: str, max_len: int | None, item_index: Any = None):
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from .adjust import Adjustment
     from .data import align_semantic
     from .io import atomic_write_json, read_json
     from .train import TrainConfig, Trainer, _to_jsonable
@@ -165,13 +166,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError(f"--output-dir {out} holds a run with other settings ("
                            + ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
                            + "); use a new --output-dir")
+    trained_prior = None
     if args.train_prior is not None:
         if not args.embeddings:
             raise CLIError("--train-prior needs --embeddings (the prior's item table; --variant sasrec takes none, "
                            "--variant no-semantic is its counterpart with a table)")
         weight, recency, gamma = args.train_prior
-        if not (math.isfinite(weight) and math.isfinite(gamma) and 0 <= recency <= 1):
-            raise CLIError(f"--train-prior: WEIGHT and GAMMA must be finite and RECENCY in [0, 1], got {args.train_prior}")
+        try:
+            trained_prior = Adjustment(weight=weight, recency=recency, tail_exponent=gamma)
+        except ValueError as e:
+            raise CLIError(f"--train-prior WEIGHT RECENCY GAMMA: {e}") from None
     if args.variant in NEEDS_EMBEDDINGS and not args.embeddings:
         raise CLIError(f"--variant {args.variant} needs --embeddings (a semantic item table)")
     if args.variant == "sasrec" and args.embeddings:
@@ -202,12 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         collab_anchor_weight=args.collab_anchor_weight or 0.0)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
-    prior = None
-    if args.train_prior is not None:
-        from .adjust import Adjustment
-
-        weight, recency, gamma = args.train_prior
-        prior = Adjustment(weight=weight, recency=recency, tail_exponent=gamma).semantic_prior(model, split, semantic)
+    prior = None if trained_prior is None else trained_prior.semantic_prior(model, split, semantic)
     trainer = Trainer(model, split, config, prior=prior)
     result = trainer.fit()
     if not result.history or result.best_epoch == 0:

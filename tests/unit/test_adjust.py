@@ -315,6 +315,11 @@ def test_semantic_prior_bad_inputs_are_named():
         choose_adjustment(model, split, table, metric="MRR")
     with pytest.raises(ValueError, match="grid is empty"):
         choose_adjustment(model, split, table, betas=())
+    with pytest.raises(ValueError, match="recency must be in"):
+        choose_adjustment(model, split, table, weights=(1.0,), recencies=(-0.5,))
+    for bad_point in ({"beta": math.inf}, {"weight": math.nan}, {"tail_exponent": -math.inf}, {"recency": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad_point))):
+            Adjustment(**bad_point)
 
 
 def test_tail_exponent_weighs_each_items_prior_by_its_count_relative_to_the_geometric_mean():

@@ -99,6 +99,9 @@ def test_train_prior_trains_the_prior_in_and_evaluate_adds_it_back(dataset, embe
     out = tmp_path / "tp"
     assert main(train_args(dataset, out, "--train-prior", "1.5", "0", "1", "--quiet")) == 2
     assert "--train-prior needs --embeddings" in capsys.readouterr().err
+    assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--train-prior", "1", "2", "1",
+                           "--quiet")) == 2
+    assert "recency must be in [0, 1]" in capsys.readouterr().err and not (out / "run.json").exists()
     assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--loss", "ce",
                            "--train-prior", "1.5", "0", "1", "--quiet")) == 0
     metrics = json.loads((out / "metrics.json").read_text())

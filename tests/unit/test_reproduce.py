@@ -397,8 +397,9 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     assert "only" in rp._losses_sentence(study.losses) and "only" not in rp._losses_sentence(rp.LOSSES)
     s2 = rp.parse_args(["--dataset", str(data), "--train-prior", "2", "0.5", "1"]).stage2
     assert (s2.prior_weight, s2.prior_recency, s2.prior_tail_exponent) == (2.0, 0.5, 1.0)
-    with pytest.raises(SystemExit):
-        rp.parse_args(["--dataset", str(data), "--train-prior", "2", "1.5", "1"])
+    for bad in (("2", "1.5", "1"), ("nan", "0", "1"), ("2", "0", "inf")):
+        with pytest.raises(SystemExit):
+            rp.parse_args(["--dataset", str(data), "--train-prior", *bad])
 
     trained = []
 
