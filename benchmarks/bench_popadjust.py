@@ -176,6 +176,13 @@ def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
     return results
 
 
+def without_trained_prior(study: rp.Study) -> rp.Study:
+    """``study`` with no prior trained in (``--untrained-too``): its runs are the cached runs of the
+    same rows trained without ``--train-prior``."""
+    return dataclasses.replace(study, stage2=dataclasses.replace(
+        study.stage2, prior_weight=0.0, prior_recency=0.0, prior_tail_exponent=0.0))
+
+
 def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]],
            train_counts: dict[str, list[tuple[dict, dict]]] | None = None) -> tuple[str, dict]:
     """Markdown (plain and adjusted test N@10 per row, mean over seeds; paired t-tests between rows
@@ -272,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.untrained_too:
         if not study.stage2.prior_weight:
             p.error("--untrained-too needs --train-prior")
-        studies.append(dataclasses.replace(study, stage2=dataclasses.replace(
-            study.stage2, prior_weight=0.0, prior_recency=0.0, prior_tail_exponent=0.0)))
+        studies.append(without_trained_prior(study))
     grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
                 test_counts=a.test_counts, tail_exponents=tuple(sorted(set(a.prior_tail_exponents))))
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]

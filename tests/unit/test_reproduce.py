@@ -332,6 +332,11 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert tp_run["test"]["full"]["Overall"] != pytest.approx(evaluate(head, runner.split, "test").summary()["Overall"])
     trained_rows = bench_popadjust.popadjust_by_tau(tp_study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.5])
     assert set(trained_rows) == {"w/o Cro la0.5 tp2,0,1"} and trained_rows["w/o Cro la0.5 tp2,0,1"][0][0] == tp_run
+    # --untrained-too: the same study without the prior finds the run trained without it
+    untrained = bench_popadjust.without_trained_prior(tp_study)
+    assert untrained.stage2 == la_study.stage2
+    untrained_rows = bench_popadjust.popadjust_by_tau(untrained, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.5])
+    assert set(untrained_rows) == {"w/o Cro la0.5"} and untrained_rows["w/o Cro la0.5"][0][0] == la_run
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{tp_run['key']}*.json")))
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"{best['key']}.{small.tag}*.json")))
     # runs are matched to the study's embeddings: other CFT settings find none of these runs, even
