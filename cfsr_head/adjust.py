@@ -50,7 +50,9 @@ from .data import SplitData
 from .evaluate import (_full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks, ranks_from_scores,
                        sampled_candidates)
 
-DEFAULT_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# both signs: a positive beta takes popularity out, a negative one adds it back (a model trained with the
+# logit-adjusted loss wants beta near -tau: -0.5 to -1 on Beauty at tau 0.75)
+DEFAULT_BETAS = (-1.5, -1.0, -0.75, -0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 # choosing on the sampled protocol: validation negatives from seed + this, test negatives from seed, since
 # one seed gives each user the same negatives in both splits and the choice would see test's candidates
 VALID_NEGATIVES_SEED_OFFSET = 10_000

@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--popularity-beta", type=_beta, default=None, metavar="BETA",
                    help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
                         "adjustment); 'auto' chooses BETA on the validation split, under --protocol, from "
-                        "0, 0.1, ..., 1 (beyond the paper)")
+                        "-1.5, -1, ..., 0, ..., 1; a negative BETA adds popularity back, as a model trained with "
+                        "--logit-adjustment wants (beyond the paper)")
     e.add_argument("--popularity-counts", choices=("train", "inputs"), default="train",
                    help="with --popularity-beta: the counts on the evaluated split, 'train' (the training "
                         "part, which 'auto' chooses on) or 'inputs' (everything before the split's targets: "

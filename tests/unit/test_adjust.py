@@ -93,6 +93,7 @@ def test_a_negative_beta_adds_popularity_back_to_a_model_that_under_ranks_it():
     model = SuccessorPlusPopularity(split, bonus_weight=-1.0)
     beta, values = choose_popularity_beta(model, split, betas=(-1.0, -0.5, 0.0, 0.5, 1.0))
     assert beta == -1.0 and values[-1.0] == pytest.approx(1.0) and values[0.0] < 0.9, values
+    assert choose_popularity_beta(model, split)[0] == -1.0  # the default grid reaches it too
 
 
 def test_ties_go_to_the_beta_closest_to_zero_and_a_head_wraps_like_any_model():
