@@ -285,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     # with input counts, each row against the same choice scored with training counts: its twin grid, cached or
     # computed first, so that the input-count grid reuses its choice and only test is evaluated twice
-    twins = ({k: v for st in studies
-              for k, v in popadjust_by_tau(st, rows, dataclasses.replace(grid, test_counts="train"), taus).items()}
-             if grid.test_counts == "inputs" else None)
-    results = {k: v for st in studies for k, v in popadjust_by_tau(st, rows, grid, taus).items()}
+    def every_study(g: Grid) -> dict[str, list[tuple[dict, dict]]]:
+        return {k: v for st in studies for k, v in popadjust_by_tau(st, rows, g, taus).items()}
+
+    twins = every_study(dataclasses.replace(grid, test_counts="train")) if grid.test_counts == "inputs" else None
+    results = every_study(grid)
     text, raw = report(study, results, twins)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "

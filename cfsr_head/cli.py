@@ -215,8 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tests = {p: trainer.test(protocol=p) for p in ("full", "sampled")}
     metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,
                "train": result.to_dict(), "train_config": config.to_dict(),
-               "trained_prior": None if prior is None else {"weight": prior.weight, "recency": prior.recency,
-                                                            "tail_exponent": prior.tail_exponent},
+               "trained_prior": trainer.prior_settings,
                "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
     atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:

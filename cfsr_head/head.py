@@ -603,10 +603,10 @@ class DualViewHead(nn.Module):
             logit_sets = self._logit_sets(out[valid], candidates)  # each [M, 1+n], the positive first
             if logit_bias is not None or prior is not None:  # invalid ids (fallback rows) take index 0's bias, 0
                 cand_ids = torch.cat([p.masked_fill(p_invalid, 0).unsqueeze(1), neg_v.masked_fill(n_invalid, 0)], 1)
-                biases = ([] if logit_bias is None else [logit_bias[cand_ids]]) + \
-                    ([] if prior is None else [prior.training_bias(item_seq, padding_mask, valid, cand_ids)])
-                for bias in biases:
-                    logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
+                bias = 0.0 if logit_bias is None else logit_bias[cand_ids]
+                if prior is not None:
+                    bias = bias + prior.training_bias(item_seq, padding_mask, valid, cand_ids)
+                logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
 
         def one_loss(logits: Tensor) -> Tensor:
             if loss_type == "ce":

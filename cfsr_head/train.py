@@ -440,7 +440,10 @@ class Trainer:
         is one, else the model itself."""
         return self.prior if self.prior is not None else self.model
 
-    def _prior_settings(self) -> dict[str, float] | None:
+    @property
+    def prior_settings(self) -> dict[str, float] | None:
+        """The trained-in prior's weight, recency and tail exponent (None without one): what the
+        checkpoint keeps and a resume must match."""
         if self.prior is None:
             return None
         return {k: float(getattr(self.prior, k)) for k in ("weight", "recency", "tail_exponent")}
@@ -508,7 +511,7 @@ class Trainer:
         atomic_save_safetensors(stage / "model.safetensors", _cpu_state_dict(self.model))
         atomic_save_safetensors(stage / "optimizer.safetensors", opt_tensors)
         scaler = getattr(self.accelerator, "scaler", None)
-        full = dict(state, optimizer=opt_meta, config=self.config.to_dict(), prior=self._prior_settings(),
+        full = dict(state, optimizer=opt_meta, config=self.config.to_dict(), prior=self.prior_settings,
                     scaler=_to_jsonable(scaler.state_dict()) if scaler is not None else None)
         atomic_write_json(stage / "trainer_state.json", _to_jsonable(full))  # marks the stage complete
         if last.exists():
@@ -534,9 +537,9 @@ class Trainer:
         old = saved.get("config", {})
         new = self.config.to_dict()
         diff = [k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k]]
-        if saved.get("prior") != self._prior_settings():
+        if saved.get("prior") != self.prior_settings:
             diff.append("prior")
-            old, new = {**old, "prior": saved.get("prior")}, {**new, "prior": self._prior_settings()}
+            old, new = {**old, "prior": saved.get("prior")}, {**new, "prior": self.prior_settings}
         if diff:
             details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
             raise ValueError(f"{self.output_dir} holds a run with a different configuration ({details}); "
