@@ -51,7 +51,7 @@ GROUPS = ("Overall", "Tail item")
 PRIOR_SUFFIX = " +prior"
 _PROTOCOL_NAMES = {"full": "full-ranking", "sampled": "100-sampled-negative"}
 # Grid fields added after caches were written, with the default they had implicitly before
-_LATER_FIELDS = {"protocol": "full", "test_counts": "train", "tail_exponents": (0.0,)}
+_LATER_FIELDS = {"protocol": "full", "test_counts": "train", "tail_exponents": (0.0,), "pseudo_counts": (1.0,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,8 @@ class Grid:
     test_counts: str = "train"
     # SemanticPrior tail exponents: the prior's weight for item i scales as (1 + count_i) ** -gamma
     tail_exponents: tuple[float, ...] = (0.0,)
+    # pseudo counts c of the popularity term, beta * log(c + count): 1 is the plain term
+    pseudo_counts: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -116,7 +118,7 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
     else:
         best, values = choose_adjustment(head, runner.split, semantic, grid.betas, grid.weights, grid.recencies,
                                          protocol=grid.protocol, seed=s2.seed + VALID_NEGATIVES_SEED_OFFSET,
-                                         tail_exponents=grid.tail_exponents)
+                                         tail_exponents=grid.tail_exponents, pseudo_counts=grid.pseudo_counts)
     counts = runner.split.input_popularity("test") if grid.test_counts == "inputs" else None
     adjusted = best.wrap(head, runner.split, semantic, popularity=counts)
     test = {}
@@ -202,6 +204,7 @@ def report(study: rp.Study, results: dict[str, list[tuple[dict, dict]]],
         cells, row_raw = [], {"seeds": [a["seed"] for _, a in pairs], "beta": [a["beta"] for _, a in pairs],
                               "weight": [a["weight"] for _, a in pairs], "recency": [a["recency"] for _, a in pairs],
                               "tail_exponent": [a.get("tail_exponent", 0.0) for _, a in pairs],
+                              "pseudo_count": [a.get("pseudo_count", 1.0) for _, a in pairs],
                               "valid": [plain_valid, adj_valid], "test": {}}
         for p, g in itertools.product(PROTOCOLS, GROUPS):
             before = mean([r["test"][p][g]["NDCG@10"] for r, _ in pairs])
@@ -239,15 +242,19 @@ def _valid_plain(record: dict, adjusted: dict) -> float:
 
 
 def _adjustment(record: dict) -> Adjustment:
-    """The ``Adjustment`` of a cached record (records before the tail exponent have none: 0)."""
-    return Adjustment(record["beta"], record["weight"], record["recency"], record.get("tail_exponent", 0.0))
+    """The ``Adjustment`` of a cached record (records before the tail exponent or the pseudo count have
+    none: 0 and 1)."""
+    return Adjustment(record["beta"], record["weight"], record["recency"], record.get("tail_exponent", 0.0),
+                      record.get("pseudo_count", 1.0))
 
 
 def _chosen(adjusted: dict) -> str:
+    pseudo = adjusted.get("pseudo_count", 1.0)
+    beta = f"{adjusted['beta']:g}" + (f" c{pseudo:g}" if pseudo != 1 else "")
     if adjusted["weight"] == 0:
-        return f"{adjusted['beta']:g}"
+        return beta
     gamma = adjusted.get("tail_exponent", 0.0)
-    return (f"{adjusted['beta']:g} ({adjusted['weight']:g}, {adjusted['recency']:g}"
+    return (f"{beta} ({adjusted['weight']:g}, {adjusted['recency']:g}"
             + (f", gamma {gamma:g})" if gamma else ")"))
 
 
@@ -262,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-tail-exponents", nargs="+", type=float, default=[0.0], metavar="GAMMA",
                    help="SemanticPrior tail exponents (0 = every item alike): item i's prior weight scales as "
                         "(1 + training count_i) ** -GAMMA")
+    p.add_argument("--popularity-pseudo-counts", nargs="+", type=float, default=[1.0], metavar="C",
+                   help="pseudo counts of the popularity term, beta * log(C + training count) (1 = the plain term)")
     p.add_argument("--choose-on", choices=PROTOCOLS, default="full",
                    help="the validation protocol whose Overall N@10 chooses the adjustment (default full ranking)")
     p.add_argument("--test-counts", choices=TEST_COUNTS, default="train",
@@ -281,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--untrained-too needs --train-prior")
         studies.append(without_trained_prior(study))
     grid = Grid(*(tuple(sorted(set(v))) for v in (a.betas, a.prior_weights, a.prior_recencies)), protocol=a.choose_on,
-                test_counts=a.test_counts, tail_exponents=tuple(sorted(set(a.prior_tail_exponents))))
+                test_counts=a.test_counts, tail_exponents=tuple(sorted(set(a.prior_tail_exponents))),
+                pseudo_counts=tuple(sorted(set(a.popularity_pseudo_counts))))
     taus = a.logit_adjustments if a.logit_adjustments else [study.stage2.logit_adjustment]
     # with input counts, each row against the same choice scored with training counts: its twin grid, cached or
     # computed first, so that the input-count grid reuses its choice and only test is evaluated twice
@@ -301,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Post-hoc adjustment on {study.name}\n\nMade by `{command}`. Each run's beta is "
             f"chosen on validation ({_PROTOCOL_NAMES[grid.protocol]} N@10) from {list(grid.betas)}; test N@10, mean "
             f"over seeds.{prior}"
+            + (f" The popularity term is beta * log(c + count), its pseudo count c (shown as `c<c>` when not 1) "
+               f"chosen with beta from {list(grid.pseudo_counts)}." if grid.pseudo_counts != (1.0,) else "")
             + (" On test the popularity term counts the validation items too (`--test-counts inputs`)."
                if grid.test_counts == "inputs" else "")
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"

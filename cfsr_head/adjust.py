@@ -28,6 +28,11 @@ weigh rare items more: ``tail_exponents`` adds the exponent gamma of a per-item 
 
 >>> adj, valid = choose_adjustment(model, split, table, weights=(0, 0.5, 1, 2), tail_exponents=(0, 0.5, 1))
 
+Counts of a few interactions say little about an item; ``pseudo_counts`` adds a pseudo count c
+(``log(c + count_i)``, additive smoothing; 1 is the plain term) to the grid:
+
+>>> adj, valid = choose_adjustment(model, split, betas=(-1, -0.5, 0), pseudo_counts=(1, 3, 10, 30))
+
 Validation is scored with training counts, which run up to every validation target. Test targets
 are one interaction later in every sequence, so training counts make them look rarer than the
 validation targets they were tuned on; ``SplitData.input_popularity("test")`` counts the validation
@@ -60,12 +65,18 @@ VALID_NEGATIVES_SEED_OFFSET = 10_000
 DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 # SemanticPrior tail exponents: 0 weighs every item alike; 1 gives an item whose 1 + count is 10x smaller 10x the weight
 DEFAULT_TAIL_EXPONENTS = (0.0, 0.5, 1.0, 2.0)
+# pseudo counts of the popularity term, log(pseudo_count + count): 1 is the plain log(1 + count); larger ones
+# stop it from ordering the many items seen only a few times (Beauty: validation rises up to about 10)
+DEFAULT_PSEUDO_COUNTS = (1.0, 3.0, 10.0, 30.0)
 
 
-def log_popularity(popularity: Any, num_items: int) -> Tensor:
-    """``log(1 + count_i)`` as a float32 ``[N+1]`` tensor (index 0, padding, is 0) from ``[N+1]``
-    training counts; raises, naming the item index, on a wrong length or a negative / non-finite
-    count. Shared by ``PopularityAdjusted`` and ``TrainConfig.logit_adjustment``."""
+def log_popularity(popularity: Any, num_items: int, pseudo_count: float = 1.0) -> Tensor:
+    """``log(pseudo_count + count_i)`` as a float32 ``[N+1]`` tensor (index 0, padding, is 0) from
+    ``[N+1]`` training counts; raises, naming the item index, on a wrong length or a negative /
+    non-finite count. Shared by ``PopularityAdjusted`` and ``TrainConfig.logit_adjustment`` (which
+    keep the default ``log(1 + count_i)``). A larger ``pseudo_count`` smooths the counts: items seen
+    a handful of times then differ little, the most frequent ones as much as before."""
+    _check_pseudo_count(pseudo_count)
     counts = np.asarray(popularity, dtype=np.float64)
     if counts.ndim != 1 or len(counts) != num_items + 1:
         raise ValueError(f"popularity must have num_items + 1 = {num_items + 1} entries (index 0 is padding), "
@@ -73,9 +84,14 @@ def log_popularity(popularity: Any, num_items: int) -> Tensor:
     if not np.all(np.isfinite(counts[1:])) or (counts[1:] < 0).any():
         bad = int(np.flatnonzero(~np.isfinite(counts[1:]) | (counts[1:] < 0))[0]) + 1
         raise ValueError(f"popularity must be finite counts >= 0; item index {bad} has {counts[bad]!r}")
-    log_pop = np.log1p(np.clip(counts, 0, None))
+    log_pop = np.log1p(np.clip(counts, 0, None) + (float(pseudo_count) - 1.0))  # log1p: exact at the default
     log_pop[0] = 0.0
     return torch.as_tensor(log_pop, dtype=torch.float32)
+
+
+def _check_pseudo_count(pseudo_count: float) -> None:
+    if not (math.isfinite(pseudo_count) and pseudo_count > 0):
+        raise ValueError(f"pseudo_count must be a finite number > 0, got {pseudo_count!r}")
 
 
 def prior_item_scale(popularity: Any, num_items: int, tail_exponent: float) -> Tensor:
@@ -95,9 +111,11 @@ def _scaled_prior(similarity: Tensor, scale: Tensor, candidates: Tensor | None) 
 
 
 class PopularityAdjusted(nn.Module):
-    """``model``'s scores minus ``beta * log(1 + count_i)``, ``count_i`` item i's training count.
-    A negative ``beta`` adds popularity back (for a model trained with a logit-adjusted loss,
-    ``TrainConfig.logit_adjustment``, whose own scores may under-rank popular items).
+    """``model``'s scores minus ``beta * log(pseudo_count + count_i)``, ``count_i`` item i's training
+    count (``pseudo_count`` 1 by default). A negative ``beta`` adds popularity back (for a model
+    trained with a logit-adjusted loss, ``TrainConfig.logit_adjustment``, whose own scores may
+    under-rank popular items). A larger ``pseudo_count`` (additive smoothing of the counts) keeps the
+    term from ordering items seen once, twice or five times, whose counts say little.
 
     ``popularity``: ``[N+1]`` counts indexed like the model's items (index 0, padding, ignored;
     ``SplitData.item_popularity`` is in this form). Follows the model protocol (``user_state``,
@@ -105,12 +123,13 @@ class PopularityAdjusted(nn.Module):
     as it takes the model; the wrapped model's parameters are its own (``state_dict`` has them
     under ``model.``)."""
 
-    def __init__(self, model: nn.Module, popularity: Any, beta: float) -> None:
+    def __init__(self, model: nn.Module, popularity: Any, beta: float, pseudo_count: float = 1.0) -> None:
         super().__init__()
         if not math.isfinite(beta):
             raise ValueError(f"beta must be a finite number, got {beta!r}")
-        self.model, self.beta = model, float(beta)
-        self.register_buffer("log_popularity", log_popularity(popularity, int(getattr(model, "num_items"))))
+        self.model, self.beta, self.pseudo_count = model, float(beta), float(pseudo_count)
+        self.register_buffer("log_popularity",
+                             log_popularity(popularity, int(getattr(model, "num_items")), self.pseudo_count))
         self.max_len = _model_max_len(model)
 
     @property
@@ -288,13 +307,14 @@ class SemanticPrior(nn.Module):
 
 @dataclass(frozen=True)
 class Adjustment:
-    """One point of ``choose_adjustment``'s grid: popularity ``beta`` and the ``SemanticPrior``'s
-    ``weight``, ``recency`` and ``tail_exponent``."""
+    """One point of ``choose_adjustment``'s grid: popularity ``beta`` (over ``log(pseudo_count +
+    count)``) and the ``SemanticPrior``'s ``weight``, ``recency`` and ``tail_exponent``."""
 
     beta: float = 0.0
     weight: float = 0.0
     recency: float = 0.0
     tail_exponent: float = 0.0
+    pseudo_count: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("beta", "weight", "tail_exponent"):
@@ -302,6 +322,7 @@ class Adjustment:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if not 0.0 <= self.recency <= 1.0:
             raise ValueError(f"recency must be in [0, 1], got {self.recency!r}")
+        _check_pseudo_count(self.pseudo_count)
 
     def wrap(self, model: nn.Module, split_data: SplitData, semantic: Any = None,
              popularity: Any = None) -> nn.Module:
@@ -315,7 +336,7 @@ class Adjustment:
             model = self.semantic_prior(model, split_data, semantic)
         if self.beta != 0:
             counts = split_data.item_popularity if popularity is None else popularity
-            model = PopularityAdjusted(model, counts, self.beta)
+            model = PopularityAdjusted(model, counts, self.beta, self.pseudo_count)
         return model
 
     def semantic_prior(self, model: nn.Module, split_data: SplitData, semantic: Any) -> SemanticPrior:
@@ -330,8 +351,8 @@ class Adjustment:
 
     def _strength(self) -> tuple:
         """Orders points from the weakest adjustment up (ties of ``choose_adjustment``)."""
-        return (abs(self.weight), abs(self.beta), self.recency, abs(self.tail_exponent), self.beta, self.weight,
-                self.tail_exponent)
+        return (abs(self.weight), abs(self.beta), self.recency, abs(self.tail_exponent),
+                abs(math.log(self.pseudo_count)), self.beta, self.weight, self.tail_exponent, self.pseudo_count)
 
 
 @torch.no_grad()
@@ -340,17 +361,20 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
                       recencies: Sequence[float] = (0.0,), metric: str = "NDCG@10", batch_size: int = 256,
                       device: str | torch.device | None = None, max_len: int | None = None,
                       protocol: str = "full", n_negatives: int = 100, seed: int = 0,
-                      tail_exponents: Sequence[float] = (0.0,),
+                      tail_exponents: Sequence[float] = (0.0,), pseudo_counts: Sequence[float] = (1.0,),
                       ) -> tuple[Adjustment, dict[Adjustment, float]]:
-    """The grid point (``betas`` x ``weights`` x ``recencies`` x ``tail_exponents``) whose adjustment
+    """The grid point (``betas`` x ``weights`` x ``recencies`` x ``tail_exponents`` x
+    ``pseudo_counts``) whose adjustment
     (``Adjustment.wrap``) has the best validation ``metric`` (Overall) under ``protocol``, and
     every point's value. ``protocol="sampled"`` ranks the target among the ``n_negatives``
     negatives ``evaluate(..., protocol="sampled", seed=seed)`` draws for the validation split.
     One pass over the validation users: the model's scores are computed once per
     batch and every point is ranked from them, with the ranks ``evaluate`` gives the wrapped model.
     Ties go to the weakest adjustment (smallest ``|weight|``, then ``|beta|``, then recency, then
-    ``|tail_exponent|``); with weight 0 the recency and the tail exponent do nothing, so those
-    points are taken once, at 0. The tail exponent weighs the prior by training counts.
+    ``|tail_exponent|``, then the pseudo count closest to 1); with weight 0 the recency and the tail
+    exponent do nothing, so those points are taken once, at 0, and with beta 0 the pseudo count
+    (of the popularity term) is taken once, at 1. The tail exponent weighs the prior by training
+    counts, always with pseudo count 1.
     ``semantic`` (rows for items 1..N, as ``SemanticPrior`` takes it) is needed when a weight is
     not 0; ``model.num_items`` must match the data. ``max_len``: input window (default: the
     model's, as ``evaluate``)."""
@@ -359,11 +383,13 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
         raise ValueError(f"metric must be 'HR@K' or 'NDCG@K', got {metric!r}")
     if protocol not in ("full", "sampled"):
         raise ValueError(f"protocol must be 'full' or 'sampled', got {protocol!r}")
-    grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0, float(g) if w != 0 else 0.0)
+    grid = list(dict.fromkeys(Adjustment(float(b), float(w), float(r) if w != 0 else 0.0, float(g) if w != 0 else 0.0,
+                                         float(c) if b != 0 else 1.0)
                               for b in sorted(set(betas)) for w in sorted(set(weights)) for r in sorted(set(recencies))
-                              for g in sorted(set(tail_exponents))))
+                              for g in sorted(set(tail_exponents)) for c in sorted(set(pseudo_counts))))
     if not grid:
-        raise ValueError("the grid is empty (betas, weights, recencies and tail_exponents each need a value)")
+        raise ValueError("the grid is empty (betas, weights, recencies, tail_exponents and pseudo_counts each need "
+                         "a value)")
     n_items = split_data.num_items
     if int(getattr(model, "num_items", n_items)) != n_items:
         raise ValueError(f"model has num_items={model.num_items} but the data has {n_items} items")
@@ -375,7 +401,8 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
     sampled = protocol == "sampled"
     history = None if sampled else split_data.history("valid")
     cands_all = sampled_candidates(split_data, target_all, n_negatives, seed) if sampled else None
-    log_pop = log_popularity(split_data.item_popularity, n_items).to(dev)
+    log_pops = {c: log_popularity(split_data.item_popularity, n_items, c).to(dev)
+                for c in {p.pseudo_count for p in grid if p.beta != 0}}
     by_prior: dict[tuple[float, tuple[float, float]], list[Adjustment]] = {}
     for point in grid:
         by_prior.setdefault((point.weight, (point.recency, point.tail_exponent)), []).append(point)
@@ -396,7 +423,7 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
             sims = {r: pr.similarity(pr.profile(seq, seq == 0), cands) for r, pr in priors.items()}
             prior = {(r, g): sims[r] if g == 0 else _scaled_prior(sims[r], scales[g], cands)
                      for r, g in shapes}
-            pop = (log_pop[cands] if sampled else log_pop).to(own.dtype)
+            pops = {c: (lp[cands] if sampled else lp).to(own.dtype) for c, lp in log_pops.items()}
             if sampled:
                 first = torch.zeros(len(cands), dtype=torch.long, device=dev)
             else:
@@ -409,7 +436,7 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
                 for point in points:
                     scores = with_prior
                     if point.beta != 0:
-                        scores = torch.sub(with_prior, point.beta * pop, out=buffer)
+                        scores = torch.sub(with_prior, point.beta * pops[point.pseudo_count], out=buffer)
                     if sampled:
                         ranks = ranks_from_scores(scores.float(), first).cpu().numpy()
                     else:

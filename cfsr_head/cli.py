@@ -238,6 +238,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.popularity_counts != "train" and args.popularity_beta is None:
         raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
                        "popularity term to count for)")
+    if args.popularity_pseudo_count is not None and args.popularity_beta is None:
+        raise CLIError("--popularity-pseudo-count needs --popularity-beta (it smooths the popularity term's counts)")
     if args.prior_tail_exponent is not None and args.semantic_prior is None:
         raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -271,6 +273,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.popularity_beta is not None:
             report["popularity_beta"] = adjustment.beta
             report["popularity_counts"] = args.popularity_counts
+            report["popularity_pseudo_count"] = adjustment.pseudo_count
         if args.semantic_prior is not None:
             report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency,
                                         "tail_exponent": adjustment.tail_exponent}
@@ -281,11 +284,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) -> tuple[Any, str, Any]:
     """``(model, note, Adjustment)``: the model with ``--popularity-beta`` / ``--semantic-prior``
     applied (an 'auto' strength chosen on validation, both together when both are 'auto')."""
-    from .adjust import (DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_TAIL_EXPONENTS, VALID_NEGATIVES_SEED_OFFSET,
-                         Adjustment, choose_adjustment)
+    from .adjust import (DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_PSEUDO_COUNTS, DEFAULT_TAIL_EXPONENTS,
+                         VALID_NEGATIVES_SEED_OFFSET, Adjustment, choose_adjustment)
     from .data import align_semantic
 
     beta, weight, gamma = args.popularity_beta, args.semantic_prior, args.prior_tail_exponent
+    pseudo = args.popularity_pseudo_count
     semantic = None
     if weight is not None:
         if args.embeddings:
@@ -296,19 +300,23 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
             raise CLIError(f"--semantic-prior needs item embeddings: the model at {args.model} has no semantic "
                            "table, so pass --embeddings")
     note = ""
-    if "auto" in (beta, weight, gamma):
+    if "auto" in (beta, weight, gamma, pseudo):
         betas = DEFAULT_BETAS if beta == "auto" else (float(beta or 0.0),)
         weights = DEFAULT_PRIOR_WEIGHTS if weight == "auto" else (float(weight or 0.0),)
         gammas = DEFAULT_TAIL_EXPONENTS if gamma == "auto" else (float(gamma or 0.0),)
+        pseudos = DEFAULT_PSEUDO_COUNTS if pseudo == "auto" else (float(pseudo or 1.0),)
         # chosen under the protocol evaluated; sampled validation negatives come from another seed than test's
         adjustment, values = choose_adjustment(model, split, semantic, betas, weights, (args.prior_recency,),
                                                max_len=max_len, protocol=args.protocol,
-                                               seed=args.seed + VALID_NEGATIVES_SEED_OFFSET, tail_exponents=gammas)
+                                               seed=args.seed + VALID_NEGATIVES_SEED_OFFSET, tail_exponents=gammas,
+                                               pseudo_counts=pseudos)
         note = f" (chosen on validation {args.protocol} NDCG@10 {values[adjustment]:.4f} from {len(values)} points)"
     else:
-        adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency, float(gamma or 0.0))
+        adjustment = Adjustment(float(beta or 0.0), float(weight or 0.0), args.prior_recency, float(gamma or 0.0),
+                                float(pseudo or 1.0))
     if beta is not None:
-        note = f", popularity beta {adjustment.beta}" + note
+        note = (f", popularity beta {adjustment.beta}"
+                + (f" pseudo count {adjustment.pseudo_count}" if pseudo is not None else "") + note)
     if weight is not None:
         note = (f", semantic prior weight {adjustment.weight} recency {adjustment.recency}"
                 + (f" tail exponent {adjustment.tail_exponent}" if gamma is not None else "") + note)
@@ -350,6 +358,18 @@ def _beta(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number or 'auto', got {text!r}")
+    return value
+
+
+def _pseudo_count(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'auto', got {text!r}")
     return value
 
 
@@ -438,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --popularity-beta: the counts on the evaluated split, 'train' (the training "
                         "part, which 'auto' chooses on) or 'inputs' (everything before the split's targets: "
                         "on test the validation items too, SplitData.input_popularity)")
+    e.add_argument("--popularity-pseudo-count", type=_pseudo_count, default=None, metavar="C",
+                   help="with --popularity-beta: the term is BETA * log(C + training count) (default C = 1); a "
+                        "larger C smooths the counts of rarely seen items; 'auto' chooses C on validation from 1, "
+                        "3, 10, 30 with the other 'auto's (beyond the paper)")
     e.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
                    help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "
                         "(cfsr_head.SemanticPrior); 'auto' chooses WEIGHT on the validation split from 0, 0.5, "

@@ -32,7 +32,7 @@ class SuccessorPlusPopularity(nn.Module):
     """Knows the true next item but adds a popularity bonus that drowns it: the model a softmax
     over a skewed catalogue tends to learn."""
 
-    def __init__(self, split, signal: float = 0.5, bonus_weight: float = 1.0) -> None:
+    def __init__(self, split, signal: float = 0.5, bonus_weight: float = 1.0, pseudo_count: float = 1.0) -> None:
         super().__init__()
         ids = split.item_index.ids
         pos = {raw: n + 1 for n, raw in enumerate(ids)}
@@ -40,8 +40,8 @@ class SuccessorPlusPopularity(nn.Module):
         for raw, idx in pos.items():
             succ[idx] = pos.get(f"i{(int(raw[1:]) + 1) % N_RAW}", 0)
         self.register_buffer("succ", succ)
-        self.register_buffer("bonus", bonus_weight * torch.log1p(
-            torch.as_tensor(np.asarray(split.item_popularity), dtype=torch.float32)))
+        self.register_buffer("bonus", bonus_weight * torch.log(
+            pseudo_count + torch.as_tensor(np.asarray(split.item_popularity), dtype=torch.float32)))
         self.num_items, self.signal, self.max_len = len(ids), signal, 8
 
     def user_state(self, item_seq, padding_mask=None):
@@ -94,6 +94,39 @@ def test_a_negative_beta_adds_popularity_back_to_a_model_that_under_ranks_it():
     beta, values = choose_popularity_beta(model, split, betas=(-1.0, -0.5, 0.0, 0.5, 1.0))
     assert beta == -1.0 and values[-1.0] == pytest.approx(1.0) and values[0.0] < 0.9, values
     assert choose_popularity_beta(model, split)[0] == -1.0  # the default grid reaches it too
+
+
+def test_a_pseudo_count_smooths_the_popularity_term_and_validation_finds_the_models_own():
+    """beta * log(c + count): c = 1 is the plain term; a model whose bonus is log(10 + count) is
+    repaired only by c = 10, which choose_adjustment finds, scoring each point as evaluate does."""
+    split = chain_split()
+    model = SuccessorPlusPopularity(split, bonus_weight=1.0, pseudo_count=10.0)
+    states = model.user_state(torch.tensor([[0, 1, 2], [0, 0, 5]]))
+    counts = torch.as_tensor(np.asarray(split.item_popularity), dtype=torch.float32)
+    smoothed = PopularityAdjusted(model, split.item_popularity, 0.7, pseudo_count=10.0)
+    torch.testing.assert_close(smoothed.full_scores(states)[:, 1:],
+                               model.full_scores(states)[:, 1:] - 0.7 * torch.log(10.0 + counts[1:]))
+    torch.testing.assert_close(PopularityAdjusted(model, split.item_popularity, 0.7).log_popularity,
+                               PopularityAdjusted(model, split.item_popularity, 0.7, pseudo_count=1.0).log_popularity)
+    best, values = choose_adjustment(model, split, betas=(0.0, 1.0), pseudo_counts=(1.0, 10.0, 30.0), batch_size=7)
+    assert len(values) == 1 + 3  # beta 0 once: its pseudo count does nothing
+    assert {p.pseudo_count for p in values if p.beta == 0} == {1.0}
+    assert best == Adjustment(beta=1.0, pseudo_count=10.0) and values[best] == pytest.approx(1.0), values
+    assert values[Adjustment(beta=1.0)] < 0.9  # the plain term leaves the rare items' bonus in place
+    for point, value in values.items():
+        wrapped = point.wrap(model, split)
+        assert value == pytest.approx(evaluate(wrapped, split, "valid").summary()["Overall"]["NDCG@10"], abs=1e-12)
+    assert best.wrap(model, split).pseudo_count == 10.0
+    # with every item equally frequent every pseudo count ties: the tie goes to the one closest to 1
+    rows = [(f"u{u}", f"i{(u + t) % 6}", t) for u in range(12) for t in range(5)]
+    even = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])))
+    tie, tied = choose_adjustment(ConstantScores(even.num_items), even, betas=(0.5,), pseudo_counts=(0.5, 3.0, 1.0))
+    assert tie == Adjustment(beta=0.5, pseudo_count=1.0) and len(tied) == 3 and len(set(tied.values())) == 1
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="pseudo_count must be"):
+            PopularityAdjusted(model, split.item_popularity, 0.5, pseudo_count=bad)
+        with pytest.raises(ValueError, match="pseudo_count must be"):
+            Adjustment(beta=0.5, pseudo_count=bad)
 
 
 def test_ties_go_to_the_beta_closest_to_zero_and_a_head_wraps_like_any_model():

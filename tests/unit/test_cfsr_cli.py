@@ -168,7 +168,8 @@ def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, cap
 def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
     """--logit-adjustment reaches the training config; evaluate --popularity-beta wraps the model in
     PopularityAdjusted (0 gives the plain numbers; 'auto' chooses on validation, as the API does)."""
-    from cfsr_head import DualViewHead, PopularityAdjusted, choose_popularity_beta, evaluate
+    from cfsr_head import DualViewHead, PopularityAdjusted, choose_adjustment, choose_popularity_beta, evaluate
+    from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PSEUDO_COUNTS
     from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
 
     out = tmp_path / "la"
@@ -202,9 +203,30 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
                         max_len=10).summary()
     assert got["popularity_counts"] == "inputs" and reports["0.7"]["popularity_counts"] == "train"
     assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
+    # --popularity-pseudo-count: beta * log(C + count), fixed or chosen on validation with beta
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "0.7",
+                 "--popularity-pseudo-count", "10", "--json", str(report)]) == 0
+    assert "popularity beta 0.7 pseudo count 10.0" in capsys.readouterr().out
+    got = json.loads(report.read_text())
+    expected = evaluate(PopularityAdjusted(model, split.item_popularity, 0.7, pseudo_count=10.0), split, "test",
+                        max_len=10).summary()
+    assert got["popularity_pseudo_count"] == 10.0 and reports["0.7"]["popularity_pseudo_count"] == 1.0
+    assert got["summary"]["Overall"] == pytest.approx(expected["Overall"])
+    assert got["summary"]["Overall"] != pytest.approx(reports["0.7"]["summary"]["Overall"])
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "auto",
+                 "--popularity-pseudo-count", "auto", "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+    best, _ = choose_adjustment(model, split, betas=DEFAULT_BETAS, pseudo_counts=DEFAULT_PSEUDO_COUNTS, max_len=10)
+    assert (got["popularity_beta"], got["popularity_pseudo_count"]) == (best.beta, best.pseudo_count)
     # counts without a popularity term would be ignored: refused, naming the missing option
     assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-counts", "inputs"]) == 2
     assert "needs --popularity-beta" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-pseudo-count", "3"]) == 2
+    assert "--popularity-pseudo-count needs --popularity-beta" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "0.5",
+                  "--popularity-pseudo-count", bad])
     with pytest.raises(SystemExit):
         main(["evaluate", "--data", str(dataset), "--model", str(out), "--popularity-beta", "strong"])
     with pytest.raises(SystemExit):

@@ -260,6 +260,19 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     expected = evaluate(point.wrap(row.load_head(study, runner, rec), runner.split, semantic), runner.split, "test")
     assert tail_adj["test"]["full"]["Overall"] == pytest.approx(expected.summary()["Overall"])
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{tail_grid.tag}*.json")))
+    # pseudo counts of the popularity term: a grid of its own, chosen with beta, test scored with the chosen one
+    pseudo_grid = dataclasses.replace(grid, betas=(0.5, 2.0), pseudo_counts=(1.0, 10.0))
+    assert pseudo_grid.tag != dataclasses.replace(pseudo_grid, pseudo_counts=(1.0,)).tag
+    (rec, pseudo_adj), = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, pseudo_grid)["w/o Cro"]
+    assert {(p["beta"], p["pseudo_count"]) for p in pseudo_adj["valid"]} == {(0.5, 1.0), (0.5, 10.0), (2.0, 1.0),
+                                                                               (2.0, 10.0)}
+    point = bench_popadjust._adjustment(pseudo_adj)
+    expected = evaluate(point.wrap(row.load_head(study, runner, rec), runner.split), runner.split, "test")
+    assert pseudo_adj["test"]["full"]["Overall"] == pytest.approx(expected.summary()["Overall"])
+    text, raw = bench_popadjust.report(study, {"w/o Cro": [(rec, pseudo_adj)]})
+    assert raw["rows"]["w/o Cro"]["pseudo_count"] == [point.pseudo_count]
+    assert (f"c{point.pseudo_count:g}" in text) == (point.pseudo_count != 1)
+    n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{pseudo_grid.tag}*.json")))
     # chosen on the sampled protocol's validation N@10: its own cache, and the plain validation value
     # is the sampled one (the unadjusted model's, since 0 is in the grid)
     sampled_grid = dataclasses.replace(grid, protocol="sampled")
