@@ -362,14 +362,9 @@ def _beta(text: str) -> str | float:
 
 
 def _pseudo_count(text: str) -> str | float:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'auto', got {text!r}")
+    value = _beta(text)
+    if value != "auto" and not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}")
     return value
 
 
