@@ -75,6 +75,8 @@ class Grid:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.test_counts not in TEST_COUNTS:
             raise ValueError(f"test_counts must be one of {TEST_COUNTS}, got {self.test_counts!r}")
+        for c in self.pseudo_counts:  # checked before any run is loaded
+            Adjustment(pseudo_count=c)
 
     @property
     def tag(self) -> str:

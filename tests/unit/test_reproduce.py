@@ -273,6 +273,8 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert raw["rows"]["w/o Cro"]["pseudo_count"] == [point.pseudo_count]
     assert (f"c{point.pseudo_count:g}" in text) == (point.pseudo_count != 1)
     n_records += len(list((tmp_path / "work" / "toy" / "runs").glob(f"*.{pseudo_grid.tag}*.json")))
+    with pytest.raises(ValueError, match="pseudo_count must be"):
+        bench_popadjust.Grid(pseudo_counts=(1.0, 0.0))
     # chosen on the sampled protocol's validation N@10: its own cache, and the plain validation value
     # is the sampled one (the unadjusted model's, since 0 is in the grid)
     sampled_grid = dataclasses.replace(grid, protocol="sampled")
