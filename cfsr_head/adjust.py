@@ -67,7 +67,7 @@ DEFAULT_PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 DEFAULT_TAIL_EXPONENTS = (0.0, 0.5, 1.0, 2.0)
 # pseudo counts of the popularity term, log(pseudo_count + count): 1 is the plain log(1 + count); larger ones
 # stop it from ordering the many items seen only a few times (Beauty: validation chose 10-30 for the popularity-only
-# models, 1-3 with the tail-weighted SemanticPrior)
+# models and for SASRec with the SemanticPrior, 1-3 for SAID and the dual view with the tail-weighted prior)
 DEFAULT_PSEUDO_COUNTS = (1.0, 3.0, 10.0, 30.0)
 
 
