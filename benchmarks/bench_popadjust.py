@@ -14,7 +14,8 @@ popularity with the prior (``<row> +prior``). Per-user results are cached beside
 ``benchmarks.explore`` (they select cached runs; nothing is trained or encoded), plus ``--betas``,
 ``--prior-weights``, ``--prior-recencies``, ``--prior-tail-exponents`` (the prior's weight for item i
 times ``(1 + count_i) ** -gamma`` over the geometric mean), ``--logit-adjustments`` (runs trained with the
-logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows)
+logit-adjusted loss beside the plain ones, all in one report with paired t-tests between every two rows,
+and a second table with each row's tau chosen per seed on validation, ``choose_tau``),
 ``--choose-on sampled`` (choose on the validation N@10 of the 100-sampled-negative protocol,
 the paper's, with validation negatives drawn from another seed than the test negatives) and
 ``--test-counts inputs`` (on test, the popularity term counts each user's validation item too,
@@ -180,6 +181,33 @@ def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
     return results
 
 
+def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tuple[dict, dict]]]:
+    """The logit adjustment chosen on validation: ``popadjust_by_tau``'s rows that differ only in
+    their tau (``"<row> la<tau>"`` and ``"<row>"`` for tau 0) become one row, named ``"<row> [tau
+    <per-seed taus>]"``, holding for each seed the run whose adjusted validation N@10 (the
+    criterion that chose its adjustment) is highest; ties go to the smaller tau. Rows with a
+    single tau are left out: there is nothing to choose."""
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for name, pairs in results.items():
+        for rec, adj in pairs:
+            tau = float(rec["stage2"].get("logit_adjustment", 0.0))
+            groups.setdefault(name.replace(f" la{tau:g}", "", 1) if tau else name, []).append((rec, adj))
+    out = {}
+    for name, pairs in groups.items():
+        taus = {float(rec["stage2"].get("logit_adjustment", 0.0)) for rec, _ in pairs}
+        if len(taus) < 2:
+            continue
+        best: dict[int, tuple[dict, dict]] = {}
+        for rec, adj in sorted(pairs, key=lambda p: float(p[0]["stage2"].get("logit_adjustment", 0.0))):
+            seed = adj["seed"]
+            if seed not in best or adj["valid_best"] > best[seed][1]["valid_best"]:
+                best[seed] = (rec, adj)
+        chosen = [best[s] for s in sorted(best)]
+        label = "/".join(f"{float(r['stage2'].get('logit_adjustment', 0.0)):g}" for r, _ in chosen)
+        out[f"{name} [tau {label}]"] = chosen
+    return out
+
+
 def without_trained_prior(study: rp.Study) -> rp.Study:
     """``study`` with no prior trained in (``--untrained-too``): its runs are the cached runs of the
     same rows trained without ``--train-prior``."""
@@ -303,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     twins = every_study(dataclasses.replace(grid, test_counts="train")) if grid.test_counts == "inputs" else None
     results = every_study(grid)
     text, raw = report(study, results, twins)
+    chosen = choose_tau(results)
+    if chosen:  # the best-trained version of each row: tau chosen per seed on validation, like the adjustment
+        chosen_text, raw["chosen_tau"] = report(study, chosen)
+        text += ("\n## The logit adjustment chosen on validation\n\nEach row's runs trained with the taus above, "
+                 "taken per seed at the tau whose adjusted validation N@10 is highest (ties: the smaller tau); "
+                 "the taus chosen per seed are in the row's name.\n\n" + chosen_text)
     command = "python -m benchmarks.bench_popadjust " + shlex.join(argv)
     prior = (f" Rows named `+prior` add `SemanticPrior` (the cosine to the user's frozen-MiniLM profile), its weight "
              f"from {list(grid.weights)}, recency from {list(grid.recencies)}"

@@ -882,3 +882,26 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
     assert rp.stage2_key(s2) == rp.stage2_key(dataclasses.replace(with_prior, prior_weight=0.0, prior_recency=0.0,
                                                                   prior_tail_exponent=0.0))
     assert rp.stage2_key(with_prior) != rp.stage2_key(s2)
+
+
+def test_choose_tau_takes_each_seeds_best_validated_tau():
+    # rows differing only in their logit adjustment become one, per seed the run with the highest
+    # adjusted validation N@10 (ties: the smaller tau); a row run at one tau has nothing to choose
+    from benchmarks.bench_popadjust import choose_tau
+
+    def pair(tau: float, seed: int, valid: float) -> tuple[dict, dict]:
+        return {"stage2": {"logit_adjustment": tau, "seed": seed}}, {"seed": seed, "valid_best": valid}
+
+    results = {
+        "A": [pair(0.0, 0, 0.10), pair(0.0, 1, 0.20), pair(0.0, 2, 0.30)],
+        "A la0.5": [pair(0.5, 0, 0.15), pair(0.5, 1, 0.20), pair(0.5, 2, 0.10)],
+        "A la0.75": [pair(0.75, 0, 0.12), pair(0.75, 1, 0.19), pair(0.75, 2, 0.31)],
+        "A +prior": [pair(0.0, 0, 0.30)],
+        "A la0.5 +prior": [pair(0.5, 0, 0.40)],
+        "B": [pair(0.0, 0, 0.50)],
+    }
+    chosen = choose_tau(results)
+    assert list(chosen) == ["A [tau 0.5/0/0.75]", "A +prior [tau 0.5]"]
+    assert chosen["A [tau 0.5/0/0.75]"] == [results["A la0.5"][0], results["A"][1], results["A la0.75"][2]]
+    assert chosen["A +prior [tau 0.5]"] == results["A la0.5 +prior"]
+    assert choose_tau({"B": results["B"]}) == {}
