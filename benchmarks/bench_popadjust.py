@@ -174,11 +174,26 @@ def popadjust_by_tau(study: rp.Study, rows: dict[str, Variant], grid: Grid,
     s2 = study.stage2
     trained = f" tp{s2.prior_weight:g},{s2.prior_recency:g},{s2.prior_tail_exponent:g}" if s2.prior_weight else ""
     for tau in dict.fromkeys(taus):
-        at_tau = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=tau))
+        at_tau = dataclasses.replace(study, stage2=dataclasses.replace(
+            s2, logit_adjustment=tau, validate_with_logit_bias=s2.validate_with_logit_bias and tau > 0))
         for name, pairs in popadjust(at_tau, rows, grid).items():
             base, prior, _ = name.partition(PRIOR_SUFFIX)
-            results[f"{base}{f' la{tau:g}' if tau else ''}{trained}{prior}"] = pairs
+            results[f"{base}{tau_label(at_tau.stage2.logit_adjustment, at_tau.stage2.validate_with_logit_bias)}"
+                    f"{trained}{prior}"] = pairs
     return results
+
+
+def tau_label(tau: float, validate_with_logit_bias: bool = False) -> str:
+    """The part of a row's name that says how it was trained: ``" la<tau>"`` for the logit-adjusted
+    loss (``" la<tau> vb"`` when validated with its bias added back), nothing for the plain loss."""
+    if not tau:
+        return ""
+    return f" la{tau:g}" + (" vb" if validate_with_logit_bias else "")
+
+
+def _record_tau_label(record: dict) -> str:
+    s2 = record["stage2"]
+    return tau_label(float(s2.get("logit_adjustment", 0.0)), bool(s2.get("validate_with_logit_bias", False)))
 
 
 def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tuple[dict, dict]]]:
@@ -190,8 +205,8 @@ def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tu
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for name, pairs in results.items():
         for rec, adj in pairs:
-            tau = float(rec["stage2"].get("logit_adjustment", 0.0))
-            groups.setdefault(name.replace(f" la{tau:g}", "", 1) if tau else name, []).append((rec, adj))
+            label = _record_tau_label(rec)
+            groups.setdefault(name.replace(label, "", 1) if label else name, []).append((rec, adj))
     out = {}
     for name, pairs in groups.items():
         taus = {float(rec["stage2"].get("logit_adjustment", 0.0)) for rec, _ in pairs}
@@ -353,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                if grid.test_counts == "inputs" else "")
             + (" Rows named `la<tau>` were trained with the logit-adjusted loss (`TrainConfig.logit_adjustment`"
                " tau); their plain column is that model's own scores." if any(taus) else "")
+            + (" Rows named `vb` chose their best epoch on validation scores with that bias added back "
+               "(`TrainConfig.validate_with_logit_bias`)." if study.stage2.validate_with_logit_bias else "")
             + (" Rows named `tp<weight>,<recency>,<gamma>` were trained with that `SemanticPrior` in (`Trainer(..., "
                "prior=...)`, `--train-prior`); their plain column is the model's own scores, without the prior."
                if study.stage2.prior_weight else "") + "\n\n" + text)

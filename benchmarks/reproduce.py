@@ -118,6 +118,7 @@ class Stage2:
     seed: int = 0
     length_buckets: int = 0           # TrainConfig.length_buckets (sortish batches; 0 = plain shuffle)
     logit_adjustment: float = 0.0     # TrainConfig.logit_adjustment (logit-adjusted loss; 0 = the plain loss)
+    validate_with_logit_bias: bool = False  # TrainConfig.validate_with_logit_bias (needs logit_adjustment > 0)
     # a SemanticPrior over the study's frozen embeddings trained in (Trainer(..., prior=...)); 0 = none
     prior_weight: float = 0.0
     prior_recency: float = 0.0
@@ -130,7 +131,7 @@ STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_mi
                        "pair_weighted": False, "target": None, "target_weight": 1.0, "view_weight": 1.0,
                        "target_dim": 64}
 STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0, "prior_weight": 0.0, "prior_recency": 0.0,
-                       "prior_tail_exponent": 0.0}
+                       "prior_tail_exponent": 0.0, "validate_with_logit_bias": False}
 
 
 def _key_fields(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +380,7 @@ def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nd
     config = TrainConfig(**{"loss": s2.loss, "epochs": s2.epochs, "patience": s2.patience, "lr": s2.lr,
                             "batch_size": s2.batch_size, "max_len": s2.max_len, "seed": s2.seed,
                             "length_buckets": s2.length_buckets, "logit_adjustment": s2.logit_adjustment,
+                            "validate_with_logit_bias": s2.validate_with_logit_bias,
                             "show_progress_bar": False, "extra_loss_weight": 0.1 if variant.distill else 1.0,
                             **config_overrides})
     extra = SelfDistillation(split, semantic) if variant.distill else None
@@ -682,6 +684,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                    if study.stage2.length_buckets else "")
              + (f", every row trained with the logit-adjusted loss (tau {study.stage2.logit_adjustment}: "
                 f"training logits + tau * log(1 + training count))" if study.stage2.logit_adjustment else "")
+             + (", validated with that bias added back" if study.stage2.validate_with_logit_bias else "")
              + ". "
              + _losses_sentence(study.losses) + f" the grid {dict(study.grid)} is searched per variant and "
              f"loss on validation N@10 (first seed). The loss whose chosen point validates better is the variant's "
@@ -876,6 +879,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--logit-adjustment", type=float, default=None, metavar="TAU",
                    help="train every row with the logit-adjusted loss (TrainConfig.logit_adjustment; "
                         "beyond the paper; default 0: the plain loss)")
+    p.add_argument("--validate-with-logit-bias", action="store_true",
+                   help="with --logit-adjustment: choose each run's best epoch on validation scores with the training "
+                        "bias added back (TrainConfig.validate_with_logit_bias)")
     p.add_argument("--train-prior", type=float, nargs=3, default=None, metavar=("WEIGHT", "RECENCY", "GAMMA"),
                    help="train every row with a SemanticPrior over the frozen embeddings added to its training logits "
                         "(Trainer(..., prior=...); beyond the paper; scored with it added)")
@@ -921,6 +927,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
                         ("length_buckets", a.length_buckets), ("logit_adjustment", a.logit_adjustment)):
         if value is not None:
             stage2 = dataclasses.replace(stage2, **{name: value})
+    if a.validate_with_logit_bias:
+        if not stage2.logit_adjustment:
+            p.error("--validate-with-logit-bias needs --logit-adjustment TAU > 0")
+        stage2 = dataclasses.replace(stage2, validate_with_logit_bias=True)
     if a.train_prior is not None:
         weight, recency, gamma = a.train_prior
         try:

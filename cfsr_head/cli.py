@@ -186,11 +186,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--collab-anchor-weight needs a PCA-initialised ID table; --variant {args.variant} "
                        + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
 
+    if args.validate_with_logit_bias and not args.logit_adjustment:
+        raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU (there is no training bias to add back)")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
                          seed=args.seed, output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
                          sliding_windows=args.sliding, eval_protocol=args.eval_protocol,
-                         logit_adjustment=args.logit_adjustment or 0.0)
+                         logit_adjustment=args.logit_adjustment or 0.0,
+                         validate_with_logit_bias=args.validate_with_logit_bias)
     split = _load_split(args.data, args.max_len)
     semantic = None
     if args.embeddings:
@@ -418,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the logit-adjusted loss: every training logit of an item gets "
                         "+ TAU * log(1 + its training count), so that scores learn what popularity does "
                         "not explain (beyond the paper; Menon et al., 2021)")
+    t.add_argument("--validate-with-logit-bias", action="store_true",
+                   help="with --logit-adjustment: choose the best epoch on validation scores with the training "
+                        "bias added back (the scores the loss trained), not the model's own")
     t.add_argument("--train-prior", type=float, nargs=3, default=None, metavar=("WEIGHT", "RECENCY", "GAMMA"),
                    help="train with the semantic prior in (Trainer(..., prior=SemanticPrior(...))) over --embeddings: "
                         "every training logit gets WEIGHT * the tail-weighted cosine to the profile so far; validation "

@@ -81,6 +81,10 @@ class TrainConfig:
     # + tau * log(1 + its training count), so the model learns scores with the popularity prior
     # factored out; evaluation scores are unchanged (model.loss must accept ``logit_bias``)
     logit_adjustment: float = 0.0
+    # with logit_adjustment tau > 0: validate (best-epoch choice, early stopping) with the training
+    # bias tau * log(1 + count) added back, i.e. the scores the loss was trained on, instead of the
+    # model's own scores; test and the saved model are unchanged
+    validate_with_logit_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -104,6 +108,11 @@ class TrainConfig:
                              f"got {self.mixed_precision!r}")
         if not (math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0):
             raise ValueError(f"TrainConfig.logit_adjustment must be a finite number >= 0, got {self.logit_adjustment!r}")
+        if not isinstance(self.validate_with_logit_bias, bool):
+            raise ValueError("TrainConfig.validate_with_logit_bias must be True or False, "
+                             f"got {self.validate_with_logit_bias!r}")
+        if self.validate_with_logit_bias and self.logit_adjustment == 0:
+            raise ValueError("TrainConfig.validate_with_logit_bias needs logit_adjustment > 0 (there is no bias to add)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.output_dir is not None:
@@ -449,14 +458,14 @@ class Trainer:
         return {k: float(getattr(self.prior, k)) for k in ("weight", "recency", "tail_exponent")}
 
     # -------------------------------------------------------------- evaluation
-    def _evaluate(self, split: str, protocol: str, **kwargs: Any) -> Any:
+    def _evaluate(self, split: str, protocol: str, model: nn.Module | None = None, **kwargs: Any) -> Any:
         fn = self.eval_fn
         if fn is None:
             from .evaluate import evaluate as fn
         accepted = _accepted_kwargs(fn)
         if "*" not in accepted:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        model = self.scoring_model
+        model = self.scoring_model if model is None else model
         was_training = model.training
         model.eval()
         try:
@@ -473,9 +482,20 @@ class Trainer:
             kwargs["ks"] = (k,)
         if cfg.metric_group.lower() == "overall":
             kwargs["groups"] = None  # only "Overall" is needed: skip the group bookkeeping
-        result = self._evaluate("valid", cfg.eval_protocol, **kwargs)
+        result = self._evaluate("valid", cfg.eval_protocol, model=self._validation_model(), **kwargs)
         summary = result.summary() if hasattr(result, "summary") else result
         return _find_metric(summary, cfg.metric_group, cfg.metric), _to_jsonable(summary)
+
+    def _validation_model(self) -> nn.Module:
+        """The model the best epoch is chosen on: ``scoring_model``, with the logit-adjusted loss's
+        training bias added back under ``config.validate_with_logit_bias``."""
+        if not self.config.validate_with_logit_bias:
+            return self.scoring_model
+        from .adjust import PopularityAdjusted
+
+        model = self.scoring_model
+        wrapped = PopularityAdjusted(model, self.split_data.item_popularity, beta=-self.config.logit_adjustment)
+        return wrapped.to(self.device).train(model.training)
 
     def test(self, protocol: str = "full", **kwargs: Any) -> Any:
         """Evaluate the current (after ``fit``: best) weights on the test split (all groups, K in

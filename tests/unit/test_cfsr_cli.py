@@ -176,6 +176,14 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
     assert main(train_args(dataset, out, "--variant", "sasrec", "--loss", "ce", "--logit-adjustment", "0.5",
                            "--quiet")) == 0
     assert json.loads((out / "metrics.json").read_text())["train_config"]["logit_adjustment"] == 0.5
+    vb = tmp_path / "la_vb"
+    assert main(train_args(dataset, vb, "--variant", "sasrec", "--loss", "ce", "--logit-adjustment", "0.5",
+                           "--validate-with-logit-bias", "--quiet")) == 0
+    assert json.loads((vb / "metrics.json").read_text())["train_config"]["validate_with_logit_bias"] is True
+    assert main(train_args(dataset, tmp_path / "vb_alone", "--variant", "sasrec", "--validate-with-logit-bias",
+                           "--quiet")) != 0
+    assert "needs --logit-adjustment" in capsys.readouterr().err
+    assert not (tmp_path / "vb_alone" / "metrics.json").exists()
     reports = {}
     for beta in (None, "0", "0.7", "auto"):
         report = tmp_path / f"eval_{beta}.json"

@@ -420,6 +420,13 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     for bad in (("2", "1.5", "1"), ("nan", "0", "1"), ("2", "0", "inf")):
         with pytest.raises(SystemExit):
             rp.parse_args(["--dataset", str(data), "--train-prior", *bad])
+    # validating with the logit bias added back: only with a logit adjustment; a new key only when set
+    s2 = rp.parse_args(["--dataset", str(data), "--logit-adjustment", "0.5", "--validate-with-logit-bias"]).stage2
+    assert s2.validate_with_logit_bias and s2.logit_adjustment == 0.5
+    assert "validate_with_logit_bias" in rp.stage2_key(s2)
+    assert "validate_with_logit_bias" not in rp.stage2_key(dataclasses.replace(s2, validate_with_logit_bias=False))
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--dataset", str(data), "--validate-with-logit-bias"])
 
     trained = []
 
@@ -856,14 +863,14 @@ def test_make_trainer_carries_the_run_settings_and_llm_esr_distillation(tmp_path
     split = leave_one_out(load_dataset(data))
     semantic = np.random.default_rng(0).standard_normal((split.num_items, 16)).astype(np.float32)
     s2 = dataclasses.replace(rp.Stage2(d=8, n_heads=2, max_len=5), epochs=3, patience=2, lr=5e-3,
-                             length_buckets=4, logit_adjustment=0.5, seed=7)
+                             length_buckets=4, logit_adjustment=0.5, validate_with_logit_bias=True, seed=7)
     for name, distilled in (("LLM-CFSR", False), ("LLM-ESR", True)):
         variant = rp.VARIANTS[name]
         model = rp.build_model(variant, s2, split, semantic)
         trainer = rp.make_trainer(variant, s2, split, semantic, model, mixed_precision="bf16")
         cfg = trainer.config
         assert (cfg.loss, cfg.epochs, cfg.patience, cfg.lr, cfg.max_len, cfg.seed, cfg.length_buckets,
-                cfg.logit_adjustment) == (s2.loss, 3, 2, 5e-3, 5, 7, 4, 0.5), name
+                cfg.logit_adjustment, cfg.validate_with_logit_bias) == (s2.loss, 3, 2, 5e-3, 5, 7, 4, 0.5, True), name
         assert cfg.mixed_precision == "bf16" and not cfg.show_progress_bar  # the override, and the harness's quiet bar
         assert cfg.extra_loss_weight == (0.1 if distilled else 1.0), name
         assert isinstance(trainer.extra_loss, rp.SelfDistillation) == distilled, name
@@ -905,3 +912,7 @@ def test_choose_tau_takes_each_seeds_best_validated_tau():
     assert chosen["A [tau 0.5/0/0.75]"] == [results["A la0.5"][0], results["A"][1], results["A la0.75"][2]]
     assert chosen["A +prior [tau 0.5]"] == results["A la0.5 +prior"]
     assert choose_tau({"B": results["B"]}) == {}
+    # runs validated with their logit bias (" la<tau> vb") group with the same row's plain-loss runs
+    vb = ({"stage2": {"logit_adjustment": 0.5, "validate_with_logit_bias": True, "seed": 0}},
+          {"seed": 0, "valid_best": 0.3})
+    assert choose_tau({"C": [pair(0.0, 0, 0.2)], "C la0.5 vb": [vb]}) == {"C [tau 0.5]": [vb]}

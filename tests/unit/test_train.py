@@ -601,6 +601,51 @@ def test_logit_adjustment_lowers_popular_items_in_the_learned_scores():
     assert popular_rank(1.0) > popular_rank(0.0) + 1.0
 
 
+def test_validate_with_logit_bias_chooses_epochs_on_the_scores_the_loss_trained():
+    """With the flag, every epoch's validation scores are the model's own plus tau * log(1 + count)
+    (the best epoch and early stopping follow them); the saved model and test are the model's own."""
+    from cfsr_head import PopularityAdjusted
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for u in range(120):  # a skewed catalogue, so that adding the bias back changes the ranking
+        start = int(rng.integers(0, 3)) if u < 90 else int(rng.integers(0, N_ITEMS))
+        rows += [(f"u{u}", f"i{(start + t) % N_ITEMS}", t) for t in range(int(rng.integers(4, 8)))]
+    skewed = leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])),
+                           max_len=10)
+
+    def valid_ndcg(m) -> float:
+        return evaluate(m, skewed, split="valid", groups=None).summary()["Overall"]["NDCG@10"]
+
+    seen = []
+
+    def recording_eval(m, split_data, **kwargs):
+        seen.append(m)
+        return evaluate(m, split_data, **kwargs)
+
+    model = make_head()
+    trainer = Trainer(model, skewed, cfg(epochs=1, loss="ce", logit_adjustment=1.0, validate_with_logit_bias=True),
+                      eval_fn=recording_eval)
+    result = trainer.fit()
+    assert seen and all(isinstance(m, PopularityAdjusted) and m.model is model and m.beta == -1.0 for m in seen)
+    assert model.training  # the wrapper hands the model back in the mode it found it
+    model.eval()
+    with_bias = valid_ndcg(PopularityAdjusted(model, skewed.item_popularity, beta=-1.0))
+    assert result.best_metric == pytest.approx(with_bias)
+    assert abs(with_bias - valid_ndcg(model)) > 1e-4  # not the model's own scores
+    own_test = evaluate(model, skewed, split="test").summary()["Overall"]["NDCG@10"]
+    assert trainer.test().summary()["Overall"]["NDCG@10"] == pytest.approx(own_test)
+    plain = make_head()
+    same = Trainer(plain, skewed, cfg(epochs=1, loss="ce", logit_adjustment=1.0)).fit()
+    plain.eval()
+    assert same.best_metric == pytest.approx(valid_ndcg(plain))  # without the flag: the model's own scores
+    assert torch.allclose(plain.item_embedding.weight, model.item_embedding.weight)  # the flag leaves training alone
+    with pytest.raises(ValueError, match="needs logit_adjustment"):
+        TrainConfig(validate_with_logit_bias=True)
+    with pytest.raises(ValueError, match="True or False"):
+        TrainConfig(logit_adjustment=0.5, validate_with_logit_bias="yes")
+
+
 # ------------------------------------------------------------------- trained-in semantic prior
 def successor_table(split) -> torch.Tensor:
     """Rows in index order; item i's nearest neighbour is its successor i+1 (the toy's next item)."""
