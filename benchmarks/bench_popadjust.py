@@ -305,7 +305,7 @@ def _chosen(adjusted: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # abbreviations would take the harness's flags
     p.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS))
     p.add_argument("--prior-weights", nargs="+", type=float, default=[0.0], metavar="W",
                    help="SemanticPrior weights (0 = none); any other value adds a '<row> +prior' row per row")

@@ -113,7 +113,7 @@ def shape_values(head: DualViewHead, split, semantic, betas, weights, gammas, ba
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # abbreviations would take the harness's flags
     p.add_argument("--betas", nargs="+", type=float, default=[-1.0, -0.75, -0.5, -0.3, 0.0])
     p.add_argument("--prior-weights", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0])
     p.add_argument("--prior-tail-exponents", nargs="+", type=float, default=[0.0, 0.5, 1.0])
