@@ -187,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                        + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
 
     if args.validate_with_logit_bias and not args.logit_adjustment:
-        raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU (there is no training bias to add back)")
+        raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU "
+                       "(there is no training bias to add back)")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
                          seed=args.seed, output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,

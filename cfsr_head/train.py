@@ -112,7 +112,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.validate_with_logit_bias must be True or False, "
                              f"got {self.validate_with_logit_bias!r}")
         if self.validate_with_logit_bias and self.logit_adjustment == 0:
-            raise ValueError("TrainConfig.validate_with_logit_bias needs logit_adjustment > 0 (there is no bias to add)")
+            raise ValueError("TrainConfig.validate_with_logit_bias needs logit_adjustment > 0 "
+                             "(there is no bias to add)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.output_dir is not None:

@@ -916,3 +916,22 @@ def test_choose_tau_takes_each_seeds_best_validated_tau():
     vb = ({"stage2": {"logit_adjustment": 0.5, "validate_with_logit_bias": True, "seed": 0}},
           {"seed": 0, "valid_best": 0.3})
     assert choose_tau({"C": [pair(0.0, 0, 0.2)], "C la0.5 vb": [vb]}) == {"C [tau 0.5]": [vb]}
+
+
+def test_bench_popadjust_leaves_the_harness_its_own_flags(tmp_path, capsys):
+    # --logit-adjustment (the harness's) is a prefix of --logit-adjustments (bench_popadjust's): it must
+    # reach the study, so that --validate-with-logit-bias finds it; nothing is cached, so no row is reported
+    from benchmarks import bench_popadjust
+
+    items = [f"i{k}" for k in range(6)]
+    data = toy_dataset(tmp_path, {"item_id": items, "title": items},
+                       {"user_id": [f"u{u}" for u in range(4) for _ in range(4)],
+                        "item_id": [items[(u + t) % 6] for u in range(4) for t in range(4)],
+                        "timestamp": [t for _ in range(4) for t in range(4)]})
+    assert bench_popadjust.main(["--dataset", str(data), "--quick", "--names", "SASRec cos0.1",
+                                 "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                                 "--logit-adjustment", "0.5", "--validate-with-logit-bias",
+                                 "--logit-adjustments", "0", "0.5"]) == 0
+    page = (tmp_path / "o" / "toy_popadjust.md").read_text()
+    assert "--validate-with-logit-bias" in page and "`vb`" in page
+    assert "no cached run of 'SASRec cos0.1'" in capsys.readouterr().err
