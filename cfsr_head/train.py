@@ -420,6 +420,7 @@ class Trainer:
         self.loss_module = _LossModule(self.model, cfg.loss, self.extra_loss, cfg.extra_loss_weight,
                                        self._logit_bias(), self.prior)
         self.prepared_loss, self.prepared_optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+        self._validation_model()  # a model that cannot be wrapped fails here, before any training step
         self._prepared = True
 
     def _logit_bias(self) -> torch.Tensor | None:
@@ -489,7 +490,8 @@ class Trainer:
 
     def _validation_model(self) -> nn.Module:
         """The model the best epoch is chosen on: ``scoring_model``, with the logit-adjusted loss's
-        training bias added back under ``config.validate_with_logit_bias``."""
+        training bias added back under ``config.validate_with_logit_bias`` (wrapped anew at each
+        call, in the model's current train/eval mode, which ``_evaluate`` restores)."""
         if not self.config.validate_with_logit_bias:
             return self.scoring_model
         from .adjust import PopularityAdjusted

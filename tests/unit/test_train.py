@@ -640,6 +640,12 @@ def test_validate_with_logit_bias_chooses_epochs_on_the_scores_the_loss_trained(
     plain.eval()
     assert same.best_metric == pytest.approx(valid_ndcg(plain))  # without the flag: the model's own scores
     assert torch.allclose(plain.item_embedding.weight, model.item_embedding.weight)  # the flag leaves training alone
+    uncountable = BiasedTinyModel()  # without num_items it cannot be wrapped: refused before any training step
+    del uncountable.num_items
+    with pytest.raises(AttributeError, match="num_items"):
+        Trainer(uncountable, skewed, cfg(epochs=1, logit_adjustment=1.0, validate_with_logit_bias=True),
+                eval_fn=ndcg10_eval).fit()
+    assert uncountable.seen_bias == []
     with pytest.raises(ValueError, match="needs logit_adjustment"):
         TrainConfig(validate_with_logit_bias=True)
     with pytest.raises(ValueError, match="True or False"):
