@@ -191,9 +191,13 @@ def tau_label(tau: float, validate_with_logit_bias: bool = False) -> str:
     return f" la{tau:g}" + (" vb" if validate_with_logit_bias else "")
 
 
+def _record_tau(record: dict) -> float:
+    """A run record's logit adjustment (records from before the field: 0)."""
+    return float(record["stage2"].get("logit_adjustment", 0.0))
+
+
 def _record_tau_label(record: dict) -> str:
-    s2 = record["stage2"]
-    return tau_label(float(s2.get("logit_adjustment", 0.0)), bool(s2.get("validate_with_logit_bias", False)))
+    return tau_label(_record_tau(record), bool(record["stage2"].get("validate_with_logit_bias", False)))
 
 
 def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tuple[dict, dict]]]:
@@ -209,16 +213,15 @@ def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tu
             groups.setdefault(name.replace(label, "", 1) if label else name, []).append((rec, adj))
     out = {}
     for name, pairs in groups.items():
-        taus = {float(rec["stage2"].get("logit_adjustment", 0.0)) for rec, _ in pairs}
-        if len(taus) < 2:
+        if len({_record_tau(rec) for rec, _ in pairs}) < 2:
             continue
         best: dict[int, tuple[dict, dict]] = {}
-        for rec, adj in sorted(pairs, key=lambda p: float(p[0]["stage2"].get("logit_adjustment", 0.0))):
+        for rec, adj in sorted(pairs, key=lambda p: _record_tau(p[0])):  # ascending: ties keep the smaller tau
             seed = adj["seed"]
             if seed not in best or adj["valid_best"] > best[seed][1]["valid_best"]:
                 best[seed] = (rec, adj)
         chosen = [best[s] for s in sorted(best)]
-        label = "/".join(f"{float(r['stage2'].get('logit_adjustment', 0.0)):g}" for r, _ in chosen)
+        label = "/".join(f"{_record_tau(r):g}" for r, _ in chosen)
         out[f"{name} [tau {label}]"] = chosen
     return out
 
