@@ -140,8 +140,8 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
 
 
 def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) -> dict[str, list[tuple[dict, dict]]]:
-    """``{row: [(run record, adjusted record), ...]}`` over the study's seeds, for the loss whose
-    first-seed run validates best (as the harness reports it); with a prior in the grid each row
+    """``{row: [(run record, adjusted record), ...]}`` over the study's seeds, for the loss and grid
+    point whose first-seed run validates best (as the harness reports it, ``rp.reported_runs``); with a prior in the grid each row
     comes twice, adjusted for popularity only (``grid.betas``) and with the prior
     (``"<row> +prior"``). A row with no cached run, or whose embeddings are gone, is skipped with a
     message."""
@@ -156,10 +156,8 @@ def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) ->
         semantic = frozen_semantic(study, runner)
     out = {}
     for row in cached_rows(study, runner, plain, "popadjust"):
-        by_loss: dict[str, list[dict]] = {}
-        for rec in row.records:  # sorted by loss, then seed: each list starts with the first seed
-            by_loss.setdefault(rec["stage2"]["loss"], []).append(rec)
-        chosen = by_loss[rp.best_loss(by_loss)]  # the loss the harness would report, chosen on validation
+        # the loss and grid point the harness would report, chosen on validation
+        chosen = rp.reported_runs(row.records, study.grid, study.seeds[0])
         for suffix, g in grids.items():
             out[row.name + suffix] = [(rec, adjust_run(study, runner, row, rec, g, semantic)) for rec in chosen]
     return out

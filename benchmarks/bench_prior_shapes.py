@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = []
     print("| row | seed | shape | best validation N@10 | (gamma, weight, beta) |\n|---|---|---|---|---|")
     for row in cached_rows(study, runner, rows, "prior-shapes"):
-        by_loss: dict[str, list[dict]] = {}
-        for rec in row.records:
-            by_loss.setdefault(rec["stage2"]["loss"], []).append(rec)
-        for rec in by_loss[rp.best_loss(by_loss)]:  # the loss the harness reports, chosen on validation
+        for rec in rp.reported_runs(row.records, study.grid, study.seeds[0]):  # as the harness reports them
             values = shape_values(row.load_head(study, runner, rec), runner.split, semantic,
                                   a.betas, a.prior_weights, a.prior_tail_exponents)
             seed = rec["stage2"]["seed"]

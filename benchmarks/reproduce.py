@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -516,7 +516,7 @@ class Runner:
         prior_table = self.prior_table() if trains_prior else None
         rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key, prior_table)
         if rec is None:
-            self.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} seed={s2.seed}")
+            self.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} lr={s2.lr} seed={s2.seed}")
         return rec
 
 
@@ -540,6 +540,28 @@ def best_loss(runs: dict[str, list[dict]]) -> str:
     """The loss whose first-seed run has the best validation NDCG@10 (never chosen on test; the
     first seed is the one every loss was trained with, so the comparison is like for like)."""
     return max(runs, key=lambda loss: _valid_ndcg(runs[loss][0]))
+
+
+def reported_runs(records: list[dict], grid_keys: Iterable[str], first_seed: int) -> list[dict]:
+    """Of one variant's cached runs (any loss, grid point and seed), those the harness reports, as
+    ``Runner.run`` chooses them: per loss the grid point whose ``first_seed`` run validates best, then
+    the loss whose chosen point validates best; that point's runs, sorted by seed. Runs at grid
+    points that were not chosen (or of losses that lost) are left out, so that they are never
+    mistaken for more seeds."""
+    def point(rec: dict) -> tuple:
+        return rec["stage2"]["loss"], tuple(rec["stage2"][k] for k in grid_keys)
+
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(point(rec), []).append(rec)
+    chosen: dict[str, list[dict]] = {}
+    for (loss, _), recs in groups.items():
+        first = [r for r in recs if r["stage2"]["seed"] == first_seed]
+        if first and (loss not in chosen or _valid_ndcg(first[0]) > _valid_ndcg(chosen[loss][0])):
+            chosen[loss] = sorted(recs, key=lambda r: r["stage2"]["seed"] != first_seed)
+    if not chosen:
+        return []
+    return sorted(chosen[best_loss(chosen)], key=lambda r: r["stage2"]["seed"])
 
 
 def per_user_mean(study: Study, records: list[dict], protocol: str, group: str) -> pd.Series:
@@ -678,7 +700,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
                                           f"{study.stage1.epochs} epoch(s)") + ", mean pooling.",
              f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
-             f"{study.stage2.n_heads} heads, Adam lr {study.stage2.lr}, batch {study.stage2.batch_size}, "
+             f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}") + f", batch {study.stage2.batch_size}, "
              f"up to {study.stage2.epochs} epochs, early stopping (patience {study.stage2.patience}) on "
              f"validation N@10" + (f", length-bucketed batches (chunks of {study.stage2.length_buckets} batches)"
                                    if study.stage2.length_buckets else "")
@@ -701,7 +723,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                                        "sensitivity_k": list(study.sensitivity_k)},
                            "variants": {}}
     for vname, runs in results.items():
-        raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"],
+        raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"], "lr": r["stage2"].get("lr"),
                                           "valid_NDCG@10": _valid_ndcg(r), "test": r["test"],
                                           "seconds": r.get("seconds")} for r in recs]
                                   for loss, recs in runs.items()}
@@ -873,6 +895,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--dropout-grid", type=float, nargs="+", default=None)
+    p.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
+                   help="stage-2 learning rates searched with the dropout grid, per variant and loss on validation "
+                        "N@10 (default: the single lr of Stage2)")
     p.add_argument("--length-buckets", type=int, default=None,
                    help="batches of similar-length sequences, sorted within chunks of this many batches "
                         "(TrainConfig.length_buckets; 0 = plain shuffle)")
@@ -940,6 +965,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
         stage2 = dataclasses.replace(stage2, prior_weight=weight, prior_recency=recency, prior_tail_exponent=gamma)
     if a.dropout_grid:
         grid = {"dropout": tuple(a.dropout_grid)}
+    if a.lr_grid:
+        if min(a.lr_grid) <= 0:
+            p.error(f"--lr-grid: learning rates must be positive, got {a.lr_grid}")
+        grid["lr"] = tuple(dict.fromkeys(a.lr_grid))
     if a.sensitivity_r and not all(0 < r < 1 for r in a.sensitivity_r):
         p.error(f"--sensitivity-r: drop probabilities must lie in (0, 1), got {a.sensitivity_r}")
     if a.sensitivity_k and min(a.sensitivity_k) < 2:

@@ -466,6 +466,53 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
         rp.parse_args(["--dataset", str(data), "--all-seeds", "w/o Cross"])
 
 
+def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alone(tmp_path, monkeypatch):
+    import pytest
+
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    args = ["--dataset", str(data), "--seeds", "0", "1", "--quick", "--losses", "ce", "--workdir", str(tmp_path / "w")]
+    plain, study = rp.parse_args(args), rp.parse_args([*args, "--lr-grid", "0.001", "0.002", "0.002"])
+    assert plain.grid == {"dropout": (0.2,)} and study.grid == {"dropout": (0.2,), "lr": (0.001, 0.002)}
+    trained = []
+    valid = {0.001: 0.05, 0.002: 0.08}
+
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+        trained.append((s2.lr, s2.seed))
+        return {"valid": {"Overall": {"NDCG@10": valid[s2.lr] - 0.01 * s2.seed}}}
+
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1))
+    assert sorted(trained) == [(0.001, 0), (0.002, 0), (0.002, 1)]  # seed 1 only at the lr validation chose
+    # the grid's default point is the study's own Stage2: runs cached before the grid keep their keys
+    point = dataclasses.replace(study.stage2, lr=0.001)
+    assert point == plain.stage2 and rp.stage2_key(point) == rp.stage2_key(plain.stage2)
+    with pytest.raises(SystemExit):
+        rp.parse_args([*args, "--lr-grid", "0"])
+
+
+def test_reported_runs_keep_the_grid_point_and_loss_chosen_on_the_first_seed():
+    from benchmarks import reproduce as rp
+
+    def rec(loss, lr, seed, valid):
+        return {"stage2": {"loss": loss, "lr": lr, "dropout": 0.2, "seed": seed},
+                "valid": {"Overall": {"NDCG@10": valid}}}
+
+    records = [rec("ce", 0.001, 0, 0.070), rec("ce", 0.001, 1, 0.090), rec("ce", 0.001, 2, 0.090),
+               rec("ce", 0.002, 1, 0.060), rec("ce", 0.002, 0, 0.075), rec("ce", 0.002, 2, 0.060),
+               rec("bpr", 0.001, 0, 0.072), rec("bpr", 0.002, 0, 0.030)]
+    got = rp.reported_runs(records, ("dropout", "lr"), first_seed=0)
+    # CE at lr 0.002 validates best on seed 0 (0.075 > bpr's 0.072); its seeds, not lr 0.001's, however
+    # well those validate on other seeds
+    assert [(r["stage2"]["loss"], r["stage2"]["lr"], r["stage2"]["seed"]) for r in got] == \
+        [("ce", 0.002, 0), ("ce", 0.002, 1), ("ce", 0.002, 2)]
+    # without lr in the grid the two points would be one group: that is the study's own grid only
+    assert len(rp.reported_runs(records[:3], ("dropout",), first_seed=0)) == 3
+    assert rp.reported_runs(records[1:2], ("dropout", "lr"), first_seed=0) == []  # no first-seed run
+
+
 def test_exploratory_variants_are_new_names_and_build_valid_heads():
     import pytest
     import torch
