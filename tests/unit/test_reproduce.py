@@ -445,7 +445,7 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
     data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
                        {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
     study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "2", "--dropout-grid", "0.2", "0.5",
-                           "--workdir", str(tmp_path / "w"), "--all-seeds", "w/o Cro"])
+                           "--lr-grid", "0.001", "--workdir", str(tmp_path / "w"), "--all-seeds", "w/o Cro"])
     assert study.all_seeds == ("w/o Cro",)
     trained = []
     valid = {("bpr", 0.2): 0.05, ("bpr", 0.5): 0.09, ("ce", 0.2): 0.07, ("ce", 0.5): 0.02}
@@ -476,6 +476,9 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
     args = ["--dataset", str(data), "--seeds", "0", "1", "--quick", "--losses", "ce", "--workdir", str(tmp_path / "w")]
     plain, study = rp.parse_args(args), rp.parse_args([*args, "--lr-grid", "0.001", "0.002", "0.002"])
     assert plain.grid == {"dropout": (0.2,)} and study.grid == {"dropout": (0.2,), "lr": (0.001, 0.002)}
+    # the full mode searches learning rates with dropout; --dropout-grid replaces dropout's values only
+    full = rp.parse_args(["--dataset", str(data), "--dropout-grid", "0.3"])
+    assert full.grid == {"dropout": (0.3,), "lr": rp.FULL_GRID["lr"]} and rp.Stage2().lr in rp.FULL_GRID["lr"]
     trained = []
     valid = {0.001: 0.05, 0.002: 0.08}
 
