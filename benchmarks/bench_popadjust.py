@@ -141,9 +141,9 @@ def adjust_run(study: rp.Study, runner: rp.Runner, row: CachedRow, record: dict,
 
 def popadjust(study: rp.Study, rows: dict[str, Variant], grid: Grid = Grid()) -> dict[str, list[tuple[dict, dict]]]:
     """``{row: [(run record, adjusted record), ...]}`` over the study's seeds, for the loss and grid
-    point whose first-seed run validates best (as the harness reports it, ``rp.reported_runs``); with a prior in the grid each row
-    comes twice, adjusted for popularity only (``grid.betas``) and with the prior
-    (``"<row> +prior"``). A row with no cached run, or whose embeddings are gone, is skipped with a
+    point whose first-seed run validates best (as the harness reports it, ``rp.reported_runs``);
+    with a prior in the grid each row comes twice, adjusted for popularity only (``grid.betas``)
+    and with the prior (``"<row> +prior"``). A row with no cached run, or whose embeddings are gone, is skipped with a
     message."""
     runner = rp.Runner(dataclasses.replace(study, report_only=True))
     plain = {n: v for n, v in rows.items() if not v.popularity}

@@ -705,7 +705,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
                                           f"{study.stage1.epochs} epoch(s)") + ", mean pooling.",
              f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
-             f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}") + f", batch {study.stage2.batch_size}, "
+             f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}")
+             + f", batch {study.stage2.batch_size}, "
              f"up to {study.stage2.epochs} epochs, early stopping (patience {study.stage2.patience}) on "
              f"validation N@10" + (f", length-bucketed batches (chunks of {study.stage2.length_buckets} batches)"
                                    if study.stage2.length_buckets else "")
@@ -728,7 +729,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                                        "sensitivity_k": list(study.sensitivity_k)},
                            "variants": {}}
     for vname, runs in results.items():
-        raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"], "lr": r["stage2"].get("lr"),
+        raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"],
+                                          "lr": r["stage2"].get("lr"),
                                           "valid_NDCG@10": _valid_ndcg(r), "test": r["test"],
                                           "seconds": r.get("seconds")} for r in recs]
                                   for loss, recs in runs.items()}
