@@ -77,6 +77,8 @@ def matching_runs(records: list[dict], study: rp.Study, name: str, embeddings_ke
     study's stage-2 settings exactly (epoch budget, logit adjustment, batching ...)."""
     def same_settings(saved: dict) -> bool:
         s2 = rp.Stage2(**saved)  # fields added later take their defaults, as in the run keys
+        if any(getattr(s2, k) not in values for k, values in study.grid.items()):
+            return False
         expected = dataclasses.replace(study.stage2, seed=s2.seed, loss=s2.loss,
                                        **{k: getattr(s2, k) for k in study.grid})
         return s2 == expected and s2.seed in study.seeds and s2.loss in study.losses

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -496,9 +496,9 @@ class Runner:
                 s2 = dataclasses.replace(self.study.stage2, loss=loss, seed=seeds[0], **point)
                 rec = self._run(variant, s2, semantic, emb_key)
                 if rec is not None:  # None: not cached in a report-only study
-                    candidates.append((_valid_ndcg(rec), s2, rec))
+                    candidates.append((s2, rec))
             if candidates:
-                _, chosen[loss], first = max(candidates, key=lambda c: c[0])
+                chosen[loss], first = best_point(candidates)
                 out[loss] = [first]
         if not out:
             return out
@@ -547,23 +547,32 @@ def best_loss(runs: dict[str, list[dict]]) -> str:
     return max(runs, key=lambda loss: _valid_ndcg(runs[loss][0]))
 
 
-def reported_runs(records: list[dict], grid_keys: Iterable[str], first_seed: int) -> list[dict]:
-    """Of one variant's cached runs (any loss, grid point and seed), those the harness reports, as
-    ``Runner.run`` chooses them: per loss the grid point whose ``first_seed`` run validates best, then
-    the loss whose chosen point validates best; that point's runs, sorted by seed. Runs at grid
-    points that were not chosen (or of losses that lost) are left out, so that they are never
-    mistaken for more seeds."""
-    def point(rec: dict) -> tuple:
-        return rec["stage2"]["loss"], tuple(rec["stage2"][k] for k in grid_keys)
+def best_point(candidates: list[tuple[Any, dict]]) -> tuple[Any, dict]:
+    """Of one loss's ``(grid point, first-seed run)`` pairs, in grid order, the pair whose run has the
+    best validation NDCG@10 (the earlier point on a tie). The one rule by which ``Runner.run`` trains
+    and ``reported_runs`` reads back."""
+    return max(candidates, key=lambda c: _valid_ndcg(c[1]))  # max keeps the first of equals
 
-    groups: dict[tuple, list[dict]] = {}
+
+def reported_runs(records: list[dict], grid: dict[str, tuple], first_seed: int) -> list[dict]:
+    """Of one variant's cached runs (any loss, grid point and seed), those the harness reports, as
+    ``Runner.run`` chooses them: per loss the point of ``grid`` whose ``first_seed`` run validates best
+    (``best_point``), then the loss whose chosen point validates best (``best_loss``); that point's runs,
+    sorted by seed. Runs at points that were not chosen, of losses that lost, or at values outside
+    ``grid`` are left out, so that they are never mistaken for more seeds."""
+    def point(rec: dict) -> tuple:
+        return tuple(rec["stage2"][k] for k in grid)
+
+    by_loss: dict[str, dict[tuple, list[dict]]] = {}
     for rec in records:
-        groups.setdefault(point(rec), []).append(rec)
+        by_loss.setdefault(rec["stage2"]["loss"], {}).setdefault(point(rec), []).append(rec)
     chosen: dict[str, list[dict]] = {}
-    for (loss, _), recs in groups.items():
-        first = [r for r in recs if r["stage2"]["seed"] == first_seed]
-        if first and (loss not in chosen or _valid_ndcg(first[0]) > _valid_ndcg(chosen[loss][0])):
-            chosen[loss] = sorted(recs, key=lambda r: r["stage2"]["seed"] != first_seed)
+    for loss, groups in by_loss.items():
+        candidates = [(p, first[0]) for p in _product(grid.values()) if p in groups
+                      and (first := [r for r in groups[p] if r["stage2"]["seed"] == first_seed])]
+        if candidates:
+            p, _ = best_point(candidates)
+            chosen[loss] = sorted(groups[p], key=lambda r: r["stage2"]["seed"] != first_seed)
     if not chosen:
         return []
     return sorted(chosen[best_loss(chosen)], key=lambda r: r["stage2"]["seed"])
@@ -971,7 +980,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
             p.error(f"--train-prior WEIGHT RECENCY GAMMA: {e}")
         stage2 = dataclasses.replace(stage2, prior_weight=weight, prior_recency=recency, prior_tail_exponent=gamma)
     if a.dropout_grid:
-        grid["dropout"] = tuple(a.dropout_grid)
+        grid["dropout"] = tuple(dict.fromkeys(a.dropout_grid))
     if a.lr_grid:
         if min(a.lr_grid) <= 0:
             p.error(f"--lr-grid: learning rates must be positive, got {a.lr_grid}")

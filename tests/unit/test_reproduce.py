@@ -499,21 +499,67 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
 def test_reported_runs_keep_the_grid_point_and_loss_chosen_on_the_first_seed():
     from benchmarks import reproduce as rp
 
-    def rec(loss, lr, seed, valid):
-        return {"stage2": {"loss": loss, "lr": lr, "dropout": 0.2, "seed": seed},
+    def rec(loss, lr, seed, valid, dropout=0.2):
+        return {"stage2": {"loss": loss, "lr": lr, "dropout": dropout, "seed": seed},
                 "valid": {"Overall": {"NDCG@10": valid}}}
 
+    grid = {"dropout": (0.2,), "lr": (0.001, 0.002)}
     records = [rec("ce", 0.001, 0, 0.070), rec("ce", 0.001, 1, 0.090), rec("ce", 0.001, 2, 0.090),
                rec("ce", 0.002, 1, 0.060), rec("ce", 0.002, 0, 0.075), rec("ce", 0.002, 2, 0.060),
                rec("bpr", 0.001, 0, 0.072), rec("bpr", 0.002, 0, 0.030)]
-    got = rp.reported_runs(records, ("dropout", "lr"), first_seed=0)
+    got = rp.reported_runs(records, grid, first_seed=0)
     # CE at lr 0.002 validates best on seed 0 (0.075 > bpr's 0.072); its seeds, not lr 0.001's, however
     # well those validate on other seeds
     assert [(r["stage2"]["loss"], r["stage2"]["lr"], r["stage2"]["seed"]) for r in got] == \
         [("ce", 0.002, 0), ("ce", 0.002, 1), ("ce", 0.002, 2)]
-    # without lr in the grid the two points would be one group: that is the study's own grid only
-    assert len(rp.reported_runs(records[:3], ("dropout",), first_seed=0)) == 3
-    assert rp.reported_runs(records[1:2], ("dropout", "lr"), first_seed=0) == []  # no first-seed run
+    # a run cached at a value outside the grid (another study's dropout) is never chosen
+    assert rp.reported_runs([*records, rec("ce", 0.002, 0, 0.2, dropout=0.5)], grid, first_seed=0) == got
+    assert rp.reported_runs(records[1:2], grid, first_seed=0) == []  # no first-seed run
+
+
+def test_reported_runs_read_back_what_the_runner_trained_ties_included(tmp_path, monkeypatch):
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "--dropout-grid", "0.2", "0.5",
+                           "--lr-grid", "0.003", "0.001", "--workdir", str(tmp_path / "w")])
+    # every CE point ties on seed 0: the first point of the grid wins (dropout 0.2, lr 0.003)
+    valid = {("ce", 0.2): 0.07, ("ce", 0.5): 0.07, ("bpr", 0.2): 0.01, ("bpr", 0.5): 0.06}
+    cache = []
+
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+        cache.append({"stage2": dataclasses.asdict(s2), "valid": {"Overall": {"NDCG@10": valid[s2.loss, s2.dropout]}}})
+        return cache[-1]
+
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1))
+    trained = runs[rp.best_loss(runs)]
+    assert [(r["stage2"]["dropout"], r["stage2"]["lr"], r["stage2"]["seed"]) for r in trained] == \
+        [(0.2, 0.003, 0), (0.2, 0.003, 1)]
+    # read back from the whole cache, in any order, the same runs are reported, also when a tied later
+    # point comes first
+    later = [r for r in cache if r["stage2"]["loss"] == "ce" and r is not trained[0] and r["stage2"]["seed"] == 0]
+    assert len(later) == 3 and all(r["valid"] == trained[0]["valid"] for r in later)
+    for order in (cache, cache[::-1], later + [r for r in cache if r not in later]):
+        assert rp.reported_runs(order, study.grid, first_seed=0) == trained
+
+
+def test_cached_rows_match_only_the_studys_grid_values(tmp_path):
+    from benchmarks import reproduce as rp
+    from benchmarks.bench_views import matching_runs
+
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
+    study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "--dropout-grid", "0.2", "--lr-grid", "0.001",
+                           "0.003", "--losses", "ce"])
+
+    def rec(**changes):
+        s2 = dataclasses.replace(study.stage2, **{"loss": "ce", "seed": 0, "dropout": 0.2, "lr": 0.001, **changes})
+        return {"variant": "SASRec", "embeddings": None, "stage2": dataclasses.asdict(s2)}
+
+    kept = [rec(), rec(lr=0.003)]
+    others = [rec(lr=0.01), rec(dropout=0.5), rec(seed=1), rec(loss="bpr"), rec(epochs=study.stage2.epochs + 1)]
+    assert matching_runs([*kept, *others], study, "SASRec", None) == kept
 
 
 def test_exploratory_variants_are_new_names_and_build_valid_heads():
