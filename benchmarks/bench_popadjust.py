@@ -207,8 +207,11 @@ def choose_tau(results: dict[str, list[tuple[dict, dict]]]) -> dict[str, list[tu
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for name, pairs in results.items():
         for rec, adj in pairs:
-            label = _record_tau_label(rec)
-            groups.setdefault(name.replace(label, "", 1) if label else name, []).append((rec, adj))
+            # popadjust_by_tau names a row "<variant><tau label><rest>": drop the label at that place
+            head = rec["variant"] + _record_tau_label(rec)
+            if not name.startswith(head):
+                raise ValueError(f"row {name!r} does not start with its run's variant and tau label {head!r}")
+            groups.setdefault(rec["variant"] + name[len(head):], []).append((rec, adj))
     out = {}
     for name, pairs in groups.items():
         if len({_record_tau(rec) for rec, _ in pairs}) < 2:

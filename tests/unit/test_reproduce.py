@@ -992,8 +992,8 @@ def test_choose_tau_takes_each_seeds_best_validated_tau():
     # adjusted validation N@10 (ties: the smaller tau); a row run at one tau has nothing to choose
     from benchmarks.bench_popadjust import choose_tau
 
-    def pair(tau: float, seed: int, valid: float) -> tuple[dict, dict]:
-        return {"stage2": {"logit_adjustment": tau, "seed": seed}}, {"seed": seed, "valid_best": valid}
+    def pair(tau: float, seed: int, valid: float, variant: str = "A") -> tuple[dict, dict]:
+        return {"variant": variant, "stage2": {"logit_adjustment": tau, "seed": seed}}, {"seed": seed, "valid_best": valid}
 
     results = {
         "A": [pair(0.0, 0, 0.10), pair(0.0, 1, 0.20), pair(0.0, 2, 0.30)],
@@ -1001,7 +1001,7 @@ def test_choose_tau_takes_each_seeds_best_validated_tau():
         "A la0.75": [pair(0.75, 0, 0.12), pair(0.75, 1, 0.19), pair(0.75, 2, 0.31)],
         "A +prior": [pair(0.0, 0, 0.30)],
         "A la0.5 +prior": [pair(0.5, 0, 0.40)],
-        "B": [pair(0.0, 0, 0.50)],
+        "B": [pair(0.0, 0, 0.50, "B")],
     }
     chosen = choose_tau(results)
     assert list(chosen) == ["A [tau 0.5/0/0.75]", "A +prior [tau 0.5]"]
@@ -1009,9 +1009,14 @@ def test_choose_tau_takes_each_seeds_best_validated_tau():
     assert chosen["A +prior [tau 0.5]"] == results["A la0.5 +prior"]
     assert choose_tau({"B": results["B"]}) == {}
     # runs validated with their logit bias (" la<tau> vb") group with the same row's plain-loss runs
-    vb = ({"stage2": {"logit_adjustment": 0.5, "validate_with_logit_bias": True, "seed": 0}},
+    vb = ({"variant": "C", "stage2": {"logit_adjustment": 0.5, "validate_with_logit_bias": True, "seed": 0}},
           {"seed": 0, "valid_best": 0.3})
-    assert choose_tau({"C": [pair(0.0, 0, 0.2)], "C la0.5 vb": [vb]}) == {"C [tau 0.5]": [vb]}
+    assert choose_tau({"C": [pair(0.0, 0, 0.2, "C")], "C la0.5 vb": [vb]}) == {"C [tau 0.5]": [vb]}
+    # the label is dropped where the row's name has it, not wherever its text first appears
+    odd = {"D la0.55": [pair(0.0, 0, 0.1, "D la0.55")], "D la0.55 la0.5": [pair(0.5, 0, 0.2, "D la0.55")]}
+    assert list(choose_tau(odd)) == ["D la0.55 [tau 0.5]"]
+    with pytest.raises(ValueError, match="does not start with"):
+        choose_tau({"renamed la0.5": [pair(0.5, 0, 0.2, "A")]})
 
 
 def test_bench_popadjust_leaves_the_harness_its_own_flags(tmp_path, capsys):
