@@ -712,7 +712,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"Stage 1: {study.stage1.model or 'all-MiniLM-L6-v2 (bundled)'}, LoRA r=8 alpha=16, "
              f"drop r={study.stage1.drop_prob}, K={study.stage1.n_views} views, batch {study.stage1.batch_size}, "
              f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
-                                          f"{study.stage1.epochs} epoch(s)") + ", mean pooling.",
+                                          f"{study.stage1.epochs} epoch(s)")
+             + f", mean pooling, prompts cut at {study.stage1.max_length} tokens.",
              f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
              f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}")
              + f", batch {study.stage2.batch_size}, "
@@ -907,6 +908,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help=f"single variants to run on top of --parts; one of: {', '.join(VARIANTS)}")
     p.add_argument("--decoder", action="store_true", help="add the SmolLM2-135M decoder row (slow: small datasets)")
     p.add_argument("--cft-steps", type=int, default=None, help="stage-1 steps (default: one epoch)")
+    p.add_argument("--text-max-length", type=int, default=None, metavar="TOKENS",
+                   help=f"stage-1 token limit of an item's prompt, for fine-tuning and encoding (Stage1.max_length; "
+                        f"default {Stage1.max_length}, --quick 64)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--max-len", type=int, default=None)
@@ -964,6 +968,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
         grid, seeds = {"dropout": (0.2,)}, (0,)  # lr: Stage2's single 1e-3
     if a.cft_steps is not None:
         stage1 = dataclasses.replace(stage1, max_steps=a.cft_steps)
+    if a.text_max_length is not None:
+        if a.text_max_length < 1:
+            p.error(f"--text-max-length must be positive, got {a.text_max_length}")
+        stage1 = dataclasses.replace(stage1, max_length=a.text_max_length)
     for name, value in (("epochs", a.epochs), ("patience", a.patience), ("max_len", a.max_len),
                         ("length_buckets", a.length_buckets), ("logit_adjustment", a.logit_adjustment)):
         if value is not None:

@@ -496,6 +496,20 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
         rp.parse_args([*args, "--lr-grid", "0"])
 
 
+def test_text_max_length_sets_the_stage1_token_limit_and_keys_the_embeddings_by_it(tmp_path):
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
+    quick = rp.parse_args(["--dataset", str(data), "--quick"])
+    longer = rp.parse_args(["--dataset", str(data), "--quick", "--text-max-length", "256"])
+    assert (quick.stage1.max_length, longer.stage1.max_length) == (64, 256)
+    assert dataclasses.replace(longer.stage1, max_length=64) == quick.stage1  # nothing else moves
+    frozen = dataclasses.replace(quick.stage1, tuned=False)
+    assert rp.embeddings_path(quick, frozen) != rp.embeddings_path(longer, dataclasses.replace(frozen, max_length=256))
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--dataset", str(data), "--text-max-length", "0"])
+
+
 def test_reported_runs_keep_the_grid_point_and_loss_chosen_on_the_first_seed():
     from benchmarks import reproduce as rp
 
