@@ -434,8 +434,8 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     record["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(record_path, record)
     ov = record["test"]["full"]["Overall"]
-    print(f"[stage 2] {study.name} {variant.name:<24} loss={s2.loss:<3} dropout={s2.dropout} seed={s2.seed}: "
-          f"valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  ({record['seconds']:.0f} s)",
+    print(f"[stage 2] {study.name} {variant.name:<24} loss={s2.loss:<3} dropout={s2.dropout} lr={s2.lr:g} "
+          f"seed={s2.seed}: valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  ({record['seconds']:.0f} s)",
           flush=True)
     return record
 
