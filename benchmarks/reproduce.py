@@ -456,6 +456,8 @@ class Runner:
         self.split = leave_one_out(data)
         self._embeddings: dict[str, tuple[np.ndarray, str]] = {}
         self.missing: list[str] = []  # runs a report-only study did not find
+        # variant -> loss -> [(grid point, first-seed validation N@10)]: what Runner.run searched
+        self.searched: dict[str, dict[str, list[tuple[dict, float]]]] = {}
         print(f"[data] {study.name}: {self.split.num_users} users, {self.split.num_items} items, "
               f"{len(self.split.items)} interactions", flush=True)
 
@@ -497,6 +499,7 @@ class Runner:
                 rec = self._run(variant, s2, semantic, emb_key)
                 if rec is not None:  # None: not cached in a report-only study
                     candidates.append((s2, rec))
+                    self.searched.setdefault(variant.name, {}).setdefault(loss, []).append((point, _valid_ndcg(rec)))
             if candidates:
                 chosen[loss], first = best_point(candidates)
                 out[loss] = [first]
@@ -698,9 +701,33 @@ def _losses_sentence(losses: tuple[str, ...]) -> str:
             "the protocol trains both losses);")
 
 
+def grid_search_table(searched: dict[str, dict[str, list[tuple[dict, float]]]]) -> list[str]:
+    """Markdown lines: per variant and loss, the first seed's validation N@10 at each grid point searched,
+    the point kept in bold (``best_point``'s rule); empty when no variant searched more than one point."""
+    if not any(len(points) > 1 for losses in searched.values() for points in losses.values()):
+        return []
+    labels = list(dict.fromkeys(", ".join(f"{k} {v:g}" for k, v in point.items())
+                                for losses in searched.values() for points in losses.values() for point, _ in points))
+    lines = ["## Grid search", "",
+             "First seed's validation N@10 at each grid point, per variant and loss; **bold**: the point kept "
+             "(the later seeds of the variant's best loss run there); -: not run.", "",
+             "| model | loss | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for name, losses in searched.items():
+        for loss, points in losses.items():
+            # points are in search (grid) order: the first best is the one best_point kept
+            kept, _ = max(points, key=lambda pv: pv[1])
+            values = {", ".join(f"{k} {v:g}" for k, v in point.items()): (value, point is kept) for point, value in points}
+            cells = [("**{:.4f}**" if values[lab][1] else "{:.4f}").format(values[lab][0]) if lab in values else "-"
+                     for lab in labels]
+            lines.append(f"| {name} | {loss.upper()} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list],
-                 missing: list[str] = ()) -> Path:
-    """The dataset's markdown page, JSON and plots; ``missing`` lists runs a report-only study did not find."""
+                 missing: list[str] = (), searched: dict[str, dict[str, list[tuple[dict, float]]]] | None = None
+                 ) -> Path:
+    """The dataset's markdown page, JSON and plots; ``missing`` lists runs a report-only study did not find,
+    ``searched`` the grid points ``Runner.run`` validated (``Runner.searched``)."""
     out = study.out_dir
     out.mkdir(parents=True, exist_ok=True)
     name = study.name
@@ -828,6 +855,10 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                        "test": rec["test"]} for x, rec in rows]
                               for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
 
+    if searched:
+        lines += grid_search_table(searched)
+        raw["grid_search"] = {n: {loss: [{**point, "valid_NDCG@10": v} for point, v in points]
+                                  for loss, points in losses.items()} for n, losses in searched.items()}
     if missing:
         lines += ["## Runs not in this report", "",
                   f"Written with `--report-only` from the runs cached so far; these {len(missing)} were not "
@@ -869,7 +900,7 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     if runner.missing:
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
-    return write_report(study, results, sens, runner.missing)
+    return write_report(study, results, sens, runner.missing, runner.searched)
 
 
 def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:

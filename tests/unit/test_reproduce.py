@@ -559,6 +559,35 @@ def test_reported_runs_read_back_what_the_runner_trained_ties_included(tmp_path,
         assert rp.reported_runs(order, study.grid, first_seed=0) == trained
 
 
+def test_report_shows_each_grid_point_the_runner_validated_and_the_one_it_kept(tmp_path, monkeypatch):
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "--losses", "ce", "--dropout-grid", "0.2",
+                           "--lr-grid", "0.001", "0.003", "0.01", "--workdir", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "out")])
+    valid = {0.001: 0.05, 0.003: 0.08, 0.01: 0.08}  # a tie: the earlier point is kept
+
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+        if s2.lr == 0.01 and variant.name == "SAID":
+            return None  # as a report-only study finds a run not cached
+        return {**record(valid[s2.lr], 0.1), "stage2": dataclasses.asdict(s2)}
+
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    runner = rp.Runner(study)
+    results = {n: runner.run(rp.VARIANTS[n], (0,)) for n in ("SASRec", "SAID")}
+    assert [(p["lr"], v) for p, v in runner.searched["SASRec"]["ce"]] == [(0.001, 0.05), (0.003, 0.08), (0.01, 0.08)]
+    assert results["SASRec"]["ce"][0]["stage2"]["lr"] == 0.003
+    text = rp.write_report(study, results, {}, searched=runner.searched).read_text()
+    table = text.split("## Grid search")[1]
+    assert "| dropout 0.2, lr 0.001 | dropout 0.2, lr 0.003 | dropout 0.2, lr 0.01 |" in table
+    assert "| SASRec | CE | 0.0500 | **0.0800** | 0.0800 |" in table
+    assert "| SAID | CE | 0.0500 | **0.0800** | - |" in table
+    # one point per variant: nothing was searched, no section
+    assert rp.grid_search_table({"SASRec": {"ce": [({"lr": 0.001}, 0.05)]}}) == []
+
+
 def test_cached_rows_match_only_the_studys_grid_values(tmp_path):
     from benchmarks import reproduce as rp
     from benchmarks.bench_views import matching_runs
@@ -603,6 +632,7 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
 
     class FakeRunner:
         missing: list = []
+        searched: dict = {}
 
         def __init__(self, study):
             pass
@@ -612,7 +642,7 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
             return {}
 
     monkeypatch.setattr(rp, "Runner", FakeRunner)
-    monkeypatch.setattr(rp, "write_report", lambda study, results, sens, missing: tmp_path / "report.md")
+    monkeypatch.setattr(rp, "write_report", lambda study, results, sens, missing, searched: tmp_path / "report.md")
     before = dict(rp.VARIANTS)
     explore.main(["--dataset", str(data), "--names", "SAID", "SAID std0.1", "--seeds", "0", "1"])
     assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["SAID std0.1"], (0, 1))]
