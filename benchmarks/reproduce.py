@@ -435,7 +435,8 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     atomic_write_json(record_path, record)
     ov = record["test"]["full"]["Overall"]
     print(f"[stage 2] {study.name} {variant.name:<24} loss={s2.loss:<3} dropout={s2.dropout} lr={s2.lr:g} "
-          f"seed={s2.seed}: valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  ({record['seconds']:.0f} s)",
+          f"seed={s2.seed}: valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  "
+          f"({record['seconds']:.0f} s)",
           flush=True)
     return record
 
@@ -456,8 +457,8 @@ class Runner:
         self.split = leave_one_out(data)
         self._embeddings: dict[str, tuple[np.ndarray, str]] = {}
         self.missing: list[str] = []  # runs a report-only study did not find
-        # variant -> loss -> [(grid point, first-seed validation N@10)]: what Runner.run searched
-        self.searched: dict[str, dict[str, list[tuple[dict, float]]]] = {}
+        # variant -> loss -> [(grid point, first-seed run)] in grid order: what Runner.run searched
+        self.searched: dict[str, dict[str, list[tuple[dict, dict]]]] = {}
         print(f"[data] {study.name}: {self.split.num_users} users, {self.split.num_items} items, "
               f"{len(self.split.items)} interactions", flush=True)
 
@@ -499,7 +500,7 @@ class Runner:
                 rec = self._run(variant, s2, semantic, emb_key)
                 if rec is not None:  # None: not cached in a report-only study
                     candidates.append((s2, rec))
-                    self.searched.setdefault(variant.name, {}).setdefault(loss, []).append((point, _valid_ndcg(rec)))
+                    self.searched.setdefault(variant.name, {}).setdefault(loss, []).append((point, rec))
             if candidates:
                 chosen[loss], first = best_point(candidates)
                 out[loss] = [first]
@@ -701,30 +702,33 @@ def _losses_sentence(losses: tuple[str, ...]) -> str:
             "the protocol trains both losses);")
 
 
-def grid_search_table(searched: dict[str, dict[str, list[tuple[dict, float]]]]) -> list[str]:
-    """Markdown lines: per variant and loss, the first seed's validation N@10 at each grid point searched,
-    the point kept in bold (``best_point``'s rule); empty when no variant searched more than one point."""
+def grid_search_table(searched: dict[str, dict[str, list[tuple[dict, dict]]]]) -> list[str]:
+    """Markdown lines: per variant and loss, the first seed's validation N@10 at each grid point searched
+    (``Runner.searched``), the point ``best_point`` kept in bold; empty when no variant searched more than
+    one point."""
+    def label(point: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in point.items())
+
     if not any(len(points) > 1 for losses in searched.values() for points in losses.values()):
         return []
-    labels = list(dict.fromkeys(", ".join(f"{k} {v:g}" for k, v in point.items())
-                                for losses in searched.values() for points in losses.values() for point, _ in points))
+    labels = list(dict.fromkeys(label(point) for losses in searched.values() for points in losses.values()
+                                for point, _ in points))
     lines = ["## Grid search", "",
              "First seed's validation N@10 at each grid point, per variant and loss; **bold**: the point kept "
              "(the later seeds of the variant's best loss run there); -: not run.", "",
              "| model | loss | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for name, losses in searched.items():
         for loss, points in losses.items():
-            # points are in search (grid) order: the first best is the one best_point kept
-            kept, _ = max(points, key=lambda pv: pv[1])
-            values = {", ".join(f"{k} {v:g}" for k, v in point.items()): (value, point is kept) for point, value in points}
-            cells = [("**{:.4f}**" if values[lab][1] else "{:.4f}").format(values[lab][0]) if lab in values else "-"
+            kept = label(best_point(points)[0])
+            values = {label(point): _valid_ndcg(rec) for point, rec in points}
+            cells = [("-" if lab not in values else f"**{values[lab]:.4f}**" if lab == kept else f"{values[lab]:.4f}")
                      for lab in labels]
             lines.append(f"| {name} | {loss.upper()} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list],
-                 missing: list[str] = (), searched: dict[str, dict[str, list[tuple[dict, float]]]] | None = None
+                 missing: list[str] = (), searched: dict[str, dict[str, list[tuple[dict, dict]]]] | None = None
                  ) -> Path:
     """The dataset's markdown page, JSON and plots; ``missing`` lists runs a report-only study did not find,
     ``searched`` the grid points ``Runner.run`` validated (``Runner.searched``)."""
@@ -857,7 +861,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
 
     if searched:
         lines += grid_search_table(searched)
-        raw["grid_search"] = {n: {loss: [{**point, "valid_NDCG@10": v} for point, v in points]
+        raw["grid_search"] = {n: {loss: [{**point, "valid_NDCG@10": _valid_ndcg(rec)} for point, rec in points]
                                   for loss, points in losses.items()} for n, losses in searched.items()}
     if missing:
         lines += ["## Runs not in this report", "",

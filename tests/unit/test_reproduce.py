@@ -577,7 +577,8 @@ def test_report_shows_each_grid_point_the_runner_validated_and_the_one_it_kept(t
     monkeypatch.setattr(rp, "run_stage2", fake_run)
     runner = rp.Runner(study)
     results = {n: runner.run(rp.VARIANTS[n], (0,)) for n in ("SASRec", "SAID")}
-    assert [(p["lr"], v) for p, v in runner.searched["SASRec"]["ce"]] == [(0.001, 0.05), (0.003, 0.08), (0.01, 0.08)]
+    assert [(p["lr"], rp._valid_ndcg(r)) for p, r in runner.searched["SASRec"]["ce"]] == \
+        [(0.001, 0.05), (0.003, 0.08), (0.01, 0.08)]
     assert results["SASRec"]["ce"][0]["stage2"]["lr"] == 0.003
     text = rp.write_report(study, results, {}, searched=runner.searched).read_text()
     table = text.split("## Grid search")[1]
@@ -585,7 +586,7 @@ def test_report_shows_each_grid_point_the_runner_validated_and_the_one_it_kept(t
     assert "| SASRec | CE | 0.0500 | **0.0800** | 0.0800 |" in table
     assert "| SAID | CE | 0.0500 | **0.0800** | - |" in table
     # one point per variant: nothing was searched, no section
-    assert rp.grid_search_table({"SASRec": {"ce": [({"lr": 0.001}, 0.05)]}}) == []
+    assert rp.grid_search_table({"SASRec": {"ce": [({"lr": 0.001}, record(0.05, 0.1))]}}) == []
 
 
 def test_cached_rows_match_only_the_studys_grid_values(tmp_path):
