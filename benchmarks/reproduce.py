@@ -494,16 +494,15 @@ class Runner:
         chosen: dict[str, Stage2] = {}
         grid = [dict(zip(self.study.grid, values)) for values in _product(self.study.grid.values())]
         for loss in self.study.losses:
-            candidates = []
-            for point in grid:
-                s2 = dataclasses.replace(self.study.stage2, loss=loss, seed=seeds[0], **point)
-                rec = self._run(variant, s2, semantic, emb_key)
-                if rec is not None:  # None: not cached in a report-only study
-                    candidates.append((s2, rec))
-                    self.searched.setdefault(variant.name, {}).setdefault(loss, []).append((point, rec))
-            if candidates:
-                chosen[loss], first = best_point(candidates)
-                out[loss] = [first]
+            first_seed = dataclasses.replace(self.study.stage2, loss=loss, seed=seeds[0])
+            searched = [(point, rec) for point in grid
+                        if (rec := self._run(variant, dataclasses.replace(first_seed, **point), semantic, emb_key))
+                        is not None]  # None: not cached in a report-only study
+            if searched:
+                # assigned, not appended: a variant run again (the sensitivity part's paper point) is listed once
+                self.searched.setdefault(variant.name, {})[loss] = searched
+                point, first = best_point(searched)
+                chosen[loss], out[loss] = dataclasses.replace(first_seed, **point), [first]
         if not out:
             return out
         loss = best_loss(out)

@@ -580,6 +580,8 @@ def test_report_shows_each_grid_point_the_runner_validated_and_the_one_it_kept(t
     assert [(p["lr"], rp._valid_ndcg(r)) for p, r in runner.searched["SASRec"]["ce"]] == \
         [(0.001, 0.05), (0.003, 0.08), (0.01, 0.08)]
     assert results["SASRec"]["ce"][0]["stage2"]["lr"] == 0.003
+    runner.run(rp.VARIANTS["SASRec"], (0,))  # run again (as the sensitivity part reruns LLM-CFSR): listed once
+    assert len(runner.searched["SASRec"]["ce"]) == 3
     text = rp.write_report(study, results, {}, searched=runner.searched).read_text()
     table = text.split("## Grid search")[1]
     assert "| dropout 0.2, lr 0.001 | dropout 0.2, lr 0.003 | dropout 0.2, lr 0.01 |" in table
