@@ -477,8 +477,8 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
     plain, study = rp.parse_args(args), rp.parse_args([*args, "--lr-grid", "0.001", "0.002", "0.002"])
     assert plain.grid == {"dropout": (0.2,)} and study.grid == {"dropout": (0.2,), "lr": (0.001, 0.002)}
     # the full mode searches learning rates with dropout; --dropout-grid replaces dropout's values only
-    full = rp.parse_args(["--dataset", str(data), "--dropout-grid", "0.3"])
-    assert full.grid == {"dropout": (0.3,), "lr": rp.FULL_GRID["lr"]} and rp.Stage2().lr in rp.FULL_GRID["lr"]
+    full = rp.parse_args(["--dataset", str(data), "--dropout-grid", "0.3", "0.1", "0.3"])
+    assert full.grid == {"dropout": (0.3, 0.1), "lr": rp.FULL_GRID["lr"]} and rp.Stage2().lr in rp.FULL_GRID["lr"]
     trained = []
     valid = {0.001: 0.05, 0.002: 0.08}
 
