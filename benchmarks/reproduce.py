@@ -398,6 +398,11 @@ def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nd
     return Trainer(model, split, config, extra_loss=extra, prior=prior)
 
 
+def run_label(variant: Variant, s2: Stage2) -> str:
+    """One run as the progress lines and the report's missing-run list name it."""
+    return f"{variant.name} loss={s2.loss} dropout={s2.dropout:g} lr={s2.lr:g} seed={s2.seed}"
+
+
 def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
                semantic: np.ndarray | None, embeddings_key: str | None,
                prior_table: np.ndarray | None = None) -> dict[str, Any] | None:
@@ -434,10 +439,8 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     record["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(record_path, record)
     ov = record["test"]["full"]["Overall"]
-    print(f"[stage 2] {study.name} {variant.name:<24} loss={s2.loss:<3} dropout={s2.dropout} lr={s2.lr:g} "
-          f"seed={s2.seed}: valid N@10 {_valid_ndcg(record):.4f}  test N@10 {ov['NDCG@10']:.4f}  "
-          f"({record['seconds']:.0f} s)",
-          flush=True)
+    print(f"[stage 2] {study.name} {run_label(variant, s2)}: valid N@10 {_valid_ndcg(record):.4f}  "
+          f"test N@10 {ov['NDCG@10']:.4f}  ({record['seconds']:.0f} s)", flush=True)
     return record
 
 
@@ -524,7 +527,7 @@ class Runner:
         prior_table = self.prior_table() if trains_prior else None
         rec = run_stage2(self.study, variant, s2, self.split, semantic, emb_key, prior_table)
         if rec is None:
-            self.missing.append(f"{variant.name} loss={s2.loss} dropout={s2.dropout} lr={s2.lr} seed={s2.seed}")
+            self.missing.append(run_label(variant, s2))
         return rec
 
 
