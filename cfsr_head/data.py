@@ -12,8 +12,8 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -882,7 +882,8 @@ def _extract_zip(archive: Path, target: Path) -> Path:
     """Extract ``archive`` into ``target`` atomically (temp folder + rename); rejects unsafe paths."""
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}"
+    os.mkdir(tmp)  # 0o777 less the umask, as any folder (tempfile.mkdtemp would make it owner-only)
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():

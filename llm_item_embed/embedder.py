@@ -26,7 +26,7 @@ import torch
 
 from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
                        load_text_encoder, seed_untrained_lora)
-from .io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from .io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, move_tree, read_json
 from .prompts import PromptTemplate
 
 __all__ = ["ItemEmbedder", "CONFIG_NAME"]
@@ -560,11 +560,7 @@ class ItemEmbedder:
             if self.loss_module is not None:
                 atomic_save_safetensors(tmp_path / "loss.safetensors",
                                         {k: v for k, v in self.loss_module.state_dict().items()})
-            for src in sorted(tmp_path.rglob("*")):
-                if src.is_file():
-                    dst = out / src.relative_to(tmp_path)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(src, dst)
+            move_tree(tmp_path, out)
         from .hub import CARD_FILENAME
 
         atomic_write_text(out / CARD_FILENAME, self.model_card())  # replaces peft's generic card
@@ -669,12 +665,7 @@ class ItemEmbedder:
             staging = Path(tempfile.mkdtemp(prefix=".st-", dir=out.parent if out.parent.exists() else None))
             try:
                 st.save(str(staging))
-                out.mkdir(parents=True, exist_ok=True)
-                for src in sorted(staging.rglob("*")):
-                    if src.is_file():
-                        dst = out / src.relative_to(staging)
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(src, dst)
+                move_tree(staging, out)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return out

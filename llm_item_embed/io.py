@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,17 +12,34 @@ from typing import Any, Iterator
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    The file that lands gets the permissions a plain ``open(path, "w")`` would leave: those of the
+    file it replaces, else 0o666 less the process umask. (``tempfile.mkstemp``, and safetensors'
+    own writer since 0.8, make every file owner-only: safetensors/safetensors#782.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies here
+    mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
     try:
-        yield Path(tmp)
+        yield tmp
+        os.chmod(tmp, mode)  # the block may have replaced the file with an owner-only one
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move every file under ``src`` to the same relative path under ``dst``; each lands by an atomic
+    rename through :func:`atomic_path`, with the permissions it gives. ``src`` should be on the same
+    filesystem, e.g. a staging folder inside or beside ``dst``."""
+    src, dst = Path(src), Path(dst)
+    for file in sorted(src.rglob("*")):
+        if file.is_file():
+            with atomic_path(dst / file.relative_to(src)) as tmp:
+                os.replace(file, tmp)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

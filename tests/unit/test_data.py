@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
 import zipfile
 from functools import partial
@@ -435,9 +436,15 @@ def test_download_good_checksum_and_statistics(tmp_path, http_root):
     sha = make_ml_zip(root / "ml.zip", tmp_path)
     cache = tmp_path / "cache"
     expected = {"users": 4, "items": 3, "interactions": 12}
-    data = download_dataset("ml-100k", cache, url=f"{base}/ml.zip", sha256=sha, expected=expected)
+    old_umask = os.umask(0o022)
+    try:
+        data = download_dataset("ml-100k", cache, url=f"{base}/ml.zip", sha256=sha, expected=expected)
+    finally:
+        os.umask(old_umask)
     assert data.stats() == expected
     assert (cache / "ml-100k" / "ml-100k.zip").is_file()
+    # the extracted folder is readable by others, like any folder made under umask 022
+    assert [oct(p.stat().st_mode & 0o777) for p in (cache / "ml-100k").iterdir() if p.is_dir()] == [oct(0o755)]
     assert not list((cache / "ml-100k").glob("*.part"))
     # cached: works with the server gone (file removed) and the checksum still verified
     (root / "ml.zip").unlink()

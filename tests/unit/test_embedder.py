@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -136,8 +137,16 @@ def test_sharded_encode_equals_in_memory(fitted_llama, tmp_path):
 
 def test_save_load_round_trip_identical(fitted_bert, tmp_path):
     emb, _ = fitted_bert
-    emb.save_pretrained(tmp_path / "m")
+    old_umask = os.umask(0o022)
+    try:
+        emb.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old_umask)
     files = {p.name for p in (tmp_path / "m").iterdir()}
+    # every file readable by others, as a plain open() leaves it (safetensors' writer alone would
+    # leave the adapter owner-only)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "m").iterdir()} == \
+        {name: oct(0o644) for name in files}
     assert {"adapter_model.safetensors", "adapter_config.json", CONFIG_NAME, "README.md"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     back = ItemEmbedder.from_pretrained(tmp_path / "m")
