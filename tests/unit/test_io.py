@@ -15,14 +15,6 @@ import llm_item_embed.io
 MODULES = [llm_item_embed.io, cfsr_head.io]
 
 
-@pytest.fixture
-def umask():
-    """Set the process umask for one test, restoring the old one afterwards."""
-    old = os.umask(0o022)
-    yield lambda mask: os.umask(mask)
-    os.umask(old)
-
-
 @pytest.mark.parametrize("io", MODULES, ids=lambda m: m.__name__)
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_saved_files_follow_the_umask(io, mask, mode, umask, tmp_path):
@@ -49,7 +41,6 @@ def test_failed_write_leaves_no_temporary_file(io, tmp_path):
 
 @pytest.mark.parametrize("io", MODULES, ids=lambda m: m.__name__)
 def test_overwrite_keeps_the_existing_mode(io, umask, tmp_path):
-    umask(0o022)
     io.atomic_save_safetensors(tmp_path / "a.safetensors", {"w": torch.ones(2)})
     os.chmod(tmp_path / "a.safetensors", 0o640)
     io.atomic_save_safetensors(tmp_path / "a.safetensors", {"w": torch.zeros(2)})
@@ -59,7 +50,6 @@ def test_overwrite_keeps_the_existing_mode(io, umask, tmp_path):
 
 
 def test_move_tree_moves_every_file_with_default_permissions(umask, tmp_path):
-    umask(0o022)
     staging = tmp_path / "staging"
     (staging / "sub").mkdir(parents=True)
     (staging / "a.json").write_text("{}")
