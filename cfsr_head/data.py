@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, make_staging_dir, read_json
 
 __all__ = [
     "InteractionData", "load_dataset", "load_movielens_raw", "load_amazon2014", "kcore_filter",
@@ -882,8 +881,7 @@ def _extract_zip(archive: Path, target: Path) -> Path:
     """Extract ``archive`` into ``target`` atomically (temp folder + rename); rejects unsafe paths."""
     if target.is_dir():
         return target
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}"
-    os.mkdir(tmp)  # 0o777 less the umask, as any folder (tempfile.mkdtemp would make it owner-only)
+    tmp = make_staging_dir(target)
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():

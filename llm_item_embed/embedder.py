@@ -26,7 +26,8 @@ import torch
 
 from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
                        load_text_encoder, seed_untrained_lora)
-from .io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, move_tree, read_json
+from .io import (atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_staging_dir, move_tree,
+                 read_json)
 from .prompts import PromptTemplate
 
 __all__ = ["ItemEmbedder", "CONFIG_NAME"]
@@ -662,7 +663,7 @@ class ItemEmbedder:
             pooling = Pooling(enc.dim, pooling_mode="mean" if self.settings.pooling == "mean" else "lasttoken")
             st = SentenceTransformer(modules=[transformer, pooling], device="cpu",
                                      similarity_fn_name="dot" if self.similarity == "dot" else "cosine")
-            staging = Path(tempfile.mkdtemp(prefix=".st-", dir=out.parent if out.parent.exists() else None))
+            staging = make_staging_dir(out)  # beside out: same filesystem, so every file lands by rename
             try:
                 st.save(str(staging))
                 move_tree(staging, out)

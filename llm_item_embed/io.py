@@ -10,6 +10,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _staging_name(path: Path) -> Path:
+    """A fresh hidden name beside ``path``, on its filesystem, to build ``path`` under."""
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+
+
+def make_staging_dir(path: str | os.PathLike) -> Path:
+    """Create an empty folder beside ``path`` to build it in before one rename onto ``path``. It gets
+    the permissions of any new folder (0o777 less the umask); ``tempfile.mkdtemp`` would make the
+    folder that lands owner-only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staging_name(path)
+    os.mkdir(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -19,7 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     own writer since 0.8, make every file owner-only: safetensors/safetensors#782.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = _staging_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies here
     mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
     try:

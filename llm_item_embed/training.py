@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, make_staging_dir, read_json
 from .losses import ContrastiveLoss, grad_cache_backward
 
 __all__ = ["FitConfig", "ContrastiveTrainer", "ViewBatch", "NonFiniteLossError", "find_latest_checkpoint",
@@ -591,8 +590,7 @@ class ContrastiveTrainer:
                         "seed": cfg.seed},
                 "trainable": sorted(params), "optimizer_state": not self._sharded,
             }
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+            tmp = make_staging_dir(final)
             try:
                 atomic_save_safetensors(tmp / "adapter.safetensors", params, metadata={"format": "llm_item_embed.adapter"})
                 atomic_save_safetensors(tmp / "optimizer.safetensors", tensors, metadata={"format": "llm_item_embed.adamw"})

@@ -219,12 +219,13 @@ def test_sentence_transformers_export_reproduces(which, fitted_bert, fitted_llam
     from sentence_transformers import SentenceTransformer
 
     emb = fitted_bert[0] if which == "bert" else fitted_llama
-    emb.save_sentence_transformer(tmp_path / "st")
-    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    emb.save_sentence_transformer(tmp_path / "new" / "st")  # a parent that does not exist yet
+    assert list((tmp_path / "new").iterdir()) == [tmp_path / "new" / "st"]  # no staging folder left
+    st = SentenceTransformer(str(tmp_path / "new" / "st"), device="cpu")
     texts = emb.render(catalogue(16)) + ["a brand new item: name is glitter nail polish"]
     np.testing.assert_allclose(st.encode(texts, batch_size=4), emb.encode_texts(texts, batch_size=7),
                                atol=1e-5, rtol=1e-4)
-    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "st").rglob("*"))
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "new" / "st").rglob("*"))
 
 
 def test_push_to_hub_records_upload(fitted_bert, monkeypatch):

@@ -61,3 +61,14 @@ def test_move_tree_moves_every_file_with_default_permissions(umask, tmp_path):
     assert [p for p in staging.rglob("*") if p.is_file()] == []
     for name in ("a.json", "sub/b.txt"):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+
+
+@pytest.mark.parametrize("io", MODULES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_staging_dir_follows_the_umask(io, mask, mode, umask, tmp_path):
+    umask(mask)
+    first = io.make_staging_dir(tmp_path / "deep" / "ckpt")
+    second = io.make_staging_dir(tmp_path / "deep" / "ckpt")
+    assert first != second and first.parent == second.parent == tmp_path / "deep"
+    assert first.name.startswith(".ckpt.") and list(first.iterdir()) == []
+    assert stat.S_IMODE(first.stat().st_mode) == mode

@@ -110,13 +110,15 @@ def test_bad_views_and_config_errors(tok_path: str) -> None:
         ContrastiveTrainer(enc, ContrastiveLoss(), _cfg()).train(make_views_fn(make_items(8)), 8)
 
 
-def test_checkpoints_safetensors_json_trainable_only(tok_path: str, tmp_path: Path) -> None:
+def test_checkpoints_safetensors_json_trainable_only(tok_path: str, tmp_path: Path, umask) -> None:
     items = make_items(16)
     enc, loss = TinyEncoder(tok_path), ContrastiveLoss()
     ContrastiveTrainer(enc, loss, _cfg(epochs=2, output_dir=str(tmp_path), save_every=3)).train(
         make_views_fn(items), len(items))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint-3", "checkpoint-4"]  # every 3 steps + the end
+    # checkpoint folders are readable by others, like any folder made under umask 022
+    assert [oct(p.stat().st_mode & 0o777) for p in sorted(tmp_path.iterdir())] == [oct(0o755)] * 2
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
     ck = tmp_path / "checkpoint-4"
