@@ -3,11 +3,14 @@ evaluate a trained model.
 
     cfsr train --data ml-100k --embeddings items.safetensors --output-dir runs/ml100k
     cfsr evaluate --data ml-100k --model runs/ml100k --protocol sampled --json out.json
+    cfsr push --model runs/ml100k --repo-id user/ml100k-cfsr     # token: HF_TOKEN or a stored login
 
 ``train`` writes into ``--output-dir``: ``config.json`` + ``model.safetensors`` (the head, with
 ``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
 settings), ``metrics.json`` (training history, best epoch, test metrics under both protocols) and
-``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run).
+``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run). ``push``
+uploads the folder's model files (not the checkpoints) with a model card; ``evaluate --model``
+takes such a Hub repo id as well as a folder.
 
 Embeddings file: the ``llm_item_embed`` safetensors format (tensor ``embeddings`` float [N, d],
 ``ids_utf8`` uint8 bytes and ``ids_offsets`` int64 [N + 1]), or any safetensors file holding one
@@ -236,9 +239,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import ItemIndex
     from .evaluate import evaluate
     from .head import DualViewHead
+    from .hub import resolve_model_dir
     from .io import atomic_write_json, read_json
 
-    model_dir = Path(args.model)
     if args.popularity_counts != "train" and args.popularity_beta is None:
         raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
                        "popularity term to count for)")
@@ -246,8 +249,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError("--popularity-pseudo-count needs --popularity-beta (it smooths the popularity term's counts)")
     if args.prior_tail_exponent is not None and args.semantic_prior is None:
         raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
+    try:
+        model_dir = resolve_model_dir(args.model)
+    except FileNotFoundError as exc:
+        raise CLIError(f"--model: {exc}") from None
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
+        raise CLIError(f"--model {args.model} is not a trained model folder (config.json and model.safetensors "
                        "expected; write one with `cfsr train`)")
     item_index = None
     if (model_dir / "item_index.json").is_file():
@@ -260,10 +267,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         split = _load_split(args.data, max_len, item_index)
     except KeyError as exc:
-        raise CLIError(f"--data {args.data} has items the model at {model_dir} does not know: "
+        raise CLIError(f"--data {args.data} has items the model at {args.model} does not know: "
                        f"{exc.args[0] if exc.args else exc}") from exc
     if split.num_items != model.num_items:
-        raise CLIError(f"--model {model_dir} scores {model.num_items} items but --data {args.data} has "
+        raise CLIError(f"--model {args.model} scores {model.num_items} items but --data {args.data} has "
                        f"{split.num_items}; evaluate on the dataset the model was trained on")
     model, note, adjustment = _adjusted(model, split, args, max_len)
     result = evaluate(model, split, split=args.split, protocol=args.protocol, max_len=max_len, seed=args.seed)
@@ -272,7 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .train import _to_jsonable
 
-        report = {"format": "cfsr.evaluation", "model": str(model_dir), "data": str(args.data), "split": args.split,
+        report = {"format": "cfsr.evaluation", "model": str(args.model), "data": str(args.data), "split": args.split,
                   "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
         if args.popularity_beta is not None:
             report["popularity_beta"] = adjustment.beta
@@ -282,6 +289,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency,
                                         "tail_exponent": adjustment.tail_exponent}
         atomic_write_json(args.json, _to_jsonable(report))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
+                       "expected; write one with `cfsr train`)")
+    try:
+        url = push_folder(model_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from None
+    if not args.quiet:
+        print(url)
     return 0
 
 
@@ -444,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a trained model; print HR/NDCG@5/10/20 per group",
                        description="Evaluate a model folder written by `cfsr train` (leave-one-out test split).")
     e.add_argument("--data", required=True, help="dataset folder or name (the one the model was trained on)")
-    e.add_argument("--model", required=True, help="folder written by `cfsr train`")
+    e.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
     e.add_argument("--protocol", choices=("full", "sampled"), default="full",
                    help="full ranking over all items, or the target plus 100 sampled negatives")
     e.add_argument("--split", choices=("test", "valid"), default="test")
@@ -481,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "table; needed for a model without one)")
     e.add_argument("--json", help="also write the summary to this JSON file")
     e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("push", help="upload a trained model folder to the Hugging Face Hub",
+                       description="Upload the model files of a folder written by `cfsr train` (config.json, "
+                                   "model.safetensors, item_index.json, run.json, metrics.json; not the "
+                                   "checkpoints) with a generated model card. The token comes from HF_TOKEN or a "
+                                   "stored `huggingface-cli login`.")
+    p.add_argument("--model", required=True, help="folder written by `cfsr train`")
+    p.add_argument("--repo-id", required=True, help="Hub model repo, 'user/name' (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

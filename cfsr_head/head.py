@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -701,12 +702,30 @@ class DualViewHead(nn.Module):
             "num_items": self._num_items, "encoder": self._encoder_spec(),
         })
 
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
+                    commit_message: str | None = None, item_index: Any = None) -> str:
+        """Upload the head (``save_pretrained``'s files) and a generated model card to a Hub model
+        repo; returns its URL. Pass the ``ItemIndex`` the head was trained with as ``item_index``
+        to publish the raw id -> index mapping beside it (``item_index.json``)."""
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="dual-view-head-") as tmp:
+            self.save_pretrained(tmp)
+            if item_index is not None:
+                item_index.save(Path(tmp) / "item_index.json")
+            return push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, encoder: nn.Module | None = None,
-                        map_location: str | torch.device = "cpu") -> "DualViewHead":
-        """Rebuild a head written by ``save_pretrained``. Built-in encoders (SASRec, GRU4Rec) are
-        rebuilt from the config; pass ``encoder=`` for your own (e.g. an adapter-wrapped model)."""
-        directory = Path(directory)
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, encoder: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu", *, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | os.PathLike | None = None) -> "DualViewHead":
+        """Rebuild a head written by ``save_pretrained``, from a local folder or a Hub model repo
+        (``push_to_hub``; offline, from the local Hugging Face cache). Built-in encoders (SASRec,
+        GRU4Rec) are rebuilt from the config; pass ``encoder=`` for your own (e.g. an
+        adapter-wrapped model)."""
+        from .hub import resolve_model_dir
+
+        directory = resolve_model_dir(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir)
         meta = read_json(directory / CONFIG_NAME)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} is not a DualViewHead config (format={meta.get('format')!r})")

@@ -6,6 +6,9 @@
 - ``items_df``: a small product table with missing values, lists and numbers.
 - ``data_dir``: the real datasets (``CFSR_DATA_DIR`` or ``../shared/data``); integration tests only.
 - ``umask``: the process umask set to 0o022 for one test (call it to set another), then restored.
+- ``hub``: a ``HubRecorder`` in place of ``HfApi.create_repo`` / ``upload_folder`` (no network);
+  ``offline_cache``: ``HF_HUB_OFFLINE=1`` with an empty Hugging Face cache that
+  ``hf_cache_snapshot`` fills in huggingface_hub's own layout.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -161,3 +165,69 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(embedder, "load_text_encoder", boom)
+
+
+# ---------------------------------------------------------------------------- Hugging Face Hub stand-ins
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class HubRecorder:
+    """Stands in for the Hub: records create_repo / upload_folder calls and what the folder held."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.uploads: list[dict] = []
+
+    def install(self, monkeypatch) -> "HubRecorder":
+        rec = self
+
+        def create_repo(self, repo_id, **kwargs):
+            rec.created.append({"repo_id": repo_id, **kwargs})
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            folder = Path(folder_path)
+            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+            rec.uploads.append({"repo_id": repo_id, "folder": folder, "files": files, **kwargs})
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}", commit_message=kwargs.get("commit_message") or "",
+                commit_description="", oid="0" * 40,
+            )
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        return self
+
+
+@pytest.fixture
+def hub(monkeypatch) -> HubRecorder:
+    return HubRecorder().install(monkeypatch)
+
+
+def hf_cache_snapshot(cache: Path, repo_id: str) -> Path:
+    """An empty snapshot folder in the layout huggingface_hub writes
+    (models--user--name/{refs/main, snapshots/<commit>/}); put the repo's files in it."""
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    return snap
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    """HF_HUB_OFFLINE=1 and HF_HOME / HF_HUB_CACHE pointing at a tmp cache. huggingface_hub reads
+    these when it is imported, so the already-imported constants are patched to match."""
+    import huggingface_hub.constants as hc
+
+    home = tmp_path / "hf-home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HOME", str(home))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache

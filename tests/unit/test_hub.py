@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import HfApi
 
 from llm_item_embed.embeddings import ItemEmbeddings
 from llm_item_embed.hub import push_folder, render_model_card
+from conftest import COMMIT, hf_cache_snapshot
 
 TOKEN = "hf_TESTtokenNeverLeak0123456789abcdef"
 META = {
@@ -33,39 +34,6 @@ META = {
 def make_embeddings(n: int = 5, d: int = 4) -> ItemEmbeddings:
     rng = np.random.default_rng(0)
     return ItemEmbeddings([f"i{k}" for k in range(n)], rng.standard_normal((n, d)), META)
-
-
-class HubRecorder:
-    """Stands in for the Hub: records create_repo / upload_folder calls and what the folder held."""
-
-    def __init__(self) -> None:
-        self.created: list[dict] = []
-        self.uploads: list[dict] = []
-
-    def install(self, monkeypatch) -> "HubRecorder":
-        rec = self
-
-        def create_repo(self, repo_id, **kwargs):
-            rec.created.append({"repo_id": repo_id, **kwargs})
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(self, *, repo_id, folder_path, **kwargs):
-            folder = Path(folder_path)
-            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-            rec.uploads.append({"repo_id": repo_id, "folder": folder, "files": files, **kwargs})
-            return CommitInfo(
-                commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}", commit_message=kwargs.get("commit_message") or "",
-                commit_description="", oid="0" * 40,
-            )
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        return self
-
-
-@pytest.fixture
-def hub(monkeypatch) -> HubRecorder:
-    return HubRecorder().install(monkeypatch)
 
 
 # ------------------------------------------------------------------ model cards
@@ -207,36 +175,11 @@ def test_from_pretrained_local_file_and_folder(tmp_path):
         ItemEmbeddings.from_pretrained(tmp_path / "nope" / "x.safetensors")
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
 def build_hf_cache(cache: Path, repo_id: str, e: ItemEmbeddings, filename: str = "embeddings.safetensors") -> Path:
     """The layout huggingface_hub writes: models--user--name/{refs/main, snapshots/<commit>/file}."""
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo_dir / "snapshots" / COMMIT
-    snap.mkdir(parents=True)
+    snap = hf_cache_snapshot(cache, repo_id)
     e.save(snap / filename)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(COMMIT)
     return snap / filename
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch) -> Path:
-    """HF_HUB_OFFLINE=1 and HF_HOME / HF_HUB_CACHE pointing at a tmp cache. huggingface_hub reads
-    these when it is imported, so the already-imported constants are patched to match."""
-    import huggingface_hub.constants as hc
-
-    home = tmp_path / "hf-home"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hc, "HF_HOME", str(home))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def test_from_pretrained_offline_hf_cache(offline_cache):
