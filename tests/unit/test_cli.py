@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import HfApi
 
 from llm_item_embed.cli import main
 from llm_item_embed.embeddings import ItemEmbeddings
+from conftest import HubRecorder
 
 TOKEN = "hf_CLItokenMustNotLeak9876543210zyxw"
 
@@ -43,27 +44,6 @@ def items_csv(tmp_path) -> Path:
     path = tmp_path / "items.csv"
     df.to_csv(path, index=False)
     return path
-
-
-class Recorder:
-    def __init__(self, monkeypatch) -> None:
-        self.created: list[dict] = []
-        self.uploads: list[dict] = []
-        rec = self
-
-        def create_repo(self, repo_id, **kw):
-            rec.created.append({"repo_id": repo_id, **kw})
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(self, *, repo_id, folder_path, **kw):
-            folder = Path(folder_path)
-            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-            rec.uploads.append({"repo_id": repo_id, "files": files, **kw})
-            return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'1' * 40}",
-                              commit_message="", commit_description="", oid="1" * 40)
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
 
 
 # ------------------------------------------------------------------ help
@@ -216,7 +196,7 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_push_bad_inputs(tmp_path, capsys, monkeypatch):
-    rec = Recorder(monkeypatch)
+    rec = HubRecorder().install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
@@ -351,7 +331,7 @@ def test_fit_encode_push_end_to_end(tiny_bert_dir, items_csv, tmp_path, capsys, 
     assert PromptTemplate.from_dict(B.metadata["template"]).instruction == "Item:"
 
     # push both, with the token from HF_TOKEN; recorders stand in for the Hub
-    rec = Recorder(monkeypatch)
+    rec = HubRecorder().install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     code, out, err = run(capsys, "push", str(emb_file), "user/beauty-emb", "--private", "--commit-message", "v1")
     assert code == 0, err

@@ -228,49 +228,24 @@ def test_sentence_transformers_export_reproduces(which, fitted_bert, fitted_llam
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "new" / "st").rglob("*"))
 
 
-def test_push_to_hub_records_upload(fitted_bert, monkeypatch):
-    from huggingface_hub import CommitInfo, HfApi, RepoUrl
-
-    calls: dict[str, list] = {"create": [], "upload": []}
-
-    def create_repo(self, repo_id, **kw):
-        calls["create"].append((repo_id, kw))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kw):
-        files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
-                 for p in Path(folder_path).rglob("*") if p.is_file()}
-        calls["upload"].append((repo_id, files, kw))
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}", commit_message="",
-                          commit_description="", oid="0" * 40)
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+def test_push_to_hub_records_upload(fitted_bert, hub):
     emb, _ = fitted_bert
     token = "hf_SECRETtoken1234567890"
     url = emb.push_to_hub("user/beauty-embedder", token=token, private=True)
     assert "user/beauty-embedder" in url
-    assert calls["create"][0][0] == "user/beauty-embedder" and calls["create"][0][1]["private"] is True
-    repo, files, kw = calls["upload"][0]
+    assert hub.created[0]["repo_id"] == "user/beauty-embedder" and hub.created[0]["private"] is True
+    files = hub.uploads[0]["files"]
     assert {"adapter_model.safetensors", "adapter_config.json", CONFIG_NAME, "README.md"} <= set(files)
     card = files["README.md"].decode()
     assert "This beauty product has the following attributes:" in card
     assert all(token.encode() not in blob for blob in files.values())
 
 
-def test_from_pretrained_offline_hf_cache(fitted_bert, tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
+def test_from_pretrained_offline_hf_cache(fitted_bert, offline_cache):
+    from conftest import hf_cache_snapshot  # here: this file also runs as a script (the two-process worker)
 
     emb, _ = fitted_bert
-    cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = cache / "models--user--emb" / "snapshots" / commit
-    emb.save_pretrained(snap)
-    (cache / "models--user--emb" / "refs").mkdir()
-    (cache / "models--user--emb" / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    emb.save_pretrained(hf_cache_snapshot(offline_cache, "user/emb"))
     back = ItemEmbedder.from_pretrained("user/emb")
     np.testing.assert_array_equal(back.encode(catalogue()).matrix, emb.encode(catalogue()).matrix)
     with pytest.raises(ModelNotFoundError, match=r"'user/absent'.*HF_HUB_OFFLINE=1"):
