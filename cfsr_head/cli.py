@@ -253,9 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_dir = resolve_model_dir(args.model)
     except FileNotFoundError as exc:
         raise CLIError(f"--model: {exc}") from None
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise CLIError(f"--model {args.model} is not a trained model folder (config.json and model.safetensors "
-                       "expected; write one with `cfsr train`)")
+    _require_model_folder(model_dir, args.model)
     item_index = None
     if (model_dir / "item_index.json").is_file():
         item_index = ItemIndex.load(model_dir / "item_index.json")
@@ -292,15 +290,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_model_folder(model_dir: Path, given: str) -> None:
+    """A ``CLIError`` naming ``--model`` unless ``model_dir`` holds what ``cfsr train`` writes."""
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise CLIError(f"--model {given} is not a trained model folder (config.json and model.safetensors "
+                       "expected; write one with `cfsr train`)")
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise CLIError(f"--model {model_dir} is not a trained model folder (config.json and model.safetensors "
-                       "expected; write one with `cfsr train`)")
+    _require_model_folder(Path(args.model), args.model)
     try:
-        url = push_folder(model_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
+        url = push_folder(args.model, args.repo_id, private=args.private, commit_message=args.commit_message)
     except RuntimeError as exc:
         raise CLIError(str(exc)) from None
     if not args.quiet:

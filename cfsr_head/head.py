@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from .encoders import build_encoder
 from .fusion import CrossViewAttention
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from .pca import PCAProjection
+
+if TYPE_CHECKING:
+    from .data import ItemIndex
 
 __all__ = ["DualViewConfig", "DualViewHead", "truncate_sequences"]
 
@@ -703,7 +706,7 @@ class DualViewHead(nn.Module):
         })
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
-                    commit_message: str | None = None, item_index: Any = None) -> str:
+                    commit_message: str | None = None, item_index: ItemIndex | None = None) -> str:
         """Upload the head (``save_pretrained``'s files) and a generated model card to a Hub model
         repo; returns its URL. Pass the ``ItemIndex`` the head was trained with as ``item_index``
         to publish the raw id -> index mapping beside it (``item_index.json``)."""
