@@ -1,7 +1,7 @@
 """cfsr_head: a dual-view fusion head for any sequential recommender, plus a kit to train and
 evaluate it honestly (stage 2 of LLM-CFSR).
 
->>> from cfsr_head import DualViewHead, SASRecEncoder, Trainer, TrainConfig, evaluate
+>>> from cfsr_head import DualViewHead, SASRecEncoder, Trainer, TrainConfig, evaluate, recommend
 """
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evalu
 from .fusion import CrossViewAttention
 from .head import DualViewConfig, DualViewHead, truncate_sequences
 from .pca import PCAProjection
+from .recommend import Recommendations, recommend
 from .train import TrainBatch, TrainConfig, Trainer, TrainResult
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "EvalResult", "GroupSpec", "PopularityModel", "RandomModel", "evaluate", "paired_ttest",
     "Adjustment", "PopularityAdjusted", "SemanticPrior", "choose_adjustment", "choose_popularity_beta",
     "CrossViewAttention", "DualViewConfig", "DualViewHead", "truncate_sequences", "PCAProjection",
+    "Recommendations", "recommend",
     "TrainBatch", "TrainConfig", "Trainer", "TrainResult",
 ]

@@ -1,16 +1,18 @@
-"""``cfsr`` command line: train a DualViewHead (or a plain SASRec/GRU4Rec) on a dataset folder and
-evaluate a trained model.
+"""``cfsr`` command line: train a DualViewHead (or a plain SASRec/GRU4Rec) on a dataset folder,
+evaluate it, publish it and recommend with it.
 
     cfsr train --data ml-100k --embeddings items.safetensors --output-dir runs/ml100k
     cfsr evaluate --data ml-100k --model runs/ml100k --protocol sampled --json out.json
     cfsr push --model runs/ml100k --repo-id user/ml100k-cfsr     # token: HF_TOKEN or a stored login
+    cfsr recommend --model runs/ml100k --data ml-100k --k 10 --output recs.json
 
 ``train`` writes into ``--output-dir``: ``config.json`` + ``model.safetensors`` (the head, with
 ``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
 settings), ``metrics.json`` (training history, best epoch, test metrics under both protocols) and
 ``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run). ``push``
 uploads the folder's model files (not the checkpoints) with a model card; ``evaluate --model``
-takes such a Hub repo id as well as a folder.
+takes such a Hub repo id as well as a folder. ``recommend`` prints (or writes as JSON) every user's top-k
+next items, leaving out what each user has already seen.
 
 Embeddings file: the ``llm_item_embed`` safetensors format (tensor ``embeddings`` float [N, d],
 ``ids_utf8`` uint8 bytes and ``ids_offsets`` int64 [N + 1]), or any safetensors file holding one
@@ -236,11 +238,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import ItemIndex
     from .evaluate import evaluate
-    from .head import DualViewHead
-    from .hub import resolve_model_dir
-    from .io import atomic_write_json, read_json
+    from .io import atomic_write_json
 
     if args.popularity_counts != "train" and args.popularity_beta is None:
         raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
@@ -249,18 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError("--popularity-pseudo-count needs --popularity-beta (it smooths the popularity term's counts)")
     if args.prior_tail_exponent is not None and args.semantic_prior is None:
         raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
-    try:
-        model_dir = resolve_model_dir(args.model)
-    except FileNotFoundError as exc:
-        raise CLIError(f"--model: {exc}") from None
-    _require_model_folder(model_dir, args.model)
-    item_index = None
-    if (model_dir / "item_index.json").is_file():
-        item_index = ItemIndex.load(model_dir / "item_index.json")
-    model = DualViewHead.from_pretrained(model_dir)
-    trained_len = None
-    if (model_dir / "run.json").is_file():
-        trained_len = read_json(model_dir / "run.json").get("settings", {}).get("max_len")
+    model, item_index, trained_len = _load_trained(args.model)
     max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
     try:
         split = _load_split(args.data, max_len, item_index)
@@ -287,6 +275,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency,
                                         "tail_exponent": adjustment.tail_exponent}
         atomic_write_json(args.json, _to_jsonable(report))
+    return 0
+
+
+def _load_trained(given: str) -> tuple[Any, Any, int | None]:
+    """``(model, ItemIndex or None, max_len it was trained with or None)`` from ``--model``: a
+    folder written by ``cfsr train`` or a Hub repo id it was pushed to."""
+    from .data import ItemIndex
+    from .head import DualViewHead
+    from .hub import resolve_model_dir
+    from .io import read_json
+
+    try:
+        model_dir = resolve_model_dir(given)
+    except FileNotFoundError as exc:
+        raise CLIError(f"--model: {exc}") from None
+    _require_model_folder(model_dir, given)
+    item_index = None
+    if (model_dir / "item_index.json").is_file():
+        item_index = ItemIndex.load(model_dir / "item_index.json")
+    trained_len = None
+    if (model_dir / "run.json").is_file():
+        trained_len = read_json(model_dir / "run.json").get("settings", {}).get("max_len")
+    return DualViewHead.from_pretrained(model_dir), item_index, trained_len
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .io import atomic_write_json
+    from .recommend import recommend
+
+    model, item_index, trained_len = _load_trained(args.model)
+    if item_index is None:
+        raise CLIError(f"--model {args.model} has no item_index.json (the raw item ids it was trained on); "
+                       "train it with `cfsr train`, or push it with item_index=")
+    if args.k > model.num_items:
+        raise CLIError(f"--k {args.k} is larger than the {model.num_items} items the model scores")
+    data = load_dataset(args.data)
+    if args.users:
+        wanted = set(args.users)
+        known = set(data.interactions["user_id"])
+        missing = [u for u in args.users if u not in known]
+        if missing:
+            raise CLIError(f"--users: {len(missing)} user(s) not in --data {args.data}, e.g. {missing[:5]}")
+        data.interactions = data.interactions[data.interactions["user_id"].isin(wanted)]
+    try:
+        recs = recommend(model, data, k=args.k, item_index=item_index, exclude_seen=not args.include_seen,
+                         unknown=args.unknown_items, max_len=args.max_len or trained_len)
+    except KeyError as exc:
+        raise CLIError(f"--data {args.data}: {exc.args[0] if exc.args else exc} (--unknown-items skip)") from None
+    if args.output:
+        atomic_write_json(args.output, recs.to_dict())
+        if not args.quiet:
+            print(f"wrote the top {args.k} items of {len(recs)} users to {args.output}")
+    else:
+        for user, row in zip(recs.users, recs.items):
+            print(f"{user}\t" + " ".join(str(i) for i in row if i is not None))
     return 0
 
 
@@ -408,8 +452,8 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfsr", description="Train and evaluate LLM-CFSR dual-view heads.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate}")
+    parser = argparse.ArgumentParser(prog="cfsr", description="Train, evaluate, publish and recommend with LLM-CFSR dual-view heads.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,push,recommend}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a head on a dataset folder; save it with metrics",
@@ -518,6 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None)
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_push)
+
+    r = sub.add_parser("recommend", help="each user's top-k next items, printed or written as JSON",
+                       description="Recommend the next items for the users of a dataset folder from their whole "
+                                   "histories (by timestamp), with a model written by `cfsr train` (or a Hub repo "
+                                   "id it was pushed to). Prints one line per user (user id, tab, the items best first), or writes "
+                                   "--output as JSON (items and scores per user).")
+    r.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
+    r.add_argument("--data", required=True, help="dataset folder or name whose interactions are the histories")
+    r.add_argument("--k", type=_positive_int, default=10, help="items per user")
+    r.add_argument("--users", nargs="+", metavar="USER", help="only these user ids (default: every user)")
+    r.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")
+    r.add_argument("--unknown-items", choices=("error", "skip"), default="error",
+                   help="history items the model does not know: stop with an error, or leave them out")
+    r.add_argument("--max-len", type=_positive_int, default=None,
+                   help="input window (default: the one it was trained with)")
+    r.add_argument("--output", help="JSON file to write (default: print to standard output)")
+    r.add_argument("--quiet", action="store_true", help="print nothing on success")
+    r.set_defaults(func=cmd_recommend)
     return parser
 
 

@@ -8,6 +8,7 @@
    with full ranking.
 3. Each model again with the semantic-neighbour prior (beyond the paper: the cosine between an item's
    embedding and the user's last items' added to its scores, weight chosen on validation).
+4. The last model's top 5 next items for one user, from the whole history (``recommend``).
 
     python examples/quickstart.py [--dataset ml-100k] [--workdir runs/quickstart]
 
@@ -16,7 +17,6 @@ Embeddings and the fine-tuned embedder are cached in --workdir, so a second run 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,7 +35,9 @@ from cfsr_head import (
     evaluate,
     leave_one_out,
     load_dataset,
+    recommend,
 )
+from cfsr_head.io import atomic_write_json
 from llm_item_embed import ItemEmbedder, ItemEmbeddings, LoraSettings, PromptTemplate
 
 
@@ -105,7 +107,8 @@ def main() -> None:
                                      tail_exponents=args.prior_tail_exponents)
         print(f"[stage 2] {name}: semantic prior weight {prior.weight}, recency {prior.recency}, "
               f"tail exponent {prior.tail_exponent} (chosen on validation)")
-        results[f"{name} + prior"] = evaluate(prior.wrap(model, split, semantic), split, split="test")
+        adjusted, adjusted_name = prior.wrap(model, split, semantic), f"{name} + prior"
+        results[adjusted_name] = evaluate(adjusted, split, split="test")
 
     print(f"\nTest, full ranking over {split.num_items} items ({len(split.users)} users)")
     print(f"{'model':<28}{'HR@10':>8}{'NDCG@10':>9}{'tail-item NDCG@10':>19}")
@@ -115,7 +118,17 @@ def main() -> None:
         summary[name] = s
         print(f"{name:<28}{s['Overall']['HR@10']:>8.4f}{s['Overall']['NDCG@10']:>9.4f}"
               f"{s['Tail item']['NDCG@10']:>19.4f}")
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(workdir / "summary.json", summary)
+
+    # recommend with the last model: the whole history in, raw item ids out, seen items left out
+    user = split.users[0]
+    history = data.interactions.loc[data.interactions["user_id"] == user, "item_id"].tolist()
+    recs = recommend(adjusted, {user: history}, k=5, item_index=split.item_index)
+    titles = data.items.set_index("item_id").iloc[:, 0] if data.items is not None else None
+    name_of = (lambda i: f"{i} ({titles.get(i, '?')})") if titles is not None else str
+    print(f"\n{adjusted_name}, user {user} (last item {name_of(history[-1])}): next 5")
+    for rank, item in enumerate(recs.items[0], 1):
+        print(f"  {rank}. {name_of(item)}")
 
 
 if __name__ == "__main__":
