@@ -244,10 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.popularity_counts != "train" and args.popularity_beta is None:
         raise CLIError(f"--popularity-counts {args.popularity_counts} needs --popularity-beta (there is no "
                        "popularity term to count for)")
-    if args.popularity_pseudo_count is not None and args.popularity_beta is None:
-        raise CLIError("--popularity-pseudo-count needs --popularity-beta (it smooths the popularity term's counts)")
-    if args.prior_tail_exponent is not None and args.semantic_prior is None:
-        raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
+    _check_adjustment_args(args)
     model, item_index, trained_len = _load_trained(args.model)
     max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
     try:
@@ -311,7 +308,22 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                        "train it with `cfsr train`, or push it with item_index=")
     if args.k > model.num_items:
         raise CLIError(f"--k {args.k} is larger than the {model.num_items} items the model scores")
+    _check_adjustment_args(args)
     data = load_dataset(args.data)
+    max_len = args.max_len or trained_len
+    adjust_note = ""
+    if args.popularity_beta is not None or args.semantic_prior is not None:
+        # strengths ('auto': chosen on this data's validation split) and, for the popularity term, the
+        # counts of every interaction: the histories recommended from are whole, as test inputs are
+        try:
+            split = _load_split(args.data, max_len or 50, item_index)
+        except KeyError as exc:
+            raise CLIError(f"--data {args.data} has items the model at {args.model} does not know, and an "
+                           f"adjustment needs them all: {exc.args[0] if exc.args else exc}") from None
+        known = item_index.index_of(data.interactions["item_id"].to_numpy(), missing="zero")
+        counts = np.bincount(known, minlength=model.num_items + 1)
+        counts[0] = 0
+        model, adjust_note, _ = _adjusted(model, split, args, max_len or 50, popularity=counts)
     if args.users:
         wanted = set(args.users)
         known = set(data.interactions["user_id"])
@@ -321,13 +333,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         data.interactions = data.interactions[data.interactions["user_id"].isin(wanted)]
     try:
         recs = recommend(model, data, k=args.k, item_index=item_index, exclude_seen=not args.include_seen,
-                         unknown=args.unknown_items, max_len=args.max_len or trained_len)
+                         unknown=args.unknown_items, max_len=max_len)
     except KeyError as exc:
         raise CLIError(f"--data {args.data}: {exc.args[0] if exc.args else exc} (--unknown-items skip)") from None
     if args.output:
         atomic_write_json(args.output, recs.to_dict())
         if not args.quiet:
-            print(f"wrote the top {args.k} items of {len(recs)} users to {args.output}")
+            print(f"wrote the top {args.k} items of {len(recs)} users to {args.output}{adjust_note}")
     else:
         for user, row in zip(recs.users, recs.items):
             print(f"{user}\t" + " ".join(str(i) for i in row if i is not None))
@@ -354,9 +366,18 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) -> tuple[Any, str, Any]:
+def _check_adjustment_args(args: argparse.Namespace) -> None:
+    if args.popularity_pseudo_count is not None and args.popularity_beta is None:
+        raise CLIError("--popularity-pseudo-count needs --popularity-beta (it smooths the popularity term's counts)")
+    if args.prior_tail_exponent is not None and args.semantic_prior is None:
+        raise CLIError("--prior-tail-exponent needs --semantic-prior (it shapes the prior's weight)")
+
+
+def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int,
+              popularity: np.ndarray | None = None) -> tuple[Any, str, Any]:
     """``(model, note, Adjustment)``: the model with ``--popularity-beta`` / ``--semantic-prior``
-    applied (an 'auto' strength chosen on validation, both together when both are 'auto')."""
+    applied (an 'auto' strength chosen on validation, both together when both are 'auto').
+    ``popularity``: the popularity term's counts (default: as ``--popularity-counts`` says)."""
     from .adjust import (DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_PSEUDO_COUNTS, DEFAULT_TAIL_EXPONENTS,
                          VALID_NEGATIVES_SEED_OFFSET, Adjustment, choose_adjustment)
     from .data import align_semantic
@@ -393,8 +414,8 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int) ->
     if weight is not None:
         note = (f", semantic prior weight {adjustment.weight} recency {adjustment.recency}"
                 + (f" tail exponent {adjustment.tail_exponent}" if gamma is not None else "") + note)
-    counts = None
-    if args.popularity_counts == "inputs":
+    counts = popularity
+    if popularity is None and args.popularity_counts == "inputs":
         counts = split.input_popularity(args.split)
         if adjustment.beta != 0:
             note += f", popularity counted over the {args.split} inputs"
@@ -449,6 +470,36 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def _add_adjustment_args(parser: argparse.ArgumentParser) -> None:
+    """The post-hoc adjustment flags of ``evaluate`` and ``recommend`` (beyond the paper). An 'auto'
+    strength is chosen on the validation split of --data, under --protocol (recommend: full ranking)."""
+    parser.add_argument("--popularity-beta", type=_beta, default=None, metavar="BETA",
+                        help="subtract BETA * log(1 + count) from every score (post-hoc popularity adjustment; "
+                             "evaluate counts the training part, see --popularity-counts, recommend every "
+                             "interaction of --data); 'auto' chooses BETA on validation from -1.5, -1, ..., 0, ..., "
+                             "1; a negative BETA adds popularity back, as a model trained with --logit-adjustment "
+                             "wants (beyond the paper)")
+    parser.add_argument("--popularity-pseudo-count", type=_pseudo_count, default=None, metavar="C",
+                        help="with --popularity-beta: the term is BETA * log(C + count) (default C = 1); a larger "
+                             "C smooths the counts of rarely seen items; 'auto' chooses C on validation from 1, 3, "
+                             "10, 30 with the other 'auto's (beyond the paper)")
+    parser.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
+                        help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "
+                             "(cfsr_head.SemanticPrior); 'auto' chooses WEIGHT on validation from 0, 0.5, 1, 2, 4, "
+                             "8, 16, together with --popularity-beta when that is 'auto' too (beyond the paper)")
+    parser.add_argument("--prior-recency", type=_fraction, default=0.0, metavar="R",
+                        help="with --semantic-prior: weight R ** age of the history's items in the user's profile "
+                             "(default 0: the last item alone)")
+    parser.add_argument("--prior-tail-exponent", type=_beta, default=None, metavar="GAMMA",
+                        help="with --semantic-prior: item i's prior weight times (1 + training count_i) ** -GAMMA "
+                             "(always the training counts: what the model saw), relative to the geometric-mean "
+                             "count (rare items lean more on their semantic neighbours); 'auto' chooses GAMMA on "
+                             "validation from 0, 0.5, 1, 2 with the other 'auto's")
+    parser.add_argument("--embeddings", default=None,
+                        help="with --semantic-prior: item embeddings for the prior (default: the model's own "
+                             "semantic table; needed for a model without one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,34 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-len", type=_positive_int, default=None,
                    help="input window (default: the one it was trained with)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
-    e.add_argument("--popularity-beta", type=_beta, default=None, metavar="BETA",
-                   help="subtract BETA * log(1 + training count) from every score (post-hoc popularity "
-                        "adjustment); 'auto' chooses BETA on the validation split, under --protocol, from "
-                        "-1.5, -1, ..., 0, ..., 1; a negative BETA adds popularity back, as a model trained with "
-                        "--logit-adjustment wants (beyond the paper)")
+    _add_adjustment_args(e)
     e.add_argument("--popularity-counts", choices=("train", "inputs"), default="train",
                    help="with --popularity-beta: the counts on the evaluated split, 'train' (the training "
                         "part, which 'auto' chooses on) or 'inputs' (everything before the split's targets: "
                         "on test the validation items too, SplitData.input_popularity)")
-    e.add_argument("--popularity-pseudo-count", type=_pseudo_count, default=None, metavar="C",
-                   help="with --popularity-beta: the term is BETA * log(C + training count) (default C = 1); a "
-                        "larger C smooths the counts of rarely seen items; 'auto' chooses C on validation from 1, "
-                        "3, 10, 30 with the other 'auto's (beyond the paper)")
-    e.add_argument("--semantic-prior", type=_beta, default=None, metavar="WEIGHT",
-                   help="add WEIGHT * cosine(item embedding, user's last item embedding) to every score "
-                        "(cfsr_head.SemanticPrior); 'auto' chooses WEIGHT on the validation split from 0, 0.5, "
-                        "1, 2, 4, 8, 16, together with --popularity-beta when that is 'auto' too (beyond the paper)")
-    e.add_argument("--prior-recency", type=_fraction, default=0.0, metavar="R",
-                   help="with --semantic-prior: weight R ** age of the history's items in the user's profile "
-                        "(default 0: the last item alone)")
-    e.add_argument("--prior-tail-exponent", type=_beta, default=None, metavar="GAMMA",
-                   help="with --semantic-prior: item i's prior weight times (1 + training count_i) ** -GAMMA "
-                        "(always the training counts: what the model saw), "
-                        "relative to the geometric-mean count (rare items lean more on their semantic "
-                        "neighbours); 'auto' chooses GAMMA on validation from 0, 0.5, 1, 2 with the other 'auto's")
-    e.add_argument("--embeddings", default=None,
-                   help="with --semantic-prior: item embeddings for the prior (default: the model's own semantic "
-                        "table; needed for a model without one)")
     e.add_argument("--json", help="also write the summary to this JSON file")
     e.set_defaults(func=cmd_evaluate)
 
@@ -577,9 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="history items the model does not know: stop with an error, or leave them out")
     r.add_argument("--max-len", type=_positive_int, default=None,
                    help="input window (default: the one it was trained with)")
+    _add_adjustment_args(r)
     r.add_argument("--output", help="JSON file to write (default: print to standard output)")
     r.add_argument("--quiet", action="store_true", help="print nothing on success")
-    r.set_defaults(func=cmd_recommend)
+    r.set_defaults(func=cmd_recommend, protocol="full", seed=0)  # what an 'auto' adjustment is chosen under
     return parser
 
 

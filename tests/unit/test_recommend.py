@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cfsr_head import DualViewHead, ItemIndex, PopularityModel, Recommendations, evaluate, recommend
+from cfsr_head import Adjustment, DualViewHead, ItemIndex, PopularityModel, evaluate, recommend
 from cfsr_head.cli import main
-from cfsr_head.data import InteractionData, leave_one_out
-from tests.unit.test_cfsr_cli import train_args, write_dataset
+from cfsr_head.data import InteractionData, leave_one_out, load_dataset
+from tests.unit.test_cfsr_cli import embeddings_file, train_args, write_dataset  # noqa: F401 (fixture)
 from tests.unit.test_head import make_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,3 +159,36 @@ def test_cfsr_recommend_cli(tmp_path, capsys) -> None:
     (out / "item_index.json").unlink()
     assert main(["recommend", "--model", str(out), "--data", str(data)]) == 2
     assert "has no item_index.json" in capsys.readouterr().err
+
+
+def test_cfsr_recommend_with_adjustments(tmp_path, embeddings_file, capsys) -> None:  # noqa: F811
+    data = write_dataset(tmp_path / "tiny")
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "--variant", "sasrec", "--loss", "ce", "--quiet")) == 0
+    capsys.readouterr()
+    base = ["recommend", "--model", str(out), "--data", str(data), "--k", "5"]
+
+    def lists(*flags: str) -> dict[str, list[str]]:
+        assert main([*base, *flags, "--output", str(tmp_path / "recs.json")]) == 0
+        rows = json.loads((tmp_path / "recs.json").read_text())["recommendations"]
+        return {r["user_id"]: r["items"] for r in rows}
+
+    plain, penalised = lists(), lists("--popularity-beta", "5")
+    assert plain != penalised
+    # the same as the Python API: popularity counted over every interaction, the history whole
+    model, index = DualViewHead.from_pretrained(out), ItemIndex.load(out / "item_index.json")
+    dataset = load_dataset(data)
+    split = leave_one_out(dataset, max_len=10, item_index=index)
+    counts = np.bincount(index.index_of(dataset.interactions["item_id"].to_numpy()), minlength=model.num_items + 1)
+    adjusted = Adjustment(beta=5.0).wrap(model, split, popularity=counts)
+    api = recommend(adjusted, dataset, k=5, item_index=index)
+    assert {u: list(row) for u, row in zip(api.users, api.items)} == penalised
+
+    capsys.readouterr()
+    chosen = lists("--semantic-prior", "auto", "--embeddings", str(embeddings_file))
+    assert "chosen on validation full NDCG@10" in capsys.readouterr().out
+    assert set(chosen) == set(plain)
+    assert main([*base, "--semantic-prior", "auto"]) == 2  # a plain SASRec has no table of its own
+    assert "--semantic-prior needs item embeddings" in capsys.readouterr().err
+    assert main([*base, "--prior-tail-exponent", "1"]) == 2
+    assert "--prior-tail-exponent needs --semantic-prior" in capsys.readouterr().err
