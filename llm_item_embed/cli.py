@@ -336,8 +336,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                                          show_progress_bar=False if args.no_progress else None,
                                          shard_dir=args.shard_dir))
     E = emb.encode(df, **kwargs)
-    E.save(out)
-    print(f"saved {len(E)} item embeddings (dim {E.dim}) to {out}")
+    E.save(out)  # logs "saved N item embeddings (dim d) to ..." (not with --quiet)
     if args.recbole:
         E.to_recbole(args.recbole, field=args.recbole_field)
         print(f"wrote the RecBole file {args.recbole}")
