@@ -503,7 +503,8 @@ def _add_adjustment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfsr", description="Train, evaluate, publish and recommend with LLM-CFSR dual-view heads.")
+    parser = argparse.ArgumentParser(prog="cfsr", description="Train, evaluate, publish and recommend with "
+                                                              "LLM-CFSR dual-view heads.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,push,recommend}")
     sub.required = True
 
@@ -594,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recommend", help="each user's top-k next items, printed or written as JSON",
                        description="Recommend the next items for the users of a dataset folder from their whole "
                                    "histories (by timestamp), with a model written by `cfsr train` (or a Hub repo "
-                                   "id it was pushed to). Prints one line per user (user id, tab, the items best first), or writes "
-                                   "--output as JSON (items and scores per user).")
+                                   "id it was pushed to). Prints one line per user (user id, tab, the items best "
+                                   "first), or writes --output as JSON (items and scores per user).")
     r.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
     r.add_argument("--data", required=True, help="dataset folder or name whose interactions are the histories")
     r.add_argument("--k", type=_positive_int, default=10, help="items per user")
