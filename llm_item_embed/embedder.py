@@ -139,6 +139,7 @@ class ItemEmbedder:
         self._adapter_path = _adapter_path
         self._encoder = _encoder
         self.loss_module: torch.nn.Module | None = None
+        self._fitted_table: tuple[Any, str] | None = None  # (df, id_column) of the last fit, for encode()
         if _encoder is None:
             _resolve_source(self.settings)  # unknown path / offline Hub id: fail now, not at fit time
 
@@ -302,6 +303,7 @@ class ItemEmbedder:
                            final_loss=result[-1].get("loss"), final_temperature=result[-1].get("temperature"))
         self.history = list(result) if isinstance(result, list) else []
         self.training_summary = summary
+        self._fitted_table = (df, id_column)
         return self
 
     # ------------------------------------------------------------------ encoding
@@ -434,10 +436,13 @@ class ItemEmbedder:
             "training": _jsonable(self.training_summary),  # {} for an un-tuned model
         }
 
-    def encode(self, df: Any, id_column: str = "item_id", batch_size: int = 64,
+    def encode(self, df: Any = None, id_column: str | None = None, batch_size: int = 64,
                show_progress_bar: bool | None = None, shard_dir: str | os.PathLike | None = None,
                shard_size: int = _DEFAULT_SHARD_SIZE) -> Any:
         """Embed every item's full prompt: an :class:`~llm_item_embed.embeddings.ItemEmbeddings` in table order.
+
+        ``df`` defaults to the table of the last :meth:`fit` in this process (and ``id_column`` to its id
+        column, else ``"item_id"``), so ``embedder.fit(items).encode()`` embeds the catalogue it was tuned on.
 
         With ``shard_dir`` the catalogue is encoded ``shard_size`` rows at a time; each shard is written
         to ``shard_dir`` as safetensors (finished shards are reused when the call is repeated) and the
@@ -447,6 +452,13 @@ class ItemEmbedder:
         """
         from .embeddings import ItemEmbeddings
 
+        if df is None:
+            if self._fitted_table is None:
+                raise ValueError("encode() needs the items table: pass df (no fit() has run on this embedder "
+                                 "in this process, e.g. it was loaded with from_pretrained)")
+            df, fitted_id_column = self._fitted_table
+            id_column = id_column or fitted_id_column
+        id_column = id_column or "item_id"
         self._validate(df, id_column)
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")

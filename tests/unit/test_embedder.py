@@ -57,6 +57,9 @@ def test_fit_then_encode_bert(fitted_bert):
     assert E.matrix.dtype == np.float32 and E.matrix.shape == (24, 32)
     assert np.isfinite(E.matrix).all()
     assert not np.allclose(E.matrix, before, atol=1e-4)  # LoRA moved the embeddings
+    again = emb.encode()  # the table fit() was given
+    assert again.ids == E.ids
+    np.testing.assert_allclose(again.matrix, E.matrix, rtol=1e-5, atol=1e-6)
     assert len(emb.history) == 6 and emb.training_summary["steps"] == 6
     assert emb.training_summary["n_items"] == 24
     meta = E.metadata
@@ -147,6 +150,8 @@ def test_save_load_round_trip_identical(fitted_bert, tmp_path, umask):
     back = ItemEmbedder.from_pretrained(tmp_path / "m")
     df = catalogue()
     np.testing.assert_array_equal(back.encode(df).matrix, emb.encode(df).matrix)
+    with pytest.raises(ValueError, match="needs the items table: pass df"):
+        back.encode()  # loaded, never fitted here: no table to default to
     assert back.template == emb.template and back.lora == emb.lora and back.drop_prob == emb.drop_prob
     assert back.temperature == pytest.approx(emb.temperature)
     cfg = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
@@ -173,8 +178,11 @@ def test_fit_can_continue_after_loading(fitted_bert, tmp_path):
     emb.save_pretrained(tmp_path / "m")
     back = ItemEmbedder.from_pretrained(tmp_path / "m")
     before = back.encode(catalogue()).matrix.copy()
-    back.fit(catalogue(), **dict(FIT, max_steps=1))
-    assert not np.allclose(back.encode(catalogue()).matrix, before, atol=1e-6)
+    by_sku = catalogue().rename(columns={"item_id": "sku"})
+    back.fit(by_sku, id_column="sku", **dict(FIT, max_steps=1))
+    after = back.encode()  # the fitted table and its id column
+    assert after.ids == by_sku["sku"].tolist()
+    assert not np.allclose(after.matrix, before, atol=1e-6)
 
 
 def test_fit_is_a_function_of_the_seed(tiny_bert_dir, fitted_bert):
