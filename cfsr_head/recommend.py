@@ -109,11 +109,10 @@ def _index_histories(users: np.ndarray, seqs: list[Sequence[Any]], num_items: in
             raise KeyError(f"{int(bad.sum())} history item(s) are not in the model's item index, e.g. item "
                            f"{flat_raw[first]!r} of user {users[owners[first]]!r} (unknown='skip' leaves them out)")
     else:
-        try:
-            flat = np.asarray(flat_raw, dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError):
-            raise TypeError("without item_index, histories must hold integer item indices 1..num_items; "
-                            "pass the model's item_index to give raw ids") from None
+        flat = np.asarray(flat_raw).reshape(-1) if flat_raw else np.zeros(0, np.int64)
+        if flat.dtype.kind not in "iu":  # raw ids, even numeric strings like "50", need the index
+            raise TypeError("without item_index, histories must hold integer item indices 1..num_items, got "
+                            f"{flat_raw[0]!r}; pass the model's item_index to give raw ids")
         bad = (flat < 1) | (flat > num_items)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])

@@ -62,8 +62,9 @@ def test_raw_ids_unknown_ids_and_bad_input() -> None:
     assert skipped.items.tolist() == [["sku6", "sku4"], ["sku2", "sku6"]]
     with pytest.raises(ValueError, match=r"item index 7 of user 'b' is outside 1..6"):
         recommend(model, {"a": [1], "b": [7]}, k=2)
-    with pytest.raises(TypeError, match="integer item indices"):
-        recommend(model, {"a": ["sku1"]}, k=2)
+    for raw in (["sku1"], ["3"], [2.0]):  # a numeric string or a float is not taken for an index
+        with pytest.raises(TypeError, match="integer item indices"):
+            recommend(model, {"a": raw}, k=2)
     with pytest.raises(TypeError, match="user 'a'"):
         recommend(model, {"a": "sku1"}, k=2, item_index=index)
     with pytest.raises(ValueError, match=r"k must be in 1..6"):
