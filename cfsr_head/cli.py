@@ -302,35 +302,34 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .recommend import recommend
 
+    _check_adjustment_args(args)
     model, item_index, trained_len = _load_trained(args.model)
     if item_index is None:
         raise CLIError(f"--model {args.model} has no item_index.json (the raw item ids it was trained on); "
                        "train it with `cfsr train`, or push it with item_index=")
     if args.k > model.num_items:
         raise CLIError(f"--k {args.k} is larger than the {model.num_items} items the model scores")
-    _check_adjustment_args(args)
+    max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
     data = load_dataset(args.data)
-    max_len = args.max_len or trained_len
+    if args.users:
+        present = set(data.interactions["user_id"])
+        missing = [u for u in args.users if u not in present]
+        if missing:
+            raise CLIError(f"--users: {len(missing)} user(s) not in --data {args.data}, e.g. {missing[:5]}")
     adjust_note = ""
     if args.popularity_beta is not None or args.semantic_prior is not None:
         # strengths ('auto': chosen on this data's validation split) and, for the popularity term, the
         # counts of every interaction: the histories recommended from are whole, as test inputs are
         try:
-            split = _load_split(args.data, max_len or 50, item_index)
+            split = _load_split(args.data, max_len, item_index)
         except KeyError as exc:
             raise CLIError(f"--data {args.data} has items the model at {args.model} does not know, and an "
                            f"adjustment needs them all: {exc.args[0] if exc.args else exc}") from None
-        known = item_index.index_of(data.interactions["item_id"].to_numpy(), missing="zero")
-        counts = np.bincount(known, minlength=model.num_items + 1)
-        counts[0] = 0
-        model, adjust_note, _ = _adjusted(model, split, args, max_len or 50, popularity=counts)
+        indices = item_index.index_of(data.interactions["item_id"].to_numpy())
+        counts = np.bincount(indices, minlength=model.num_items + 1)
+        model, adjust_note, _ = _adjusted(model, split, args, max_len, popularity=counts)
     if args.users:
-        wanted = set(args.users)
-        known = set(data.interactions["user_id"])
-        missing = [u for u in args.users if u not in known]
-        if missing:
-            raise CLIError(f"--users: {len(missing)} user(s) not in --data {args.data}, e.g. {missing[:5]}")
-        data.interactions = data.interactions[data.interactions["user_id"].isin(wanted)]
+        data.interactions = data.interactions[data.interactions["user_id"].isin(set(args.users))]
     try:
         recs = recommend(model, data, k=args.k, item_index=item_index, exclude_seen=not args.include_seen,
                          unknown=args.unknown_items, max_len=max_len)
