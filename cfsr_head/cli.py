@@ -298,7 +298,7 @@ def _load_trained(given: str) -> tuple[Any, Any, int | None]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .data import leave_one_out, load_dataset
     from .io import atomic_write_json
     from .recommend import recommend
 
@@ -321,7 +321,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         # strengths ('auto': chosen on this data's validation split) and, for the popularity term, the
         # counts of every interaction: the histories recommended from are whole, as test inputs are
         try:
-            split = _load_split(args.data, max_len, item_index)
+            split = leave_one_out(data, max_len=max_len, item_index=item_index)  # the table read above
         except KeyError as exc:
             raise CLIError(f"--data {args.data} has items the model at {args.model} does not know, and an "
                            f"adjustment needs them all: {exc.args[0] if exc.args else exc}") from None

@@ -75,41 +75,41 @@ class Recommendations:
         })
 
 
-def _as_histories(histories: Any) -> tuple[np.ndarray, list[Sequence[Any]]]:
-    """(user keys, list of item sequences) from a mapping, a list of sequences or InteractionData."""
+def _flatten_histories(histories: Any) -> tuple[np.ndarray, Sequence[Any], np.ndarray]:
+    """(user keys [U], every history's items concatenated, history lengths [U]) from a mapping, a list
+    of sequences or an InteractionData (the last without a Python loop over items)."""
     if isinstance(histories, InteractionData):
         df = _sort_within_user(histories.interactions)
         codes, users = pd.factorize(df["user_id"], sort=False)
-        items = df["item_id"].to_numpy(dtype=object)
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(users)))])
-        return np.asarray(users, dtype=object), [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return (np.asarray(users, dtype=object), df["item_id"].to_numpy(dtype=object),
+                np.bincount(codes, minlength=len(users)).astype(np.int64))
     if isinstance(histories, Mapping):
-        return np.asarray(list(histories.keys()), dtype=object), [histories[u] for u in histories]
-    if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
+        users, seqs = np.asarray(list(histories.keys()), dtype=object), list(histories.values())
+    elif isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
         raise TypeError("histories must be a mapping user -> items, a list of item sequences or an "
                         f"InteractionData, got {type(histories).__name__}")
-    return np.arange(len(histories), dtype=np.int64).astype(object), list(histories)
-
-
-def _index_histories(users: np.ndarray, seqs: list[Sequence[Any]], num_items: int, item_index: ItemIndex | None,
-                     unknown: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 item indices, offsets [U + 1]): raw ids mapped through ``item_index``, or indices
-    checked against ``1..num_items``."""
+    else:
+        users, seqs = np.arange(len(histories), dtype=np.int64).astype(object), list(histories)
     for u, seq in zip(users, seqs):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray, pd.Series)):
             raise TypeError(f"the history of user {u!r} must be a sequence of items, got {type(seq).__name__}")
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    owners = np.repeat(np.arange(len(seqs)), lengths)
-    flat_raw = [x for s in seqs for x in s]
+    return users, [x for seq in seqs for x in seq], np.array([len(seq) for seq in seqs], dtype=np.int64)
+
+
+def _index_histories(users: np.ndarray, flat_raw: Sequence[Any], lengths: np.ndarray, num_items: int,
+                     item_index: ItemIndex | None, unknown: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 item indices, offsets [U + 1]): raw ids mapped through ``item_index``, or indices
+    checked against ``1..num_items``."""
+    owners = np.repeat(np.arange(len(users)), lengths)
     if item_index is not None:
-        flat = item_index.index_of(flat_raw, missing="zero") if flat_raw else np.zeros(0, np.int64)
+        flat = item_index.index_of(flat_raw, missing="zero") if len(flat_raw) else np.zeros(0, np.int64)
         bad = flat == 0
         if bad.any() and unknown == "error":
             first = int(np.flatnonzero(bad)[0])
             raise KeyError(f"{int(bad.sum())} history item(s) are not in the model's item index, e.g. item "
                            f"{flat_raw[first]!r} of user {users[owners[first]]!r} (unknown='skip' leaves them out)")
     else:
-        flat = np.asarray(flat_raw).reshape(-1) if flat_raw else np.zeros(0, np.int64)
+        flat = np.asarray(flat_raw).reshape(-1) if len(flat_raw) else np.zeros(0, np.int64)
         if flat.dtype.kind not in "iu":  # raw ids, even numeric strings like "50", need the index
             raise TypeError("without item_index, histories must hold integer item indices 1..num_items, got "
                             f"{flat_raw[0]!r}; pass the model's item_index to give raw ids")
@@ -119,7 +119,7 @@ def _index_histories(users: np.ndarray, seqs: list[Sequence[Any]], num_items: in
             raise ValueError(f"item index {flat[first]} of user {users[owners[first]]!r} is outside 1..{num_items}")
     if bad.any():  # unknown == "skip"
         flat, owners = flat[~bad], owners[~bad]
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(owners, minlength=len(seqs)))]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owners, minlength=len(users)))]).astype(np.int64)
     return flat.astype(np.int64), offsets
 
 
@@ -145,9 +145,9 @@ def recommend(model: Any, histories: Any, k: int = 10, *, item_index: ItemIndex 
         raise ValueError(f"k must be in 1..{n_items} (the model's item count), got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    users, seqs = _as_histories(histories)
-    flat, offsets = _index_histories(users, seqs, n_items, item_index, unknown)
-    lengths = np.diff(offsets)
+    users, flat_raw, raw_lengths = _flatten_histories(histories)
+    flat, offsets = _index_histories(users, flat_raw, raw_lengths, n_items, item_index, unknown)
+    lengths = np.diff(offsets)  # after unknown items were skipped
     L = max_len if max_len is not None else (_model_max_len(model) or int(lengths.max(initial=1)))
     if L < 1:
         raise ValueError(f"max_len must be >= 1, got {L}")
