@@ -24,7 +24,7 @@ from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evalu
 from .fusion import CrossViewAttention
 from .head import DualViewConfig, DualViewHead, truncate_sequences
 from .pca import PCAProjection
-from .recommend import Recommendations, recommend
+from .recommend import Recommendations, read_histories, recommend
 from .train import TrainBatch, TrainConfig, Trainer, TrainResult
 
 __all__ = [
@@ -34,6 +34,6 @@ __all__ = [
     "EvalResult", "GroupSpec", "PopularityModel", "RandomModel", "evaluate", "paired_ttest",
     "Adjustment", "PopularityAdjusted", "SemanticPrior", "choose_adjustment", "choose_popularity_beta",
     "CrossViewAttention", "DualViewConfig", "DualViewHead", "truncate_sequences", "PCAProjection",
-    "Recommendations", "recommend",
+    "Recommendations", "read_histories", "recommend",
     "TrainBatch", "TrainConfig", "Trainer", "TrainResult",
 ]

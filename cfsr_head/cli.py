@@ -300,9 +300,21 @@ def _load_trained(given: str) -> tuple[Any, Any, int | None]:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from .data import leave_one_out, load_dataset
     from .io import atomic_write_json
-    from .recommend import recommend
+    from .recommend import read_histories, recommend
 
     _check_adjustment_args(args)
+    adjusting = args.popularity_beta is not None or args.semantic_prior is not None
+    if args.data is None and args.histories is None:
+        raise CLIError("give --data (a dataset folder whose interactions are the histories) or --histories FILE")
+    if adjusting and args.data is None:
+        raise CLIError("--popularity-beta and --semantic-prior need --data: the popularity counts and the "
+                       "validation split that chooses 'auto' strengths come from it")
+    histories = None
+    if args.histories is not None:
+        try:
+            histories = read_histories(args.histories)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CLIError(f"--histories: {exc}") from None
     model, item_index, trained_len = _load_trained(args.model)
     if item_index is None:
         raise CLIError(f"--model {args.model} has no item_index.json (the raw item ids it was trained on); "
@@ -310,14 +322,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.k > model.num_items:
         raise CLIError(f"--k {args.k} is larger than the {model.num_items} items the model scores")
     max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
-    data = load_dataset(args.data)
+    data = load_dataset(args.data) if args.data is not None else None
+    source = f"--histories {args.histories}" if histories is not None else f"--data {args.data}"
     if args.users:
-        present = set(data.interactions["user_id"])
+        present = set(histories) if histories is not None else set(data.interactions["user_id"])
         missing = [u for u in args.users if u not in present]
         if missing:
-            raise CLIError(f"--users: {len(missing)} user(s) not in --data {args.data}, e.g. {missing[:5]}")
+            raise CLIError(f"--users: {len(missing)} user(s) not in {source}, e.g. {missing[:5]}")
     adjust_note = ""
-    if args.popularity_beta is not None or args.semantic_prior is not None:
+    if adjusting:
         # strengths ('auto': chosen on this data's validation split) and, for the popularity term, the
         # counts of every interaction: the histories recommended from are whole, as test inputs are
         try:
@@ -328,13 +341,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         indices = item_index.index_of(data.interactions["item_id"].to_numpy())
         counts = np.bincount(indices, minlength=model.num_items + 1)
         model, adjust_note, _ = _adjusted(model, split, args, max_len, popularity=counts)
-    if args.users:
-        data.interactions = data.interactions[data.interactions["user_id"].isin(set(args.users))]
+    if histories is None:
+        histories = data
+        if args.users:
+            data.interactions = data.interactions[data.interactions["user_id"].isin(set(args.users))]
+    elif args.users:
+        histories = {u: histories[u] for u in dict.fromkeys(args.users)}
     try:
-        recs = recommend(model, data, k=args.k, item_index=item_index, exclude_seen=not args.include_seen,
+        recs = recommend(model, histories, k=args.k, item_index=item_index, exclude_seen=not args.include_seen,
                          unknown=args.unknown_items, max_len=max_len)
     except KeyError as exc:
-        raise CLIError(f"--data {args.data}: {exc.args[0] if exc.args else exc} (--unknown-items skip)") from None
+        raise CLIError(f"{source}: {exc.args[0] if exc.args else exc} (--unknown-items skip)") from None
     if args.output:
         atomic_write_json(args.output, recs.to_dict())
         if not args.quiet:
@@ -593,11 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recommend", help="each user's top-k next items, printed or written as JSON",
                        description="Recommend the next items for the users of a dataset folder from their whole "
-                                   "histories (by timestamp), with a model written by `cfsr train` (or a Hub repo "
-                                   "id it was pushed to). Prints one line per user (user id, tab, the items best "
+                                   "histories (by timestamp), or for the histories of a --histories file, with a "
+                                   "model written by `cfsr train` (or a Hub repo id it was pushed to). Prints one line per user (user id, tab, the items best "
                                    "first), or writes --output as JSON (items and scores per user).")
     r.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
-    r.add_argument("--data", required=True, help="dataset folder or name whose interactions are the histories")
+    r.add_argument("--data", help="dataset folder or name whose interactions are the histories (and, with an "
+                   "adjustment, its popularity counts and validation split)")
+    r.add_argument("--histories", metavar="FILE",
+                   help="histories to recommend for instead of --data's: a .csv with user_id,item_id[,timestamp] "
+                        "or a .json object user -> [items, oldest first]")
     r.add_argument("--k", type=_positive_int, default=10, help="items per user")
     r.add_argument("--users", nargs="+", metavar="USER", help="only these user ids (default: every user)")
     r.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")

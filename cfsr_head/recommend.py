@@ -4,10 +4,13 @@
 item (``full_scores``) and returns the ``k`` best per user, by default leaving out the items the
 history already holds. Any model of the evaluation protocol works (``user_state`` and
 ``full_scores``): a ``DualViewHead``, a popularity-adjusted wrapper, ``PopularityModel``.
+``read_histories(path)`` reads histories from a CSV or JSON file, for users outside any dataset.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -15,10 +18,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import InteractionData, ItemIndex, _gather_left_padded, _sort_within_user
+from .data import InteractionData, ItemIndex, _gather_left_padded, _read_csv, _sort_within_user
 from .evaluate import _model_device, _model_max_len
+from .io import read_json
 
-__all__ = ["Recommendations", "recommend"]
+__all__ = ["Recommendations", "read_histories", "recommend"]
 
 
 @dataclass
@@ -75,33 +79,85 @@ class Recommendations:
         })
 
 
-def _flatten_histories(histories: Any) -> tuple[np.ndarray, Sequence[Any], np.ndarray]:
-    """(user keys [U], every history's items concatenated, history lengths [U]) from a mapping, a list
-    of sequences or an InteractionData (the last without a Python loop over items)."""
+def read_histories(path: str | PathLike) -> dict[str, list[str]]:
+    """Histories from a file, as ``recommend`` takes them: user id -> raw item ids (str), oldest first.
+
+    ``.csv``: columns ``user_id`` and ``item_id`` (the ``interactions.csv`` layout), and optionally
+    ``timestamp``, which orders each user's rows (ties and files without it keep the file order).
+    ``.json``: an object ``{"user": ["item", ...], ...}`` with each list oldest first.
+    Users keep the order of their first appearance; ids are read as strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"histories file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected an object user id -> list of item ids, got {type(raw).__name__}")
+        out = {}
+        for user, items in raw.items():
+            if not isinstance(items, list) or any(isinstance(i, (dict, list, bool)) or i is None for i in items):
+                raise ValueError(f"{path}: the history of user {user!r} must be a list of item ids, got {items!r:.80}")
+            out[str(user)] = [str(i).strip() for i in items]
+        return out
+    if suffix != ".csv":
+        raise ValueError(f"{path}: histories are read from .csv (user_id,item_id[,timestamp]) or .json "
+                         f"(user -> items), not {suffix or 'a file without a suffix'}")
+    df = _read_csv(path, ("user_id", "item_id"))
+    for col in ("user_id", "item_id"):
+        empty = df[col].isna() | (df[col].str.strip() == "")
+        if empty.any():
+            rows = np.flatnonzero(empty.to_numpy())[:5].tolist()
+            raise ValueError(f"{path}: {int(empty.sum())} empty value(s) in column {col!r} (rows {rows})")
+        df[col] = df[col].str.strip()
+    if "timestamp" in df.columns:
+        ts = pd.to_numeric(df["timestamp"], errors="coerce")
+        if ts.isna().any():
+            rows = np.flatnonzero(ts.isna().to_numpy())[:5].tolist()
+            raise ValueError(f"{path}: {int(ts.isna().sum())} non-numeric/empty timestamp(s) in column "
+                             f"'timestamp' (rows {rows})")
+        df = df.assign(timestamp=ts).sort_values("timestamp", kind="stable")
+    groups = {user: items.tolist() for user, items in df.groupby("user_id", sort=False)["item_id"]}
+    return {user: groups[user] for user in pd.unique(df["user_id"].sort_index())}
+
+
+def _flatten_histories(histories: Any) -> tuple[np.ndarray, Sequence[Any], np.ndarray, bool]:
+    """(user keys [U], every history's items concatenated, history lengths [U], whether the items are
+    already indices) from a mapping, a list of sequences, an InteractionData or a 2-D index array
+    (the last two without a Python loop over items)."""
+    if isinstance(histories, torch.Tensor):
+        histories = histories.detach().cpu().numpy()
+    if isinstance(histories, np.ndarray) and histories.ndim == 2:
+        if histories.dtype.kind not in "iu":
+            raise TypeError(f"a 2-D histories array must hold integer item indices (0 = padding), got dtype "
+                            f"{histories.dtype}")
+        real = histories != 0  # row-major order keeps each row's items in order
+        return (np.arange(len(histories), dtype=np.int64).astype(object), histories[real].astype(np.int64),
+                real.sum(axis=1).astype(np.int64), True)
     if isinstance(histories, InteractionData):
         df = _sort_within_user(histories.interactions)
         codes, users = pd.factorize(df["user_id"], sort=False)
         return (np.asarray(users, dtype=object), df["item_id"].to_numpy(dtype=object),
-                np.bincount(codes, minlength=len(users)).astype(np.int64))
+                np.bincount(codes, minlength=len(users)).astype(np.int64), False)
     if isinstance(histories, Mapping):
         users, seqs = np.asarray(list(histories.keys()), dtype=object), list(histories.values())
     elif isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
-        raise TypeError("histories must be a mapping user -> items, a list of item sequences or an "
-                        f"InteractionData, got {type(histories).__name__}")
+        raise TypeError("histories must be a mapping user -> items, a list of item sequences, an InteractionData "
+                        f"or a 2-D array of item indices, got {type(histories).__name__}")
     else:
         users, seqs = np.arange(len(histories), dtype=np.int64).astype(object), list(histories)
     for u, seq in zip(users, seqs):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray, pd.Series)):
             raise TypeError(f"the history of user {u!r} must be a sequence of items, got {type(seq).__name__}")
-    return users, [x for seq in seqs for x in seq], np.array([len(seq) for seq in seqs], dtype=np.int64)
+    return users, [x for seq in seqs for x in seq], np.array([len(seq) for seq in seqs], dtype=np.int64), False
 
 
 def _index_histories(users: np.ndarray, flat_raw: Sequence[Any], lengths: np.ndarray, num_items: int,
-                     item_index: ItemIndex | None, unknown: str) -> tuple[np.ndarray, np.ndarray]:
+                     item_index: ItemIndex | None, unknown: str, are_indices: bool) -> tuple[np.ndarray, np.ndarray]:
     """(flat int64 item indices, offsets [U + 1]): raw ids mapped through ``item_index``, or indices
-    checked against ``1..num_items``."""
+    (``are_indices``, or no index given) checked against ``1..num_items``."""
     owners = np.repeat(np.arange(len(users)), lengths)
-    if item_index is not None:
+    if item_index is not None and not are_indices:
         flat = item_index.index_of(flat_raw, missing="zero") if len(flat_raw) else np.zeros(0, np.int64)
         bad = flat == 0
         if bad.any() and unknown == "error":
@@ -129,9 +185,11 @@ def recommend(model: Any, histories: Any, k: int = 10, *, item_index: ItemIndex 
               batch_size: int = 256, device: str | torch.device | None = None) -> Recommendations:
     """Top-``k`` next items for each history.
 
-    ``histories``: a mapping user -> chronological items, a list of such sequences, or an
-    ``InteractionData`` (every user's whole history, by timestamp). Items are raw ids when
-    ``item_index`` (the index the model was trained with) is given, else 1-based item indices.
+    ``histories``: a mapping user -> chronological items, a list of such sequences, an
+    ``InteractionData`` (every user's whole history, by timestamp), or a 2-D integer array or tensor
+    of item indices, one row per user, 0 = padding (a batch as the model takes it). Items are raw
+    ids when ``item_index`` (the index the model was trained with) is given, except in a 2-D array,
+    else 1-based item indices; ``item_index`` also names the recommended items.
     ``unknown``: raw ids the index lacks raise (``"error"``) or are dropped (``"skip"``).
     ``exclude_seen`` leaves out every item of the user's history, not only those in the window.
     ``max_len``: input window (default: the model's ``max_len``, else the longest history).
@@ -145,8 +203,8 @@ def recommend(model: Any, histories: Any, k: int = 10, *, item_index: ItemIndex 
         raise ValueError(f"k must be in 1..{n_items} (the model's item count), got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    users, flat_raw, raw_lengths = _flatten_histories(histories)
-    flat, offsets = _index_histories(users, flat_raw, raw_lengths, n_items, item_index, unknown)
+    users, flat_raw, raw_lengths, are_indices = _flatten_histories(histories)
+    flat, offsets = _index_histories(users, flat_raw, raw_lengths, n_items, item_index, unknown, are_indices)
     lengths = np.diff(offsets)  # after unknown items were skipped
     L = max_len if max_len is not None else (_model_max_len(model) or int(lengths.max(initial=1)))
     if L < 1:

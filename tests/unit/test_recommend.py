@@ -1,5 +1,5 @@
 """recommend(): top-k next items from histories, seen items left out, raw ids through the item index,
-agreement with evaluate()'s full ranking, and `cfsr recommend`."""
+agreement with evaluate()'s full ranking, histories from files and arrays, and `cfsr recommend`."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cfsr_head import Adjustment, DualViewHead, ItemIndex, PopularityModel, evaluate, recommend
-from cfsr_head.cli import main
+from cfsr_head import (Adjustment, DualViewHead, ItemIndex, PopularityModel, align_semantic, choose_adjustment,
+                       evaluate, read_histories, recommend)
+from cfsr_head.adjust import DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET
+from cfsr_head.cli import main, read_embeddings
 from cfsr_head.data import InteractionData, leave_one_out, load_dataset
 from tests.unit.test_cfsr_cli import embeddings_file, train_args, write_dataset  # noqa: F401 (fixture)
 from tests.unit.test_head import make_encoder
@@ -71,6 +73,64 @@ def test_raw_ids_unknown_ids_and_bad_input() -> None:
         recommend(model, [[1]], k=7)
     with pytest.raises(ValueError, match="item_index has 5 items"):
         recommend(model, [[1]], k=2, item_index=ItemIndex(["a", "b", "c", "d", "e"]))
+
+
+def test_padded_index_arrays_and_tensors_are_histories() -> None:
+    index = ItemIndex([f"sku{i}" for i in range(1, 7)])
+    # 0 is padding wherever it stands; the item index only names the recommended items
+    batch = np.array([[0, 0, 2, 4], [1, 0, 3, 5], [0, 0, 0, 0]])
+    expected = recommend(popularity_model(), [[2, 4], [1, 3, 5], []], k=2)
+    for given in (batch, torch.from_numpy(batch), batch.astype(np.int32)):
+        recs = recommend(popularity_model(), given, k=2, item_index=index)
+        np.testing.assert_array_equal(recs.item_indices, expected.item_indices)
+        assert recs.users.tolist() == [0, 1, 2] and recs.items.tolist() == [["sku6", "sku1"], ["sku2", "sku6"],
+                                                                              ["sku2", "sku6"]]
+    # the window is each row's last items after the padding is dropped, as for a list
+    seen = []
+
+    class LastItem(PopularityModel):
+        def user_state(self, item_seq, padding_mask=None):
+            seen.append(item_seq[:, -1].tolist())
+            return super().user_state(item_seq, padding_mask)
+
+    recommend(LastItem(popularity=POPULARITY), np.array([[3, 6, 0], [0, 2, 0]]), k=1, max_len=1)
+    assert seen == [[6, 2]]
+    with pytest.raises(ValueError, match=r"item index 9 of user 1 is outside 1..6"):
+        recommend(popularity_model(), np.array([[1, 2], [9, 0]]), k=2)
+    with pytest.raises(TypeError, match="integer item indices"):
+        recommend(popularity_model(), np.array([[1.0, 2.0]]), k=2)
+
+
+def test_read_histories_from_csv_and_json(tmp_path) -> None:
+    csv = tmp_path / "h.csv"
+    csv.write_text("user_id,item_id,timestamp\na,sku1,9\nb,sku3,5\nb,sku2,1\na, sku4 ,2\nb,sku5,5\n")
+    # users in order of first appearance in the file; each history by timestamp, ties in file order
+    histories = read_histories(csv)
+    assert list(histories.items()) == [("a", ["sku4", "sku1"]), ("b", ["sku2", "sku3", "sku5"])]
+    no_time = tmp_path / "n.csv"
+    no_time.write_text("item_id,user_id\n007,x\n3,x\n")
+    assert read_histories(no_time) == {"x": ["007", "3"]}  # file order, ids kept as strings
+    js = tmp_path / "h.json"
+    js.write_text(json.dumps({"u1": ["sku2", 5], "u2": []}))
+    assert read_histories(js) == {"u1": ["sku2", "5"], "u2": []}
+    index = ItemIndex([f"sku{i}" for i in range(1, 7)])
+    recs = recommend(popularity_model(), histories, k=1, item_index=index)
+    assert recs.users.tolist() == ["a", "b"] and recs.items.tolist() == [["sku2"], ["sku6"]]
+
+    def fails(name: str, text: str, match: str) -> None:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_histories(path)
+
+    fails("bad_time.csv", "user_id,item_id,timestamp\na,x,1\na,y,soon\n", r"timestamp.*rows \[1\]")
+    fails("empty_item.csv", "user_id,item_id\na,x\na,\n", r"empty value\(s\) in column 'item_id' \(rows \[1\]\)")
+    fails("no_item.csv", "user_id,timestamp\na,1\n", r"missing column\(s\) \['item_id'\]")
+    fails("list.json", "[1, 2]", "expected an object user id -> list of item ids")
+    fails("nested.json", json.dumps({"a": ["x"], "b": "x"}), "history of user 'b' must be a list")
+    fails("h.parquet", "", r"\.csv .* or \.json")
+    with pytest.raises(FileNotFoundError, match="missing.csv not found"):
+        read_histories(tmp_path / "missing.csv")
 
 
 def tiny_split():
@@ -146,8 +206,7 @@ def test_cfsr_recommend_cli(tmp_path, capsys) -> None:
         assert row["scores"] == sorted(row["scores"], reverse=True)
     # the same lists as the Python API on the loaded model
     model, index = DualViewHead.from_pretrained(out), ItemIndex.load(out / "item_index.json")
-    api = recommend(model, {"u3": interactions.loc[interactions.user_id == "u3", "item_id"].tolist()}, k=5,
-                    item_index=index)
+    api = recommend(model, {"u3": api_history(interactions, "u3")}, k=5, item_index=index)
     assert [r for r in rows if r["user_id"] == "u3"][0]["items"] == api.items[0].tolist()
 
     assert main(["recommend", "--model", str(out), "--data", str(data), "--k", "3", "--users", "u3", "u7"]) == 0
@@ -157,9 +216,33 @@ def test_cfsr_recommend_cli(tmp_path, capsys) -> None:
 
     assert main(["recommend", "--model", str(out), "--data", str(data), "--users", "nobody"]) == 2
     assert "--users: 1 user(s) not in --data" in capsys.readouterr().err
+    # histories from a file: users outside the dataset, raw ids through the model's item index
+    histories = tmp_path / "sessions.json"
+    histories.write_text(json.dumps({"new-user": ["it3", "it4"], "u3": api_history(interactions, "u3")}))
+    assert main(["recommend", "--model", str(out), "--histories", str(histories), "--k", "3"]) == 0
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    expected = recommend(model, {"new-user": ["it3", "it4"]}, k=3, item_index=index)
+    assert printed["new-user"].split() == expected.items[0].tolist()
+    assert printed["u3"].split() == api.items[0][:3].tolist()
+    assert main(["recommend", "--model", str(out), "--histories", str(histories), "--users", "u3"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["u3"]
+    histories.write_text(json.dumps({"x": ["it3", "not-an-item"]}))
+    assert main(["recommend", "--model", str(out), "--histories", str(histories)]) == 2
+    assert f"--histories {histories}: 1 history item(s) are not in the model's item index" in capsys.readouterr().err
+    assert main(["recommend", "--model", str(out), "--histories", str(tmp_path / "nope.csv")]) == 2
+    assert "--histories: histories file" in capsys.readouterr().err
+    assert main(["recommend", "--model", str(out)]) == 2
+    assert "give --data" in capsys.readouterr().err
+    assert main(["recommend", "--model", str(out), "--histories", str(histories), "--popularity-beta", "1"]) == 2
+    assert "--popularity-beta and --semantic-prior need --data" in capsys.readouterr().err
+
     (out / "item_index.json").unlink()
     assert main(["recommend", "--model", str(out), "--data", str(data)]) == 2
     assert "has no item_index.json" in capsys.readouterr().err
+
+
+def api_history(interactions: pd.DataFrame, user: str) -> list[str]:
+    return interactions.loc[interactions.user_id == user, "item_id"].tolist()
 
 
 def test_cfsr_recommend_with_adjustments(tmp_path, embeddings_file, capsys) -> None:  # noqa: F811
@@ -188,7 +271,13 @@ def test_cfsr_recommend_with_adjustments(tmp_path, embeddings_file, capsys) -> N
     capsys.readouterr()
     chosen = lists("--semantic-prior", "auto", "--embeddings", str(embeddings_file))
     assert "chosen on validation full NDCG@10" in capsys.readouterr().out
-    assert set(chosen) == set(plain)
+    # the same weight and lists as choosing it with the Python API on the validation split
+    semantic = align_semantic(read_embeddings(embeddings_file), index, missing="zeros")
+    adjustment, _ = choose_adjustment(model, split, semantic, weights=DEFAULT_PRIOR_WEIGHTS, max_len=10,
+                                      seed=VALID_NEGATIVES_SEED_OFFSET)
+    assert adjustment.weight != 0  # the embeddings are informative, so the check below can fail
+    api = recommend(adjustment.wrap(model, split, semantic), dataset, k=5, item_index=index)
+    assert {u: list(row) for u, row in zip(api.users, api.items)} == chosen != plain
     assert main([*base, "--semantic-prior", "auto"]) == 2  # a plain SASRec has no table of its own
     assert "--semantic-prior needs item embeddings" in capsys.readouterr().err
     assert main([*base, "--prior-tail-exponent", "1"]) == 2
