@@ -10,13 +10,14 @@ shows the traceback instead. Usage errors exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 PROG = "llm-item-embed"
 EXIT_ERROR = 1
@@ -521,23 +522,34 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(quiet: bool) -> None:
+@contextlib.contextmanager
+def _cli_logging(quiet: bool) -> Iterator[None]:
+    """The library's INFO messages on stderr while a command runs; the logger is left as it was
+    found afterwards (``main`` may be called in-process, from a notebook or a test)."""
     log = logging.getLogger("llm_item_embed")
+    level = log.level
+    handler = None
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if handler is not None:
+            log.removeHandler(handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 error, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
     token = getattr(args, "token", None) or os.environ.get("HF_TOKEN")
     try:
-        return int(args.func(args) or 0)
+        with _cli_logging(args.quiet):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -190,6 +190,20 @@ def test_unknown_model_offline_names_it(tmp_path, capsys, monkeypatch):
     assert "'someone/not-cached-model'" in line and "offline" in line
 
 
+def test_commands_leave_the_library_logger_as_they_found_it(tmp_path, items_csv, tiny_bert_dir, capsys):
+    import logging
+
+    log = logging.getLogger("llm_item_embed")
+    handlers, level = list(log.handlers), log.level
+    code, _, err = run(capsys, "encode", str(items_csv), "--model", tiny_bert_dir, "--no-progress",
+                       "-o", str(tmp_path / "e.safetensors"))
+    assert code == 0 and "saved" in err  # INFO on stderr while the command runs
+    assert run(capsys, "fit", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o"))[0] == 1
+    assert log.handlers == handlers and log.level == level
+    logging.getLogger("llm_item_embed.embeddings").info("after the command")
+    assert "after the command" not in capsys.readouterr().err
+
+
 def test_debug_shows_traceback(tmp_path):
     with pytest.raises(Exception, match="nope.csv"):
         main(["fit", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o"), "--debug"])
