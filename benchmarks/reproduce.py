@@ -894,7 +894,8 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
         results[n] = runner.run(known[n], seeds)
     if study.decoder:
-        results[DECODER_ROW] = runner.run(smollm2_variant(), study.seeds[:1])
+        results[DECODER_ROW] = runner.run(smollm2_variant(),
+                                          study.seeds if DECODER_ROW in study.all_seeds else study.seeds[:1])
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:
@@ -971,7 +972,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help="stage-2 losses to train (default: both, as the protocol asks; one loss for a fast tier)")
     p.add_argument("--significance", nargs="+", default=(), metavar="NAME",
                    help="variants tested against every other row (paired t-test), beside the LLM-CFSR forms")
-    p.add_argument("--all-seeds", nargs="+", default=(), choices=list(VARIANTS), metavar="NAME",
+    p.add_argument("--all-seeds", nargs="+", default=(), choices=[*VARIANTS, DECODER_ROW], metavar="NAME",
                    help="variants outside the main table to run with every seed too (default: first seed only)")
     p.add_argument("--sensitivity-r", type=float, nargs="+", default=None, metavar="R",
                    help=f"drop probabilities of the sensitivity part (default {SENSITIVITY_R}; "

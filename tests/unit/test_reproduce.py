@@ -466,6 +466,23 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
         rp.parse_args(["--dataset", str(data), "--all-seeds", "w/o Cross"])
 
 
+def test_the_decoder_row_takes_every_seed_when_named_in_all_seeds(tmp_path, monkeypatch):
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    asked = {}
+    monkeypatch.setattr(rp.Runner, "run", lambda self, variant, seeds: asked.setdefault(variant.name, tuple(seeds)) and {})
+    monkeypatch.setattr(rp, "write_report", lambda *a, **k: tmp_path / "report.md")
+    base = ["--dataset", str(data), "--seeds", "0", "1", "2", "--parts", "ablations", "--decoder",
+            "--workdir", str(tmp_path / "w")]
+    rp.run_study(rp.parse_args(base))
+    assert asked[rp.DECODER_ROW] == (0,) and asked["w/o Cro"] == (0,)
+    asked.clear()
+    rp.run_study(rp.parse_args([*base, "--all-seeds", rp.DECODER_ROW, "w/o Cro"]))
+    assert asked[rp.DECODER_ROW] == (0, 1, 2) and asked["w/o Cro"] == (0, 1, 2) and asked["w/o CFT"] == (0,)
+
+
 def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alone(tmp_path, monkeypatch):
     import pytest
 
