@@ -322,7 +322,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.k > model.num_items:
         raise CLIError(f"--k {args.k} is larger than the {model.num_items} items the model scores")
     max_len = args.max_len or trained_len or getattr(model, "max_len", None) or 50
-    data = load_dataset(args.data) if args.data is not None else None
+    data = load_dataset(args.data) if args.data is not None and (histories is None or adjusting) else None
     source = f"--histories {args.histories}" if histories is not None else f"--data {args.data}"
     if args.users:
         present = set(histories) if histories is not None else set(data.interactions["user_id"])
