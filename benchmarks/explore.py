@@ -120,10 +120,11 @@ def decoder_variants() -> dict[str, Variant]:
     return {v.name: v for v in [
         dataclasses.replace(base, name="SmolLM2 std0.2", head=(("collab_init_std", 0.2),)),
         dataclasses.replace(base, name="SmolLM2 w/o Cro std0.2", head=(CONCAT, ("collab_init_std", 0.2))),
+        dataclasses.replace(base, name="SmolLM2 centred", head=(("center_semantic", True),)),
     ]}
 
 
-DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2")
+DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred")
 
 
 def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Variant]]:

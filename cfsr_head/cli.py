@@ -105,7 +105,7 @@ def read_embeddings(path: str | Path) -> SemanticTable:
 def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.ndarray | None, *, d: int,
                 max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int,
                 score_temperature: float | None = None, view_loss_weight: float = 0.0,
-                collab_anchor_weight: float = 0.0):
+                collab_anchor_weight: float = 0.0, center_semantic: bool = False):
     """The DualViewHead of one CLI variant ("sasrec": ID-only with a random table)."""
     import torch
 
@@ -122,6 +122,8 @@ def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.nd
     if variant == "sasrec" or (variant == "no-semantic" and semantic is None):
         return DualViewHead(encoder, semantic=None, num_items=num_items, use_semantic=False,
                             collab_init="random", **opts)
+    if center_semantic:
+        opts["center_semantic"] = True
     if variant == "no-semantic":  # ID view only, table initialised by PCA of the semantic table
         opts["use_semantic"] = False
     elif variant == "no-collaborative":
@@ -187,6 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("--variant sasrec uses no semantic table; drop --embeddings or use --variant no-semantic")
     if args.view_loss_weight and args.variant in ONE_VIEW_VARIANTS:
         raise CLIError(f"--view-loss-weight needs both views; --variant {args.variant} has one")
+    if args.center_semantic and args.variant in ("sasrec", "no-semantic"):
+        raise CLIError(f"--center-semantic needs the semantic view; --variant {args.variant} has none")
     if args.collab_anchor_weight and args.variant in ("sasrec", "no-collaborative"):
         raise CLIError(f"--collab-anchor-weight needs a PCA-initialised ID table; --variant {args.variant} "
                        + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
@@ -212,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout, loss=args.loss,
                         seed=args.seed, score_temperature=args.score_temperature,
                         view_loss_weight=args.view_loss_weight or 0.0,
-                        collab_anchor_weight=args.collab_anchor_weight or 0.0)
+                        collab_anchor_weight=args.collab_anchor_weight or 0.0,
+                        center_semantic=args.center_semantic)
     atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
     prior = None if trained_prior is None else trained_prior.semantic_prior(model, split, semantic)
@@ -555,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--collab-anchor-weight", type=_positive_float, default=None, metavar="A",
                    help="add A times the mean squared distance of the ID table from its PCA initialisation "
                         "to the loss (beyond the paper; variants with a PCA-initialised ID table)")
+    t.add_argument("--center-semantic", action="store_true",
+                   help="subtract the mean item vector from the semantic table before the adapter (beyond the "
+                        "paper; for decoder LLM embeddings that share one direction)")
     t.add_argument("--logit-adjustment", type=_positive_float, default=None, metavar="TAU",
                    help="train with the logit-adjusted loss: every training logit of an item gets "
                         "+ TAU * log(1 + its training count), so that scores learn what popularity does "

@@ -140,20 +140,20 @@ def test_variants(dataset, embeddings_file, tmp_path, variant, capsys):
 
 
 def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, capsys):
-    """--score-temperature, --view-loss-weight and --collab-anchor-weight land in the saved config;
-    defaults stay off."""
+    """--score-temperature, --view-loss-weight, --collab-anchor-weight and --center-semantic land in
+    the saved config; defaults stay off."""
     out = tmp_path / "cos"
     assert main(train_args(dataset, out, "--variant", "concat", "--embeddings", str(embeddings_file),
                            "--score-temperature", "0.1", "--view-loss-weight", "0.5", "--collab-anchor-weight",
-                           "2", "--epochs", "1", "--quiet")) == 0
+                           "2", "--center-semantic", "--epochs", "1", "--quiet")) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["score_temperature"] == 0.1 and config["view_loss_weight"] == 0.5
-    assert config["collab_anchor_weight"] == 2.0
+    assert config["collab_anchor_weight"] == 2.0 and config["center_semantic"] is True
     plain = tmp_path / "dot"
     assert main(train_args(dataset, plain, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
     config = json.loads((plain / "config.json").read_text())["config"]
     assert config["score_temperature"] is None and config["view_loss_weight"] == 0.0
-    assert config["collab_anchor_weight"] == 0.0
+    assert config["collab_anchor_weight"] == 0.0 and config["center_semantic"] is False
     with pytest.raises(SystemExit):
         main(train_args(dataset, tmp_path / "bad", "--variant", "sasrec", "--score-temperature", "0"))
     capsys.readouterr()
@@ -162,6 +162,9 @@ def test_scoring_options_reach_the_model(dataset, embeddings_file, tmp_path, cap
     assert not (tmp_path / "one" / "checkpoints").exists()
     assert main(train_args(dataset, tmp_path / "rnd", "--variant", "sasrec", "--collab-anchor-weight", "1")) == 2
     assert "PCA-initialised ID table" in capsys.readouterr().err
+    assert main(train_args(dataset, tmp_path / "ns", "--variant", "no-semantic", "--embeddings", str(embeddings_file),
+                           "--center-semantic")) == 2
+    assert "--center-semantic needs the semantic view; --variant no-semantic" in capsys.readouterr().err
 
 
 

@@ -248,6 +248,58 @@ def test_pca_adapter_init_starts_the_semantic_view_at_the_collaborative_coordina
         DualViewConfig(collab_init_std=0.0).validate()
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_center_semantic_feeds_the_adapter_the_centred_table(tmp_path, activation) -> None:
+    E = semantic_table() + 25.0 * torch.randn(D_LLM)  # one shared direction dominates, as decoder LLMs give
+    mean = E.mean(0)
+    torch.manual_seed(0)
+    centred = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, center_semantic=True,
+                           adapter_activation=activation).eval()
+    torch.manual_seed(0)
+    reference = DualViewHead(make_encoder("sasrec"), E - mean, d=D, n_cross_heads=2,
+                             adapter_activation=activation).eval()
+    torch.testing.assert_close(centred.semantic_mean, mean)
+    with torch.no_grad():  # the same function: the adapter sees e - mean (both views, every item)
+        reps = centred.item_representations()
+        torch.testing.assert_close(reps, reference.item_representations(), atol=1e-4, rtol=1e-4)
+        # the semantic rows no longer share the big common component
+        se = reps[1:, :D]
+        cos = torch.nn.functional.cosine_similarity(se[:, None], se[None], dim=-1)
+        plain = DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2).item_representations()[1:, :D]
+        cos_plain = torch.nn.functional.cosine_similarity(plain[:, None], plain[None], dim=-1)
+        assert cos.mean() < 0.5 < cos_plain.mean()
+    # training takes the same gradient path
+    seq = pad_batch(random_rows(4, [5, 3, 7, 2]), "left")
+    centred.train()
+    centred.loss(seq, (seq % N) + (seq > 0).long()).backward()
+    assert centred.adapter[0].weight.grad.abs().sum() > 0 and centred.semantic_mean.grad is None
+    # rows added later are centred with the stored mean, not their own
+    new_rows = semantic_table(2, seed=5) + 40.0
+    centred.eval()
+    idx = centred.add_items(new_rows)
+    with torch.no_grad():
+        torch.testing.assert_close(centred.item_representations()[idx, :D], centred.adapter(new_rows - mean),
+                                   atol=1e-4, rtol=1e-4)
+    centred.save_pretrained(tmp_path / "c")
+    loaded = DualViewHead.from_pretrained(tmp_path / "c").eval()
+    assert loaded.config.center_semantic
+    torch.testing.assert_close(loaded.semantic_mean, mean)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.item_representations(), centred.item_representations())
+    with pytest.raises(ValueError, match="center_semantic=True needs the semantic view"):
+        DualViewConfig(center_semantic=True, use_semantic=False).validate()
+
+
+def test_center_semantic_keeps_the_pca_adapter_start() -> None:
+    E = semantic_table() + 25.0 * torch.randn(D_LLM)
+    heads = [DualViewHead(make_encoder("sasrec"), E, d=D, n_cross_heads=2, adapter_init="pca", pca_method="exact",
+                          center_semantic=c) for c in (False, True)]
+    with torch.no_grad():
+        a, b = (h.item_representations()[1:] for h in heads)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(b[:, :D], b[:, D:], atol=1e-3, rtol=1e-3)
+
+
 def test_item_representations_score_and_full_scores_agree() -> None:
     head = make_head().eval()
     seq = pad_batch(random_rows(3, [4, 7, 2]), "left")
