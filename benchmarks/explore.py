@@ -153,7 +153,9 @@ def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Vari
         rest += ["--significance", *own]
     study = rp.parse_args(rest)
     # every named row is run with every seed given (--seeds): explore compares the rows it names
-    study.parts, study.variants, study.all_seeds = (), tuple(a.names), tuple(a.names)
+    # (and the decoder row with --decoder, if --all-seeds names it)
+    study.parts, study.variants = (), tuple(a.names)
+    study.all_seeds = (*a.names, *(n for n in study.all_seeds if n not in a.names))
     study.command = "python -m benchmarks.explore " + shlex.join(sys.argv[1:] if argv is None else argv)
     return study, {n: known[n] for n in a.names}
 

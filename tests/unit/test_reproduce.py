@@ -682,6 +682,10 @@ def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_pat
     study, _ = build_study(["--dataset", str(data), "--names", "SAID", "--losses=bpr", f"--out={tmp_path}",
                          "--significance", "SAID"])
     assert study.losses == ("bpr",) and study.out_dir == tmp_path and study.significance == ("SAID",)
+    from benchmarks.reproduce import DECODER_ROW  # --all-seeds still reaches the decoder row
+
+    study, _ = build_study(["--dataset", str(data), "--names", "SAID", "--decoder", "--all-seeds", DECODER_ROW])
+    assert study.decoder and study.all_seeds == ("SAID", DECODER_ROW)
 
 
 def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
