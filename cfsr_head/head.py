@@ -52,7 +52,8 @@ class DualViewConfig:
       construction, over items 1..N; stored as the ``semantic_mean`` buffer and applied to rows
       added later by ``add_items``). Decoder LLM embeddings are often nearly one direction
       (SmolLM2-135M on MovieLens: mean pairwise cosine 0.96), so that without it every item
-      starts with almost the same semantic representation.
+      starts with almost the same semantic representation. Measured there (3 seeds) it is no
+      reliable gain: +7% full-ranking N@10 (p = 0.35), -8% sampled (docs/results/README.md).
     - ``use_semantic`` / ``use_collaborative``: switch a view off ("w/o semantic", "w/o
       collaborative"); with one view the output width is d instead of 2d and there is no
       cross-attention. "w/o CFT" needs no switch: pass any semantic table.
