@@ -619,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recommend", help="each user's top-k next items, printed or written as JSON",
                        description="Recommend the next items for the users of a dataset folder from their whole "
                                    "histories (by timestamp), or for the histories of a --histories file, with a "
-                                   "model written by `cfsr train` (or a Hub repo id it was pushed to). Prints one line per user (user id, tab, the items best "
-                                   "first), or writes --output as JSON (items and scores per user).")
+                                   "model written by `cfsr train` (or a Hub repo id it was pushed to). Prints one "
+                                   "line per user (user id, tab, the items best first), or writes --output as JSON "
+                                   "(items and scores per user).")
     r.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
     r.add_argument("--data", help="dataset folder or name whose interactions are the histories (and, with an "
                    "adjustment, its popularity counts and validation split)")
