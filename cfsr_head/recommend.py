@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import InteractionData, ItemIndex, _gather_left_padded, _read_csv, _sort_within_user
+from .data import (InteractionData, ItemIndex, _gather_left_padded, _normalise_interactions, _read_csv,
+                   _sort_within_user)
 from .evaluate import _model_device, _model_max_len
 from .io import read_json
 
@@ -104,21 +105,13 @@ def read_histories(path: str | PathLike) -> dict[str, list[str]]:
         raise ValueError(f"{path}: histories are read from .csv (user_id,item_id[,timestamp]) or .json "
                          f"(user -> items), not {suffix or 'a file without a suffix'}")
     df = _read_csv(path, ("user_id", "item_id"))
-    for col in ("user_id", "item_id"):
-        empty = df[col].isna() | (df[col].str.strip() == "")
-        if empty.any():
-            rows = np.flatnonzero(empty.to_numpy())[:5].tolist()
-            raise ValueError(f"{path}: {int(empty.sum())} empty value(s) in column {col!r} (rows {rows})")
-        df[col] = df[col].str.strip()
-    if "timestamp" in df.columns:
-        ts = pd.to_numeric(df["timestamp"], errors="coerce")
-        if ts.isna().any():
-            rows = np.flatnonzero(ts.isna().to_numpy())[:5].tolist()
-            raise ValueError(f"{path}: {int(ts.isna().sum())} non-numeric/empty timestamp(s) in column "
-                             f"'timestamp' (rows {rows})")
-        df = df.assign(timestamp=ts).sort_values("timestamp", kind="stable")
-    groups = {user: items.tolist() for user, items in df.groupby("user_id", sort=False)["item_id"]}
-    return {user: groups[user] for user in pd.unique(df["user_id"].sort_index())}
+    if "timestamp" not in df.columns:
+        df["timestamp"] = np.arange(len(df))  # file order
+    # the dataset reader's checks and order: users by first appearance, each by timestamp, ties in file order
+    df = _normalise_interactions(df, str(path), duplicates="keep")
+    codes, users = pd.factorize(df["user_id"], sort=False)
+    per_user = np.split(df["item_id"].to_numpy(dtype=object), np.cumsum(np.bincount(codes))[:-1])
+    return {user: items.tolist() for user, items in zip(users, per_user)}
 
 
 def _flatten_histories(histories: Any) -> tuple[np.ndarray, Sequence[Any], np.ndarray, bool]:
