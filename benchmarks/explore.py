@@ -121,10 +121,13 @@ def decoder_variants() -> dict[str, Variant]:
         dataclasses.replace(base, name="SmolLM2 std0.2", head=(("collab_init_std", 0.2),)),
         dataclasses.replace(base, name="SmolLM2 w/o Cro std0.2", head=(CONCAT, ("collab_init_std", 0.2))),
         dataclasses.replace(base, name="SmolLM2 centred", head=(("center_semantic", True),)),
+        # the CFT's InfoNCE on cosine similarity instead of the paper's dot product: the decoder's
+        # mean-pooled states have norm ~33, so the dot product at tau = 1 starts the loss near 225
+        dataclasses.replace(base, name="SmolLM2 cosCFT", stage1=(*base.stage1, ("similarity", "cos"))),
     ]}
 
 
-DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred")
+DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred", "SmolLM2 cosCFT")
 
 
 def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Variant]]:

