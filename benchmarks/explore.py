@@ -124,10 +124,14 @@ def decoder_variants() -> dict[str, Variant]:
         # the CFT's InfoNCE on cosine similarity instead of the paper's dot product: the decoder's
         # mean-pooled states have norm ~33, so the dot product at tau = 1 starts the loss near 225
         dataclasses.replace(base, name="SmolLM2 cosCFT", stage1=(*base.stage1, ("similarity", "cos"))),
+        # the last token's state instead of the mean over tokens: with causal attention every item's
+        # prompt opens with the same instruction, whose states are identical across items
+        dataclasses.replace(base, name="SmolLM2 last-token", stage1=(*base.stage1, ("pooling", "last"))),
     ]}
 
 
-DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred", "SmolLM2 cosCFT")
+DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred", "SmolLM2 cosCFT",
+                 "SmolLM2 last-token")
 
 
 def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Variant]]:

