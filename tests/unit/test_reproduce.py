@@ -776,7 +776,7 @@ def test_neighbour_bench_labels_files_from_their_training_metadata():
     assert label({"fit_seconds": 0.0}) == "frozen" and label({"fit_seconds": 12.0}) == "CFT (12 s)"  # older files
 
 
-def test_decoder_exploratory_rows_reuse_the_decoder_rows_embeddings():
+def test_decoder_exploratory_rows_change_only_their_own_settings():
     import pytest
 
     from benchmarks import reproduce as rp
