@@ -112,10 +112,23 @@ def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_p
     assert targets.metadata["collaborative"]["holdout_last"] == 2  # validation and test items never leak in
     plain = rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32))
     assert rp.embeddings_path(study, settings) != plain
-    assert emb.metadata["similarity"] == "dot"
-    cos = rp.stage1_embeddings(study, rp.Stage1(model=tiny_bert_dir, max_steps=2, batch_size=4, max_length=32,
-                                                similarity="cos"), data_.items, data_.interactions)
-    assert cos.metadata["similarity"] == "cos"
+
+
+def test_stage1_similarity_reaches_the_embedder_and_its_cache_key(tmp_path, tiny_bert_dir, one_thread):
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(8)], "title": [f"product {k}" for k in range(8)]},
+                       {"user_id": [f"u{k // 4}" for k in range(16)], "item_id": [f"i{k % 8}" for k in range(16)],
+                        "timestamp": list(range(16))})
+    study = rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")])
+    data_ = rp.load_dataset(data)
+    made = {}
+    for similarity in ("dot", "cos"):
+        settings = rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32, similarity=similarity)
+        made[similarity] = (rp.embeddings_path(study, settings),
+                            rp.stage1_embeddings(study, settings, data_.items, data_.interactions))
+    assert made["dot"][0] != made["cos"][0]  # cached apart
+    assert made["dot"][1].metadata["similarity"] == "dot" and made["cos"][1].metadata["similarity"] == "cos"
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
