@@ -85,16 +85,22 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
         Stage1(similarity="cosine similarity")
 
 
-def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_path, tiny_bert_dir, monkeypatch,
-                                                                           one_thread):
-    import llm_item_embed
+def toy_study(tmp_path):
+    """A quick-mode study of a 12-item, 6-user toy dataset, and the dataset as the study reads it."""
     from benchmarks import reproduce as rp
 
     data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(12)], "title": [f"product {k}" for k in range(12)]},
                        {"user_id": [f"u{k // 6}" for k in range(36)], "item_id": [f"i{(k * 5) % 12}" for k in range(36)],
                         "timestamp": list(range(36))})
-    study = rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")])
-    data_ = rp.load_dataset(data)
+    return rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")]), rp.load_dataset(data)
+
+
+def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_path, tiny_bert_dir, monkeypatch,
+                                                                           one_thread):
+    import llm_item_embed
+    from benchmarks import reproduce as rp
+
+    study, data_ = toy_study(tmp_path)
     seen = {}
     fit = llm_item_embed.ItemEmbedder.fit
 
@@ -117,11 +123,7 @@ def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_p
 def test_stage1_similarity_reaches_the_embedder_and_its_cache_key(tmp_path, tiny_bert_dir, one_thread):
     from benchmarks import reproduce as rp
 
-    data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(8)], "title": [f"product {k}" for k in range(8)]},
-                       {"user_id": [f"u{k // 4}" for k in range(16)], "item_id": [f"i{k % 8}" for k in range(16)],
-                        "timestamp": list(range(16))})
-    study = rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")])
-    data_ = rp.load_dataset(data)
+    study, data_ = toy_study(tmp_path)
     made = {}
     for similarity in ("dot", "cos"):
         settings = rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32, similarity=similarity)
