@@ -94,6 +94,8 @@ class Stage1:
     target_dim: int = 64              # with a target: width of the co-occurrence vectors
     view_weight: float = 1.0          # with a target: weight of the paper's masked-view InfoNCE (0: alignment alone)
     similarity: str = "dot"           # the InfoNCE's similarity: "dot" (paper) or "cos" (ItemEmbedder similarity=)
+    bidirectional: bool | None = None  # None: the model's own attention; True: a decoder attends both ways
+                                       # (ItemEmbedder bidirectional=; beyond the paper)
 
     def __post_init__(self) -> None:
         if self.target not in (None, "cooccurrence"):
@@ -137,7 +139,7 @@ FULL_GRID: dict[str, tuple] = {"dropout": (0.2, 0.5), "lr": (1e-3, 3e-3, 1e-2)}
 # hold these values, so that adding a setting does not invalidate finished runs.
 STAGE1_LATER_FIELDS = {"pair_prob": 0.0, "mask_known_positives": False, "pair_min_count": 1,
                        "pair_weighted": False, "target": None, "target_weight": 1.0, "view_weight": 1.0,
-                       "target_dim": 64, "similarity": "dot"}
+                       "target_dim": 64, "similarity": "dot", "bidirectional": None}
 STAGE2_LATER_FIELDS = {"length_buckets": 0, "logit_adjustment": 0.0, "prior_weight": 0.0, "prior_recency": 0.0,
                        "prior_tail_exponent": 0.0, "validate_with_logit_bias": False}
 
@@ -291,7 +293,7 @@ def stage1_embeddings(study: Study, settings: Stage1, items: pd.DataFrame, inter
     embedder = ItemEmbedder(settings.model, template=item_template(items), drop_prob=settings.drop_prob,
                             n_views=settings.n_views, pooling=settings.pooling, lora=LoraSettings(r=8, alpha=16),
                             max_length=settings.max_length, gguf_file=settings.gguf_file,
-                            similarity=settings.similarity)
+                            similarity=settings.similarity, bidirectional=settings.bidirectional)
     t0 = time.time()
     if settings.tuned:
         collaborative = {}  # training histories only: leave-one-out's valid/test items are held out

