@@ -813,6 +813,7 @@ def test_decoder_exploratory_rows_change_only_their_own_settings():
     assert tuple(rows) == DECODER_NAMES
     base = dict(rp.smollm2_variant().stage1)
     changed = {"SmolLM2 cosCFT": {"similarity": "cos"}, "SmolLM2 last-token": {"pooling": "last"},
+               "SmolLM2 last-token 80 steps": {"pooling": "last", "max_steps": 80},
                "SmolLM2 last-token cosCFT": {"pooling": "last", "similarity": "cos"},
                "SmolLM2 bidirectional": {"bidirectional": True}}
     for name, settings in changed.items():
