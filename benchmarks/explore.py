@@ -64,6 +64,9 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # (--cft-steps): on amazon_beauty 200 steps of 32 touch about half of the items once
     Variant("w/o Se-view pairCFT 2ep", head=(ONE_VIEW,), stage1=PAIRS_2EP),
     Variant("w/o Cro pairCFT 2ep", head=(CONCAT,), stage1=PAIRS_2EP),
+    # the paper form on the paper's own CFT budget, one pass over the items, instead of the
+    # study's step budget: whether the paper CFT earns its place when it has seen every item
+    Variant("LLM-CFSR 1ep", stage1=(("epochs", 1), ("max_steps", None))),
     # the pair CFT with partners left out of the in-batch negatives (ItemEmbedder.fit's default
     # mask_known_positives; the rows above push an anchor's partners away when they share its batch)
     Variant("w/o Cro pairCFT masked", head=(CONCAT,), stage1=PAIRS_MASKED),
