@@ -751,7 +751,7 @@ def test_report_header_names_the_rows_with_their_own_stage1_settings(tmp_path, m
     monkeypatch.setattr(rp, "write_report", lambda *args: reported.update(zip(
         ["study", "results", "sens", "missing", "searched", "stage1_rows"], args)) or tmp_path / "r.md")
     explore.main(["--dataset", str(data), "--quick", "--names", "LLM-CFSR", "LLM-CFSR 1ep", "SASRec", "w/o CFT"])
-    # only the row that overrides the study's stage 1 is named; SASRec has no item embeddings at all
+    # only the row that overrides the study's stage 1 is named (the other three have no overrides)
     assert reported["stage1_rows"] == {"LLM-CFSR 1ep": (("epochs", 1), ("max_steps", None))}
 
     study = dataclasses.replace(reported["study"], out_dir=tmp_path / "out", significance=())
