@@ -740,7 +740,7 @@ def _stage1_rows_sentence(stage1_rows: dict[str, tuple]) -> str:
     def show(key: str, value: Any) -> str:
         return f"{key}={Path(value).name if key == 'model' and value else value}"  # no machine paths in pages
 
-    rows = [f"{name}: " + ", ".join(show(k, v) for k, v in over) for name, over in stage1_rows.items() if over]
+    rows = [f"{name}: " + ", ".join(show(k, v) for k, v in over) for name, over in stage1_rows.items()]
     return (" Rows with their own stage-1 settings (overriding the line above): " + "; ".join(rows) + "."
             if rows else "")
 
@@ -900,6 +900,8 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     """Run (or load from the cache) every variant the study names and write its report.
     ``extra_variants`` defines names beyond the study's own ``VARIANTS`` (benchmarks.explore)."""
     known = {**VARIANTS, **(extra_variants or {})}
+    if study.decoder:
+        known[DECODER_ROW] = smollm2_variant()
     runner = Runner(study)
     names: list[str] = []
     for part in study.parts:
@@ -912,7 +914,7 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
         results[n] = runner.run(known[n], seeds)
     if study.decoder:
-        results[DECODER_ROW] = runner.run(smollm2_variant(),
+        results[DECODER_ROW] = runner.run(known[DECODER_ROW],
                                           study.seeds if DECODER_ROW in study.all_seeds else study.seeds[:1])
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
@@ -925,8 +927,6 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     if runner.missing:
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
-    if study.decoder:
-        known[DECODER_ROW] = smollm2_variant()
     stage1_rows = {n: known[n].stage1 for n in results if known[n].stage1}
     return write_report(study, results, sens, runner.missing, runner.searched, stage1_rows)
 
