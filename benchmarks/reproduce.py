@@ -53,6 +53,7 @@ from cfsr_head import (
     load_dataset,
 )
 from cfsr_head.io import atomic_write_json, atomic_write_text, read_json
+from cfsr_head.train import compute_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("full", "sampled")
@@ -426,6 +427,7 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     torch.manual_seed(s2.seed)
     t0 = time.time()
     history: list = []
+    environment = compute_environment()
     if variant.popularity:
         model = PopularityModel.from_split(split)
         best_valid = evaluate(model, split, split="valid").summary()
@@ -435,9 +437,11 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
         result = trainer.fit()
         model = trainer.scoring_model
         history = [{k: h.get(k) for k in ("epoch", "train_loss", "metric", "epoch_time")} for h in result.history]
-        best_valid = result.best_valid
+        best_valid, environment = result.best_valid, result.environment
+    # the seeded numbers are bit-identical only in the same environment (torch version, threads)
     record: dict[str, Any] = {"key": key, "dataset": study.name, "variant": variant.name, "stage2": dataclasses.asdict(s2),
-                              "embeddings": embeddings_key, "valid": best_valid, "history": history, "test": {}}
+                              "embeddings": embeddings_key, "valid": best_valid, "history": history, "test": {},
+                              "environment": environment}
     for protocol in PROTOCOLS:
         res = evaluate(model, split, split="test", protocol=protocol, seed=s2.seed)
         res.to_json(runs / f"{key}.{protocol}.json")

@@ -7,7 +7,9 @@
   number of processes, and dropped if it has fewer than 2 items). Step ``s`` (0-based, counted over
   all epochs) renders its views with ``np.random.default_rng([seed, s])`` and seeds torch (dropout)
   from ``(seed, s, rank)``: the run is a pure function of (config, step), so resuming from a
-  checkpoint reproduces the uninterrupted run exactly; no RNG state has to be stored.
+  checkpoint reproduces the uninterrupted run exactly; no RNG state has to be stored. Exactly means
+  in the same environment: the bits also depend on the torch version, torch's CPU thread count and
+  the device, which the checkpoint records (``environment``); resuming under another one warns.
 * **Processes**: every process renders the whole global batch (cheap strings) and encodes its own
   contiguous slice of ``batch_size / num_processes`` items; ``ContrastiveLoss`` gathers the
   embeddings of all processes with gradients, so the loss and (DDP-averaged) gradients equal those
@@ -280,6 +282,12 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def _environment(acc: Any) -> dict[str, Any]:
+    """What the exact numbers depend on beyond the config: torch version, threads, device, processes."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(acc.device),
+            "num_processes": int(acc.num_processes)}
+
+
 def _jsonable(obj: Any) -> Any:
     try:
         json.dumps(obj)
@@ -397,6 +405,7 @@ class ContrastiveTrainer:
         ckpt = self._resolve_resume()
         if ckpt is not None:  # parameters go in before prepare() (FSDP/ZeRO shard them there)
             self._check_resume_state(ckpt, n_items=int(n_items), b=b, spe=spe, total=total)
+            self._warn_if_environment_changed(ckpt, acc)
             self._load_params(ckpt)
         model, acc_opt = acc.prepare(self.encoder, optimizer)
         self._model = model
@@ -589,6 +598,7 @@ class ContrastiveTrainer:
                                   "order: np.random.default_rng([seed, epoch]).permutation(n_items)",
                         "seed": cfg.seed},
                 "trainable": sorted(params), "optimizer_state": not self._sharded,
+                "environment": _environment(acc),
             }
             tmp = make_staging_dir(final)
             try:
@@ -618,6 +628,18 @@ class ContrastiveTrainer:
         if saved is not None and now is not None and saved != now:
             raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's "
                              f"(items, prompts or positive pairs changed; fingerprint {saved[:12]} vs {now[:12]})")
+
+    @staticmethod
+    def _warn_if_environment_changed(path: Path, acc: Any) -> None:
+        """A resume under another torch, thread count or device is allowed but not bit-identical."""
+        saved, now = read_json(path / "trainer_state.json").get("environment"), _environment(acc)
+        if not saved:  # checkpoints written before the environment was recorded
+            return
+        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if changed:
+            warnings.warn(f"{path}: resuming a run saved under a different environment ({', '.join(changed)}); "
+                          "the resumed run will not be bit-identical to an uninterrupted one",
+                          RuntimeWarning, stacklevel=4)
 
     def _load_params(self, path: Path) -> None:
         trainable = self._trainable()

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.reproduce import VARIANTS, Stage2, best_loss, config_hash, results_table
 
@@ -233,6 +234,9 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     got = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "Pop": rp.VARIANTS["Pop"]}, grid)
     assert set(got) == {"w/o Cro"} and len(got["w/o Cro"]) == 1  # Pop skipped; one seed
     cached = [rp.read_json(f) for f in (tmp_path / "work" / "toy" / "runs").glob("*.json") if f.name.count(".") == 1]
+    # every run record says what its bits depend on beyond its settings (Pop included)
+    assert all(x["environment"]["threads"] == torch.get_num_threads()
+               and x["environment"]["torch"] == torch.__version__ for x in cached)
     cached = [x for x in cached if x.get("variant") == "w/o Cro"]
     best = max(cached, key=lambda x: x["valid"]["Overall"]["NDCG@10"])  # the loss chosen on validation
     assert got["w/o Cro"][0][0]["key"] == best["key"]

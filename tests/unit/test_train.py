@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,32 @@ def test_resume_refuses_a_different_configuration(split, tmp_path):
         Trainer(TinyModel(), split, cfg(tmp_path, epochs=3, lr=0.5), eval_fn=ndcg10_eval).fit()
     fresh = Trainer(TinyModel(), split, cfg(tmp_path, epochs=1, lr=0.5, resume=False), eval_fn=ndcg10_eval).fit()
     assert fresh.resumed_from_epoch == 0
+
+
+def test_the_environment_is_recorded_and_a_resume_elsewhere_warns(split, tmp_path):
+    first = Trainer(TinyModel(), split, cfg(tmp_path, epochs=2), eval_fn=ndcg10_eval).fit()
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    expected = {"torch": torch.__version__, "threads": 1, "device": "cpu", "num_processes": 1}
+    assert state["environment"] == expected and first.environment == expected
+    # the same environment resumes silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Trainer(TinyModel(), split, cfg(tmp_path, epochs=3), eval_fn=ndcg10_eval).fit()
+    # another thread count still resumes, but says the bits will differ from an uninterrupted run
+    torch.set_num_threads(2)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"threads: 1 -> 2.*not be bit-identical"):
+            res = Trainer(TinyModel(), split, cfg(tmp_path, epochs=4), eval_fn=ndcg10_eval).fit()
+    finally:
+        torch.set_num_threads(1)
+    assert res.resumed_from_epoch == 3 and res.environment["threads"] == 2
+    # a checkpoint from before the environment was recorded resumes silently
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    del state["environment"]
+    (tmp_path / "last" / "trainer_state.json").write_text(json.dumps(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert Trainer(TinyModel(), split, cfg(tmp_path, epochs=5), eval_fn=ndcg10_eval).fit().resumed_from_epoch == 4
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(split, tmp_path):

@@ -184,6 +184,31 @@ def test_resume_equals_uninterrupted(tok_path: str, tmp_path: Path, mini: int | 
         torch.testing.assert_close(pc[name], pa[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_checkpoints_record_the_environment_and_a_resume_elsewhere_warns(tok_path: str, tmp_path: Path) -> None:
+    import warnings
+
+    items = make_items(16)  # 2 steps per epoch, 4 in all, a checkpoint after steps 2 and 4
+    kw = dict(epochs=2, save_every=2, output_dir=str(tmp_path))
+    threads = torch.get_num_threads()
+    ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(), _cfg(**kw)).train(make_views_fn(items), len(items))
+    env = read_json(tmp_path / "checkpoint-2" / "trainer_state.json")["environment"]
+    assert env == {"torch": torch.__version__, "threads": threads, "device": "cpu", "num_processes": 1}
+    with warnings.catch_warnings():  # the same environment resumes silently
+        warnings.simplefilter("error", RuntimeWarning)
+        ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
+                           _cfg(**kw, resume_from=str(tmp_path / "checkpoint-2"))).train(make_views_fn(items), len(items))
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"threads: {threads} -> {other}.*not be bit-identical"):
+            hist = ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
+                                      _cfg(**kw, resume_from=str(tmp_path / "checkpoint-2"))).train(
+                make_views_fn(items), len(items))
+    finally:
+        torch.set_num_threads(threads)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+
+
 def test_resume_from_explicit_folder_and_mismatch(tok_path: str, tmp_path: Path) -> None:
     items = make_items(16)
     ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
