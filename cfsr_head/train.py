@@ -135,8 +135,9 @@ class TrainConfig:
 def compute_environment(device: torch.device | str = "cpu", num_processes: int = 1) -> dict[str, Any]:
     """What a seeded run's exact numbers depend on beyond its configuration: the torch version,
     torch's intra-op thread count (CPU reductions split differently across threads), the device
-    and the number of processes."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+    type (``"cpu"``, ``"cuda"``; not the index, since every process of a run has its own GPU) and
+    the number of processes."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": torch.device(device).type,
             "num_processes": int(num_processes)}
 
 

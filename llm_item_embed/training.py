@@ -283,8 +283,9 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _environment(acc: Any) -> dict[str, Any]:
-    """What the exact numbers depend on beyond the config: torch version, threads, device, processes."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(acc.device),
+    """What the exact numbers depend on beyond the config: torch version, threads, device type (not
+    the index: every process of a run has its own GPU), processes."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": acc.device.type,
             "num_processes": int(acc.num_processes)}
 
 
