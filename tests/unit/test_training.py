@@ -1,6 +1,7 @@
 """ContrastiveTrainer: learning, checkpoints (safetensors/JSON, trainable only), resume, NaN guard."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +186,6 @@ def test_resume_equals_uninterrupted(tok_path: str, tmp_path: Path, mini: int | 
 
 
 def test_checkpoints_record_the_environment_and_a_resume_elsewhere_warns(tok_path: str, tmp_path: Path) -> None:
-    import warnings
-
     items = make_items(16)  # 2 steps per epoch, 4 in all, a checkpoint after steps 2 and 4
     kw = dict(epochs=2, save_every=2, output_dir=str(tmp_path))
     threads = torch.get_num_threads()
@@ -196,7 +195,8 @@ def test_checkpoints_record_the_environment_and_a_resume_elsewhere_warns(tok_pat
     with warnings.catch_warnings():  # the same environment resumes silently
         warnings.simplefilter("error", RuntimeWarning)
         ContrastiveTrainer(TinyEncoder(tok_path), ContrastiveLoss(),
-                           _cfg(**kw, resume_from=str(tmp_path / "checkpoint-2"))).train(make_views_fn(items), len(items))
+                           _cfg(**kw, resume_from=str(tmp_path / "checkpoint-2"))).train(
+            make_views_fn(items), len(items))
     other = 1 if threads > 1 else 2
     torch.set_num_threads(other)
     try:
