@@ -71,6 +71,8 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # the same one-epoch paper CFT under the concatenation dual view, the paper ablation that
     # validates best: whether the paper's CFT, given its full epoch, beats frozen MiniLM there
     Variant("w/o Cro 1ep", head=(CONCAT,), stage1=ONE_EPOCH),
+    # and under the single view on those embeddings (SAID's form with a tuned table; "w/o Se-view")
+    Variant("w/o Se-view 1ep", head=(ONE_VIEW,), stage1=ONE_EPOCH),
     # the pair CFT with partners left out of the in-batch negatives (ItemEmbedder.fit's default
     # mask_known_positives; the rows above push an anchor's partners away when they share its batch)
     Variant("w/o Cro pairCFT masked", head=(CONCAT,), stage1=PAIRS_MASKED),
