@@ -68,8 +68,8 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     # the paper form on the paper's own CFT budget, one pass over the items, instead of the
     # study's step budget: whether the paper CFT earns its place when it has seen every item
     Variant("LLM-CFSR 1ep", stage1=ONE_EPOCH),
-    # the same one-epoch paper CFT under the concatenation dual view, the paper ablation that
-    # validates best: whether the paper's CFT, given its full epoch, beats frozen MiniLM there
+    # the same one-epoch paper CFT under the concatenation dual view, the ablation with both views
+    # that validates best: whether the paper's CFT, given its full epoch, beats frozen MiniLM there
     Variant("w/o Cro 1ep", head=(CONCAT,), stage1=ONE_EPOCH),
     # and under the single view on those embeddings (SAID's form with a tuned table; "w/o Se-view")
     Variant("w/o Se-view 1ep", head=(ONE_VIEW,), stage1=ONE_EPOCH),
