@@ -427,10 +427,9 @@ def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
     torch.manual_seed(s2.seed)
     t0 = time.time()
     history: list = []
-    environment = compute_environment()
     if variant.popularity:
         model = PopularityModel.from_split(split)
-        best_valid = evaluate(model, split, split="valid").summary()
+        best_valid, environment = evaluate(model, split, split="valid").summary(), compute_environment()
     else:
         model = build_model(variant, s2, split, semantic)
         trainer = make_trainer(variant, s2, split, semantic, model, prior_table, output_dir=str(runs / f"{key}-ckpt"))

@@ -604,7 +604,8 @@ class Trainer:
             return None
         saved = read_json(last / "trainer_state.json")
         self._check_resumable(saved)
-        self._warn_if_environment_changed(saved)
+        if self.accelerator.is_main_process:  # once per run, not once per process
+            self._warn_if_environment_changed(saved)
         self._load_model(last / "model.safetensors")
         opt_tensors, _ = load_safetensors(last / "optimizer.safetensors")
         opt_state = unflatten_optimizer_state(opt_tensors, saved["optimizer"])

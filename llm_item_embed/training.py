@@ -289,6 +289,17 @@ def _environment(acc: Any) -> dict[str, Any]:
             "num_processes": int(acc.num_processes)}
 
 
+def _warn_if_environment_changed(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resume under another torch, thread count or device is allowed but not bit-identical."""
+    if not saved:  # checkpoints written before the environment was recorded
+        return
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    if changed:
+        warnings.warn(f"{path}: resuming a run saved under a different environment ({', '.join(changed)}); "
+                      "the resumed run will not be bit-identical to an uninterrupted one",
+                      RuntimeWarning, stacklevel=4)
+
+
 def _jsonable(obj: Any) -> Any:
     try:
         json.dumps(obj)
@@ -405,8 +416,9 @@ class ContrastiveTrainer:
         self.history = []
         ckpt = self._resolve_resume()
         if ckpt is not None:  # parameters go in before prepare() (FSDP/ZeRO shard them there)
-            self._check_resume_state(ckpt, n_items=int(n_items), b=b, spe=spe, total=total)
-            self._warn_if_environment_changed(ckpt, acc)
+            saved = self._check_resume_state(ckpt, n_items=int(n_items), b=b, spe=spe, total=total)
+            if acc.is_main_process:  # once per run, not once per process
+                _warn_if_environment_changed(ckpt, saved.get("environment"), _environment(acc))
             self._load_params(ckpt)
         model, acc_opt = acc.prepare(self.encoder, optimizer)
         self._model = model
@@ -616,7 +628,8 @@ class ContrastiveTrainer:
         acc.wait_for_everyone()
         self.last_checkpoint = str(final)
 
-    def _check_resume_state(self, path: Path, *, n_items: int, b: int, spe: int, total: int) -> None:
+    def _check_resume_state(self, path: Path, *, n_items: int, b: int, spe: int, total: int) -> dict[str, Any]:
+        """The checkpoint's trainer state, once it is known to continue this run's data order."""
         state = read_json(path / "trainer_state.json")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
@@ -629,18 +642,7 @@ class ContrastiveTrainer:
         if saved is not None and now is not None and saved != now:
             raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's "
                              f"(items, prompts or positive pairs changed; fingerprint {saved[:12]} vs {now[:12]})")
-
-    @staticmethod
-    def _warn_if_environment_changed(path: Path, acc: Any) -> None:
-        """A resume under another torch, thread count or device is allowed but not bit-identical."""
-        saved, now = read_json(path / "trainer_state.json").get("environment"), _environment(acc)
-        if not saved:  # checkpoints written before the environment was recorded
-            return
-        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-        if changed:
-            warnings.warn(f"{path}: resuming a run saved under a different environment ({', '.join(changed)}); "
-                          "the resumed run will not be bit-identical to an uninterrupted one",
-                          RuntimeWarning, stacklevel=4)
+        return state
 
     def _load_params(self, path: Path) -> None:
         trainable = self._trainable()
