@@ -73,6 +73,10 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     Variant("w/o Cro 1ep", head=(CONCAT,), stage1=ONE_EPOCH),
     # and under the single view on those embeddings (SAID's form with a tuned table; "w/o Se-view")
     Variant("w/o Se-view 1ep", head=(ONE_VIEW,), stage1=ONE_EPOCH),
+    # the paper form on the paper CFT repeated with other stage-1 seeds (LoRA init, masks, item
+    # order): how far the CFT run alone moves stage 2, which per-user p-values over stage-2 seeds miss
+    Variant("LLM-CFSR cftseed1", stage1=(("seed", 1),)),
+    Variant("LLM-CFSR cftseed2", stage1=(("seed", 2),)),
     # the pair CFT with partners left out of the in-batch negatives (ItemEmbedder.fit's default
     # mask_known_positives; the rows above push an anchor's partners away when they share its batch)
     Variant("w/o Cro pairCFT masked", head=(CONCAT,), stage1=PAIRS_MASKED),
