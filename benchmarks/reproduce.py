@@ -247,6 +247,9 @@ class Study:
     sensitivity_k: tuple[int, ...] = SENSITIVITY_K    # stage-1 view counts of the sensitivity part
     report_only: bool = False           # train nothing: report the cached runs, list the missing ones
     stage1_only: bool = False           # compute (or find) the rows' item embeddings and stop before stage 2
+    # each seed of a CFT row fits its own CFT, seeded with the run's seed (False: every seed shares the
+    # study's one CFT, and a row's spread and p-values count stage-2 seeds only)
+    stage1_seed_per_run: bool = False
     quick: bool = False
     command: str = ""                 # the command line that made this study (printed in the report)
 
@@ -480,6 +483,13 @@ class Runner:
             return None
         return dataclasses.replace(self.study.stage1, tuned=(variant.semantic == "cft"), **dict(variant.stage1))
 
+    def with_seed(self, variant: Variant, seed: int) -> Variant:
+        """``variant`` as run with ``seed``: with ``Study.stage1_seed_per_run`` a CFT row's stage 1 is
+        seeded with the run's seed (one CFT per seed); otherwise ``variant`` itself."""
+        if not self.study.stage1_seed_per_run or variant.semantic != "cft":
+            return variant
+        return dataclasses.replace(variant, stage1=(*variant.stage1, ("seed", seed)))
+
     def semantic(self, variant: Variant) -> tuple[np.ndarray | None, str | None]:
         s1 = self.stage1_settings(variant)
         if s1 is None:
@@ -498,7 +508,7 @@ class Runner:
         with every other seed (the other losses keep their first-seed run: every choice is made on
         validation, and seeds are spent on the configuration the claims are about).
         Returns ``{loss: [record per seed]}``."""
-        semantic, emb_key = self.semantic(variant)
+        semantic, emb_key = self.semantic(self.with_seed(variant, seeds[0]))
         if variant.popularity:
             rec = self._run(variant, Stage2(seed=0), None, None)
             return {"-": [rec]} if rec is not None else {}
@@ -518,7 +528,8 @@ class Runner:
         if not out:
             return out
         loss = best_loss(out)
-        more = [self._run(variant, dataclasses.replace(chosen[loss], seed=s), semantic, emb_key) for s in seeds[1:]]
+        more = [self._run(variant, dataclasses.replace(chosen[loss], seed=s), *self.semantic(self.with_seed(variant, s)))
+                for s in seeds[1:]]
         out[loss] += [r for r in more if r is not None]
         return out
 
@@ -767,6 +778,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
              f"lr {study.stage1.lr}, " + (f"{study.stage1.max_steps} steps" if study.stage1.max_steps else
                                           f"{study.stage1.epochs} epoch(s)")
              + f", {study.stage1.pooling} pooling, prompts cut at {study.stage1.max_length} tokens."
+             + (" Each seed of a fine-tuned row fits its own CFT, seeded with the run's seed, so its spread and"
+                " p-values count the CFT run too." if study.stage1_seed_per_run else "")
              + _stage1_rows_sentence(stage1_rows or {}),
              f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
              f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}")
@@ -790,7 +803,8 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                                        "grid": {k: list(v) for k, v in study.grid.items()},
                                                        "parts": list(study.parts), "losses": list(study.losses),
                                                        "sensitivity_r": list(study.sensitivity_r),
-                                                       "sensitivity_k": list(study.sensitivity_k)},
+                                                       "sensitivity_k": list(study.sensitivity_k),
+                                                       "stage1_seed_per_run": study.stage1_seed_per_run},
                            "variants": {}}
     for vname, runs in results.items():
         raw["variants"][vname] = {loss: [{"seed": r["stage2"]["seed"], "dropout": r["stage2"]["dropout"],
@@ -944,6 +958,8 @@ def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
         base = study.stage1
         variants += [sensitivity_variant(r, base.n_views, base) for r in study.sensitivity_r]
         variants += [sensitivity_variant(base.drop_prob, k, base) for k in study.sensitivity_k]
+    if study.stage1_seed_per_run:
+        variants = [runner.with_seed(v, s) for v in variants for s in study.seeds]
     done: set[Path] = set()
     for variant in variants:
         settings = runner.stage1_settings(variant)
@@ -998,6 +1014,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
                    help="variants tested against every other row (paired t-test), beside the LLM-CFSR forms")
     p.add_argument("--all-seeds", nargs="+", default=(), choices=[*VARIANTS, DECODER_ROW], metavar="NAME",
                    help="variants outside the main table to run with every seed too (default: first seed only)")
+    p.add_argument("--stage1-seed-per-run", action="store_true",
+                   help="each seed of a fine-tuned row fits its own CFT, seeded with the run's seed, so the row's "
+                        "spread and p-values count the CFT run (default: all seeds share one CFT)")
     p.add_argument("--sensitivity-r", type=float, nargs="+", default=None, metavar="R",
                    help=f"drop probabilities of the sensitivity part (default {SENSITIVITY_R}; "
                         f"--quick: {SENSITIVITY_R[1:4]})")
@@ -1066,7 +1085,8 @@ def parse_args(argv: list[str] | None = None) -> Study:
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
                  significance=tuple(a.significance), all_seeds=tuple(a.all_seeds), quick=a.quick,
                  sensitivity_r=tuple(a.sensitivity_r or sens_r), sensitivity_k=tuple(a.sensitivity_k or sens_k),
-                 report_only=a.report_only, stage1_only=a.stage1_only, command=command)
+                 report_only=a.report_only, stage1_only=a.stage1_only,
+                 stage1_seed_per_run=a.stage1_seed_per_run, command=command)
 
 
 def main(argv: list[str] | None = None) -> int:

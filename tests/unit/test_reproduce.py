@@ -500,6 +500,50 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
         rp.parse_args(["--dataset", str(data), "--all-seeds", "w/o Cross"])
 
 
+def test_stage1_seed_per_run_gives_each_seed_of_a_cft_row_its_own_cft(tmp_path, monkeypatch):
+    """With --stage1-seed-per-run a fine-tuned row's seed s trains on a CFT seeded with s (seed 0's is
+    the default CFT, so cached runs stay valid); frozen rows keep one table; without it all share one."""
+    import numpy as np
+
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+
+    def runs_of(flag: list[str]) -> tuple[list[tuple[bool, int]], dict[str, list[tuple[int, str]]]]:
+        fitted: list[tuple[bool, int]] = []
+        trained: dict[str, list[tuple[int, str]]] = {}
+
+        def fake_stage1(study, settings, items, interactions):
+            fitted.append((settings.tuned, settings.seed))
+            return {i: np.full(4, float(settings.seed)) for i in items["item_id"]}
+
+        def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+            trained.setdefault(variant.name, []).append((s2.seed, key))
+            return {"valid": {"Overall": {"NDCG@10": 0.1}}, "stage2": {"loss": s2.loss, "seed": s2.seed}}
+
+        monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
+        monkeypatch.setattr(rp, "run_stage2", fake_run)
+        study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "2", "--losses", "ce", "--dropout-grid",
+                               "0.2", "--lr-grid", "0.001", "--workdir", str(tmp_path / "w"), *flag])
+        runner = rp.Runner(study)
+        for name in ("LLM-CFSR", "SAID"):
+            runner.run(rp.VARIANTS[name], study.seeds)
+        return fitted, trained
+
+    fitted, trained = runs_of(["--stage1-seed-per-run"])
+    assert sorted(fitted) == [(False, 0), (True, 0), (True, 1), (True, 2)]
+    cft_keys = [key for _, key in trained["LLM-CFSR"]]
+    assert [s for s, _ in trained["LLM-CFSR"]] == [0, 1, 2] and len(set(cft_keys)) == 3
+    assert len({key for _, key in trained["SAID"]}) == 1
+    default = rp.Runner(rp.parse_args(["--dataset", str(data), "--workdir", str(tmp_path / "w")]))
+    assert cft_keys[0] == default.semantic(rp.VARIANTS["LLM-CFSR"])[1]  # seed 0 reuses the study's CFT
+
+    fitted, trained = runs_of([])
+    assert sorted(fitted) == [(False, 0), (True, 0)]
+    assert len({key for _, key in trained["LLM-CFSR"]}) == 1
+
+
 def test_the_decoder_row_takes_every_seed_when_named_in_all_seeds(tmp_path, monkeypatch):
     from benchmarks import reproduce as rp
 
