@@ -485,7 +485,8 @@ class Runner:
 
     def with_seed(self, variant: Variant, seed: int) -> Variant:
         """``variant`` as run with ``seed``: with ``Study.stage1_seed_per_run`` a CFT row's stage 1 is
-        seeded with the run's seed (one CFT per seed); otherwise ``variant`` itself."""
+        seeded with the run's seed (one CFT per seed; a row's own stage-1 seed is replaced);
+        otherwise ``variant`` itself."""
         if not self.study.stage1_seed_per_run or variant.semantic != "cft":
             return variant
         return dataclasses.replace(variant, stage1=(*variant.stage1, ("seed", seed)))
@@ -928,11 +929,9 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
         return stage1_only(study, runner, [known[n] for n in names])
     results: dict[str, dict[str, list[dict]]] = {}
     for n in names:
-        seeds = study.seeds if n in PARTS["main"] or n in study.all_seeds else study.seeds[:1]
-        results[n] = runner.run(known[n], seeds)
+        results[n] = runner.run(known[n], seeds_of(study, n))
     if study.decoder:
-        results[DECODER_ROW] = runner.run(known[DECODER_ROW],
-                                          study.seeds if DECODER_ROW in study.all_seeds else study.seeds[:1])
+        results[DECODER_ROW] = runner.run(known[DECODER_ROW], seeds_of(study, DECODER_ROW))
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:
@@ -948,6 +947,12 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     return write_report(study, results, sens, runner.missing, runner.searched, stage1_rows)
 
 
+def seeds_of(study: Study, name: str) -> tuple[int, ...]:
+    """The seeds a row runs with: every seed for the main table and the rows ``--all-seeds`` names,
+    the first seed for the rest."""
+    return study.seeds if name in PARTS["main"] or name in study.all_seeds else study.seeds[:1]
+
+
 def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
     """Compute (or find in the cache) the item embeddings of ``variants``, of the decoder row and of the
     sensitivity points the study names, train nothing else, and print each file; returns their folder
@@ -958,8 +963,8 @@ def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
         base = study.stage1
         variants += [sensitivity_variant(r, base.n_views, base) for r in study.sensitivity_r]
         variants += [sensitivity_variant(base.drop_prob, k, base) for k in study.sensitivity_k]
-    if study.stage1_seed_per_run:
-        variants = [runner.with_seed(v, s) for v in variants for s in study.seeds]
+    if study.stage1_seed_per_run:  # each seed the row will run with (sensitivity points: the first)
+        variants = [runner.with_seed(v, s) for v in variants for s in seeds_of(study, v.name)]
     done: set[Path] = set()
     for variant in variants:
         settings = runner.stage1_settings(variant)

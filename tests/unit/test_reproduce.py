@@ -543,6 +543,16 @@ def test_stage1_seed_per_run_gives_each_seed_of_a_cft_row_its_own_cft(tmp_path, 
     assert sorted(fitted) == [(False, 0), (True, 0)]
     assert len({key for _, key in trained["LLM-CFSR"]}) == 1
 
+    # --stage1-only fits what the runs would use: every seed's CFT for a main-table row, the first
+    # seed's for a row outside it (the sensitivity point r = 0.3)
+    for flag, expected in ((["--stage1-seed-per-run"], [(False, 0), (True, 0), (True, 0), (True, 1)]),
+                           ([], [(False, 0), (True, 0), (True, 0)])):
+        fitted.clear()
+        rp.run_study(rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "--parts", "main", "sensitivity",
+                                    "--sensitivity-r", "0.3", "--sensitivity-k", "2", "--stage1-only",
+                                    "--workdir", str(tmp_path / f"w{len(flag)}"), *flag]))
+        assert sorted(fitted) == expected
+
 
 def test_the_decoder_row_takes_every_seed_when_named_in_all_seeds(tmp_path, monkeypatch):
     from benchmarks import reproduce as rp
