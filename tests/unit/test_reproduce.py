@@ -553,6 +553,17 @@ def test_stage1_seed_per_run_gives_each_seed_of_a_cft_row_its_own_cft(tmp_path, 
                                     "--workdir", str(tmp_path / f"w{len(flag)}"), *flag]))
         assert sorted(fitted) == expected
 
+    # the page and its JSON say which way the seeds were spent
+    monkeypatch.setattr(rp, "run_stage2", lambda study, variant, s2, *args, **kw: {
+        **record(0.1, 0.05), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}})
+    for flag in (["--stage1-seed-per-run"], []):
+        out = tmp_path / f"out{len(flag)}"
+        text = rp.run_study(rp.parse_args(["--dataset", str(data), "--quick", "--parts", "sensitivity", "--losses", "ce",
+                                           "--sensitivity-r", "0.2", "--sensitivity-k", "2", "--workdir",
+                                           str(tmp_path / f"w{len(flag)}"), "--out", str(out), *flag])).read_text()
+        assert ("fits its own CFT" in text) == bool(flag)
+        assert strict_json(out / "toy.json")["study"]["stage1_seed_per_run"] is bool(flag)
+
 
 def test_the_decoder_row_takes_every_seed_when_named_in_all_seeds(tmp_path, monkeypatch):
     from benchmarks import reproduce as rp
