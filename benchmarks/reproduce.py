@@ -627,6 +627,17 @@ def paired_p(study: Study, a: list[dict], b: list[dict], protocol: str, group: s
     return p, float(gain)
 
 
+def runs_p(a: list[dict], b: list[dict], protocol: str, group: str) -> float:
+    """Welch t-test over runs of test NDCG@10, each seed one unit (with ``--stage1-seed-per-run`` a
+    unit counts the CFT run too): p, or NaN when either row has fewer than two runs."""
+    from scipy.stats import ttest_ind
+
+    x, y = ([r["test"][protocol][group]["NDCG@10"] for r in runs] for runs in (a, b))
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+    return float(ttest_ind(x, y, equal_var=False).pvalue)
+
+
 def _json_safe(obj: Any) -> Any:
     """``obj`` with every non-finite float (no test possible, zero baseline, missing metric) as None:
     ``json.dumps`` would write the invalid ``NaN``; JSON readers get null."""
@@ -857,13 +868,16 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
         lines += ["## Significance", "",
                   "Paired t-test over users of per-user N@10 (averaged over seeds): each LLM-CFSR form (and each "
                   "variant named with --significance), best loss, against each variant's best-loss version; "
-                  "gain = relative difference of the means.", ""]
+                  "gain = relative difference of the means. p (runs) = Welch t-test over the rows' runs (test "
+                  "N@10 per seed), n/a below two runs a row: the per-user p counts users, so it cannot see how "
+                  "far a repeated run moves (a stage-2 seed, or with --stage1-seed-per-run the CFT run); "
+                  "p (runs) can, with the little power of a few runs.", ""]
         raw["significance"] = {}
         for ours_name in ours_names:
             ours = results[ours_name][best_loss(results[ours_name])]
             lines += [f"{ours_name} against:", "",
-                      "| against | protocol | Overall gain | Overall p | Tail-item gain | Tail-item p |",
-                      "|---|---|---|---|---|---|"]
+                      "| against | protocol | Overall gain | Overall p | Overall p (runs) | Tail-item gain | "
+                      "Tail-item p | Tail-item p (runs) |", "|---|---|---|---|---|---|---|---|"]
             sig = raw["significance"].setdefault(ours_name, {})  # form -> other -> protocol -> group
             for other, runs in results.items():
                 if other == ours_name:
@@ -873,8 +887,11 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                     cells = []
                     for group in ("Overall", "Tail item"):
                         p, gain = paired_p(study, ours, theirs, protocol, group)
-                        cells += [f"{gain:+.1%}" if math.isfinite(gain) else "n/a (zero baseline)", f"{p:.2g}"]
-                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain}
+                        p_runs = runs_p(ours, theirs, protocol, group)
+                        cells += [f"{gain:+.1%}" if math.isfinite(gain) else "n/a (zero baseline)", f"{p:.2g}",
+                                  f"{p_runs:.2g}" if math.isfinite(p_runs) else "n/a"]
+                        sig.setdefault(other, {}).setdefault(protocol, {})[group] = {"p": p, "gain": gain,
+                                                                                     "p_runs": p_runs}
                     lines.append(f"| {other} | {protocol} | " + " | ".join(cells) + " |")
             lines.append("")
 

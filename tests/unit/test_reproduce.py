@@ -995,6 +995,44 @@ def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_
     assert "| Pop | full | n/a (zero baseline) |" in text
 
 
+def test_significance_gives_a_welch_p_over_runs_beside_the_per_user_p(tmp_path, monkeypatch):
+    """Each row's runs (one per seed) are the units of p (runs): it reads each run's test N@10 of the
+    cell's protocol and group, and is n/a (null in the JSON) for a row with one run."""
+    import pandas as pd
+    from scipy.stats import ttest_ind
+
+    from benchmarks import reproduce as rp
+
+    def runs(full: list[float], sampled: list[float]) -> list[dict]:
+        out = []
+        for seed, (f, s) in enumerate(zip(full, sampled)):
+            r = {**record(0.1, f), "stage2": {"seed": seed, "dropout": 0.2, "loss": "ce"}}
+            r["test"] = {"full": record(0.1, f)["test"]["full"], "sampled": record(0.1, s)["test"]["sampled"]}
+            out.append(r)
+        return out
+
+    ours = runs([0.050, 0.052, 0.047], [0.36, 0.35, 0.37])
+    theirs = runs([0.044, 0.045, 0.043], [0.30, 0.38, 0.34])
+    single = runs([0.040], [0.30])
+    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group:
+                        pd.Series([0.5 * len(records), 0.1, 0.3], index=["u1", "u2", "u3"]) + records[0]["stage2"]["seed"])
+    study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0, 1, 2))
+    text = rp.write_report(study, {"SASRec": {"ce": theirs}, "Pop": {"ce": single}, "LLM-CFSR": {"ce": ours}},
+                           {}).read_text()
+
+    sig = strict_json(tmp_path / "out" / "toy.json")["significance"]["LLM-CFSR"]
+    for protocol, a, b in (("full", [0.050, 0.052, 0.047], [0.044, 0.045, 0.043]),
+                           ("sampled", [0.36, 0.35, 0.37], [0.30, 0.38, 0.34])):
+        expected = ttest_ind(a, b, equal_var=False).pvalue
+        assert sig["SASRec"][protocol]["Overall"]["p_runs"] == pytest.approx(expected)
+        assert sig["Pop"][protocol]["Tail item"]["p_runs"] is None
+    assert sig["SASRec"]["full"]["Overall"]["p_runs"] < 0.05 < sig["SASRec"]["sampled"]["Overall"]["p_runs"]
+    assert "Overall p (runs)" in text and "Tail-item p (runs)" in text
+    full_row = next(line for line in text.splitlines() if line.startswith("| SASRec | full |"))
+    assert full_row.split(" | ")[4] == f"{sig['SASRec']['full']['Overall']['p_runs']:.2g}"
+    assert next(line for line in text.splitlines() if line.startswith("| Pop | full |")).endswith("| n/a |")
+
+
 def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_path, monkeypatch):
     """r points keep the study's K and K points its r; the point equal to the study's stage 1 is the
     LLM-CFSR variant itself (no second training under another name); table, JSON and plot written."""
