@@ -1014,9 +1014,10 @@ def test_significance_gives_a_welch_p_over_runs_beside_the_per_user_p(tmp_path, 
     ours = runs([0.050, 0.052, 0.047], [0.36, 0.35, 0.37])
     theirs = runs([0.044, 0.045, 0.043], [0.30, 0.38, 0.34])
     single = runs([0.040], [0.30])
-    per_user = {id(ours): [0.5, 0.1, 0.3], id(theirs): [0.4, 0.1, 0.2], id(single): [0.0, 0.1, 0.0]}
-    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group:
-                        pd.Series(per_user[id(records)], index=["u1", "u2", "u3"]))
+    # each row's per-user values, found by the row's first full-ranking N@10 (distinct per row)
+    per_user = {0.050: [0.5, 0.1, 0.3], 0.044: [0.4, 0.1, 0.2], 0.040: [0.0, 0.1, 0.0]}
+    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group: pd.Series(
+        per_user[records[0]["test"]["full"]["Overall"]["NDCG@10"]], index=["u1", "u2", "u3"]))
     study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0, 1, 2))
     text = rp.write_report(study, {"SASRec": {"ce": theirs}, "Pop": {"ce": single}, "LLM-CFSR": {"ce": ours}},
                            {}).read_text()
