@@ -245,6 +245,7 @@ class Study:
     all_seeds: tuple[str, ...] = ()     # variants outside the main table that are also run with every seed
     sensitivity_r: tuple[float, ...] = SENSITIVITY_R  # stage-1 drop probabilities of the sensitivity part
     sensitivity_k: tuple[int, ...] = SENSITIVITY_K    # stage-1 view counts of the sensitivity part
+    sensitivity_seeds: int = 1          # each sensitivity point runs with the first this many seeds
     report_only: bool = False           # train nothing: report the cached runs, list the missing ones
     stage1_only: bool = False           # compute (or find) the rows' item embeddings and stop before stage 2
     # each seed of a CFT row fits its own CFT, seeded with the run's seed (False: every seed shares the
@@ -568,6 +569,13 @@ def mean_std(records: list[dict], protocol: str, group: str, metric: str) -> tup
     return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
 
+def mean_test(records: list[dict]) -> dict:
+    """The runs' test metrics averaged, in the records' own ``{protocol: {group: {metric: value}}}`` shape."""
+    first = records[0]["test"]
+    return {protocol: {group: {metric: mean_std(records, protocol, group, metric)[0] for metric in metrics}
+                       for group, metrics in groups.items()} for protocol, groups in first.items()}
+
+
 def best_loss(runs: dict[str, list[dict]]) -> str:
     """The loss whose first-seed run has the best validation NDCG@10 (never chosen on test; the
     first seed is the one every loss was trained with, so the comparison is like for like)."""
@@ -693,8 +701,9 @@ def plot_bars(path: Path, rows: list[tuple[str, list[dict]]], title: str) -> Non
     plt.close(fig)
 
 
-def plot_sensitivity(path: Path, r_rows: list[tuple[float, dict]], k_rows: list[tuple[int, dict]]) -> None:
-    """Test N@10 against r and against K; one row of panels per protocol (their scales differ ~10x)."""
+def plot_sensitivity(path: Path, r_rows: list[tuple[float, list[dict]]], k_rows: list[tuple[int, list[dict]]]) -> None:
+    """Test N@10 against r and against K, mean over each point's runs with one standard deviation as
+    error bars; one row of panels per protocol (their scales differ ~10x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -706,7 +715,8 @@ def plot_sensitivity(path: Path, r_rows: list[tuple[float, dict]], k_rows: list[
         for row, protocol in enumerate(PROTOCOLS):
             ax = axes[row][col]
             for group, style in (("Overall", "-o"), ("Tail item", "--s")):
-                ax.plot(xs, [rec["test"][protocol][group]["NDCG@10"] for _, rec in rows], style, label=group)
+                means, stds = zip(*(mean_std(recs, protocol, group, "NDCG@10") for _, recs in rows)) if rows else ((), ())
+                ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=group)
             ax.set_xticks(xs)
             ax.set_xlabel(label)
             ax.set_ylabel(f"test N@10 ({protocol})")
@@ -816,6 +826,7 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
                                                        "parts": list(study.parts), "losses": list(study.losses),
                                                        "sensitivity_r": list(study.sensitivity_r),
                                                        "sensitivity_k": list(study.sensitivity_k),
+                                                       "sensitivity_seeds": study.sensitivity_seeds,
                                                        "stage1_seed_per_run": study.stage1_seed_per_run},
                            "variants": {}}
     for vname, runs in results.items():
@@ -897,21 +908,31 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
 
     if sens.get("r") or sens.get("k"):
         s1 = study.stage1
+        n_runs = max(len(recs) for rows in sens.values() for _, recs in rows)
         lines += ["## Sensitivity of LLM-CFSR to the stage-1 drop probability r and view count K", "",
-                  f"One seed; r varies with K={s1.n_views}, K varies with r={s1.drop_prob} (the point equal to the "
+                  ("One seed" if n_runs == 1 else
+                   f"Up to {n_runs} seeds a point (mean ± std over the runs; the seeds column says how many)"
+                   + ("; each run fits its own CFT" if study.stage1_seed_per_run else ""))
+                  + f"; r varies with K={s1.n_views}, K varies with r={s1.drop_prob} (the point equal to the "
                   "study's stage 1 is the LLM-CFSR run itself); each point keeps the loss that validates best.", "",
-                  "| setting | loss | valid N@10 | full Overall N@10 | full Tail N@10 | "
-                  "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|---|---|"]
+                  "| setting | loss | seeds | valid N@10 | full Overall N@10 | full Tail N@10 | "
+                  "sampled Overall N@10 | sampled Tail N@10 |", "|---|---|---|---|---|---|---|---|"]
+        cells = [("full", "Overall"), ("full", "Tail item"), ("sampled", "Overall"), ("sampled", "Tail item")]
         for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", []))):
-            for x, rec in rows:
-                t = rec["test"]
-                lines.append(f"| {label}={x} | {rec['stage2']['loss'].upper()} | {_valid_ndcg(rec):.4f} | "
-                             f"{t['full']['Overall']['NDCG@10']:.4f} | {t['full']['Tail item']['NDCG@10']:.4f} | "
-                             f"{t['sampled']['Overall']['NDCG@10']:.4f} | {t['sampled']['Tail item']['NDCG@10']:.4f} |")
+            for x, recs in rows:
+                valid = np.array([_valid_ndcg(rec) for rec in recs])
+                lines.append(f"| {label}={x} | {recs[0]['stage2']['loss'].upper()} | {len(recs)} | "
+                             + " | ".join(_fmt(*stats, rank=-1) for stats in
+                                          [(float(valid.mean()), float(valid.std(ddof=1)) if len(valid) > 1 else 0.0),
+                                           *(mean_std(recs, pr, g, "NDCG@10") for pr, g in cells)]) + " |")
         plot_sensitivity(out / f"{name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
         lines += ["", f"![sensitivity]({name}_sensitivity.png)", ""]
-        raw["sensitivity"] = {label: [{"value": x, "loss": rec["stage2"]["loss"], "valid_NDCG@10": _valid_ndcg(rec),
-                                       "test": rec["test"]} for x, rec in rows]
+        raw["sensitivity"] = {label: [{"value": x, "loss": recs[0]["stage2"]["loss"],
+                                       "seeds": [rec["stage2"]["seed"] for rec in recs],
+                                       "valid_NDCG@10": float(np.mean([_valid_ndcg(rec) for rec in recs])),
+                                       "test": mean_test(recs),
+                                       "runs": [{"seed": rec["stage2"]["seed"], "valid_NDCG@10": _valid_ndcg(rec),
+                                                 "test": rec["test"]} for rec in recs]} for x, recs in rows]
                               for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", [])))}
 
     if searched:
@@ -952,11 +973,11 @@ def run_study(study: Study, extra_variants: dict[str, Variant] | None = None) ->
     results = {n: runs for n, runs in results.items() if runs}  # report-only: variants with no cached run
     sens: dict[str, list] = {}
     if "sensitivity" in study.parts:
-        seed, base = study.seeds[:1], study.stage1
-        sens["r"] = [(r, rec) for r in study.sensitivity_r
-                     if (rec := _best_record(runner.run(sensitivity_variant(r, base.n_views, base), seed)))]
-        sens["k"] = [(k, rec) for k in study.sensitivity_k
-                     if (rec := _best_record(runner.run(sensitivity_variant(base.drop_prob, k, base), seed)))]
+        seeds, base = study.seeds[:study.sensitivity_seeds], study.stage1
+        sens["r"] = [(r, recs) for r in study.sensitivity_r
+                     if (recs := _best_records(runner.run(sensitivity_variant(r, base.n_views, base), seeds)))]
+        sens["k"] = [(k, recs) for k in study.sensitivity_k
+                     if (recs := _best_records(runner.run(sensitivity_variant(base.drop_prob, k, base), seeds)))]
     if runner.missing:
         print(f"[report only] {len(runner.missing)} run(s) not cached, left out of the report:\n  "
               + "\n  ".join(runner.missing), flush=True)
@@ -976,12 +997,13 @@ def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
     (``bench_neighbours`` reads every file there)."""
     if study.decoder:
         variants = [*variants, smollm2_variant()]
-    if "sensitivity" in study.parts:
-        base = study.stage1
-        variants += [sensitivity_variant(r, base.n_views, base) for r in study.sensitivity_r]
-        variants += [sensitivity_variant(base.drop_prob, k, base) for k in study.sensitivity_k]
-    if study.stage1_seed_per_run:  # each seed the row will run with (sensitivity points: the first)
+    if study.stage1_seed_per_run:  # each seed the row will run with
         variants = [runner.with_seed(v, s) for v in variants for s in seeds_of(study, v.name)]
+    if "sensitivity" in study.parts:
+        base, seeds = study.stage1, study.seeds[:study.sensitivity_seeds]
+        points = [sensitivity_variant(r, base.n_views, base) for r in study.sensitivity_r]
+        points += [sensitivity_variant(base.drop_prob, k, base) for k in study.sensitivity_k]
+        variants += [runner.with_seed(v, s) for v in points for s in seeds] if study.stage1_seed_per_run else points
     done: set[Path] = set()
     for variant in variants:
         settings = runner.stage1_settings(variant)
@@ -993,8 +1015,9 @@ def stage1_only(study: Study, runner: Runner, variants: list[Variant]) -> Path:
     return study.workdir / study.name / "embeddings"
 
 
-def _best_record(runs: dict[str, list[dict]]) -> dict | None:
-    return runs[best_loss(runs)][0] if runs else None
+def _best_records(runs: dict[str, list[dict]]) -> list[dict]:
+    """The runs (one per seed) of the loss that validates best; empty when nothing ran."""
+    return runs[best_loss(runs)] if runs else []
 
 
 def parse_args(argv: list[str] | None = None) -> Study:
@@ -1044,6 +1067,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
                         f"--quick: {SENSITIVITY_R[1:4]})")
     p.add_argument("--sensitivity-k", type=int, nargs="+", default=None, metavar="K",
                    help=f"view counts of the sensitivity part (default {SENSITIVITY_K}; --quick: {SENSITIVITY_K[:2]})")
+    p.add_argument("--sensitivity-seeds", type=int, default=1, metavar="N",
+                   help="each sensitivity point runs with the first N of --seeds (default 1, as the protocol "
+                        "asks); with --stage1-seed-per-run every run fits its own CFT, so the spread counts it")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the runs already cached (missing ones are listed "
                         "and left out; rows show how many seeds they have)")
@@ -1098,6 +1124,9 @@ def parse_args(argv: list[str] | None = None) -> Study:
         grid["lr"] = tuple(dict.fromkeys(a.lr_grid))
     if a.sensitivity_r and not all(0 < r < 1 for r in a.sensitivity_r):
         p.error(f"--sensitivity-r: drop probabilities must lie in (0, 1), got {a.sensitivity_r}")
+    if not 1 <= a.sensitivity_seeds <= len(a.seeds or seeds):
+        p.error(f"--sensitivity-seeds: must lie in 1..{len(a.seeds or seeds)} (the number of --seeds), "
+                f"got {a.sensitivity_seeds}")
     if a.sensitivity_k and min(a.sensitivity_k) < 2:
         p.error(f"--sensitivity-k: contrastive fine-tuning needs at least 2 views, got {a.sensitivity_k}")
     return Study(dataset=folder.resolve(), workdir=Path(a.workdir), out_dir=Path(a.out),
@@ -1107,6 +1136,7 @@ def parse_args(argv: list[str] | None = None) -> Study:
                  decoder=a.decoder, stage1=stage1, stage2=stage2, grid=grid, losses=tuple(dict.fromkeys(a.losses)),
                  significance=tuple(a.significance), all_seeds=tuple(a.all_seeds), quick=a.quick,
                  sensitivity_r=tuple(a.sensitivity_r or sens_r), sensitivity_k=tuple(a.sensitivity_k or sens_k),
+                 sensitivity_seeds=a.sensitivity_seeds,
                  report_only=a.report_only, stage1_only=a.stage1_only,
                  stage1_seed_per_run=a.stage1_seed_per_run, command=command)
 

@@ -1080,6 +1080,58 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
         rp.parse_args(["--dataset", str(data), "--sensitivity-k", "1"])
 
 
+def test_sensitivity_points_run_with_several_seeds_each_with_its_own_cft(tmp_path, monkeypatch):
+    """--sensitivity-seeds N: every point runs with the first N seeds (with --stage1-seed-per-run each
+    run fits its own CFT, and --stage1-only fits all of them); the table shows mean ± std and the
+    number of runs, the JSON the mean beside every run; N beyond --seeds is refused."""
+    import numpy as np
+    import pytest
+
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    args = ["--dataset", str(data), "--quick", "--parts", "sensitivity", "--losses", "ce", "--seeds", "0", "1", "2",
+            "--sensitivity-seeds", "2", "--sensitivity-r", "0.1", "0.2", "--sensitivity-k", "2",
+            "--stage1-seed-per-run", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]
+    fitted: list[tuple[float, int]] = []
+    trained: list[tuple[str, int]] = []
+
+    def fake_stage1(study, settings, items, interactions):
+        fitted.append((settings.drop_prob, settings.seed))
+        return {i: np.ones(4) for i in items["item_id"]}
+
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+        trained.append((variant.name, s2.seed))
+        test = 0.01 * (1 + s2.seed) * (2 if "r=0.1" in variant.name else 1)
+        return {**record(0.1 + test, test), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}}
+
+    monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
+    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    rp.run_study(rp.parse_args([*args, "--stage1-only"]))
+    assert sorted(fitted) == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]  # seed 2 is not a sensitivity seed
+
+    fitted.clear()
+    text = rp.run_study(rp.parse_args(args)).read_text()
+    assert sorted(set(fitted)) == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]  # the runs use those CFTs
+    # (the fake trainer caches nothing, so the paper point, r=0.2 and K=2 alike, is trained once per list)
+    assert sorted(trained) == [("LLM-CFSR", 0), ("LLM-CFSR", 0), ("LLM-CFSR", 1), ("LLM-CFSR", 1),
+                               ("LLM-CFSR r=0.1 K=2", 0), ("LLM-CFSR r=0.1 K=2", 1)]
+    # r=0.1: test N@10 0.02 and 0.04 -> mean 0.03, sample std 0.0141
+    row = next(line for line in text.splitlines() if line.startswith("| r=0.1 |"))
+    assert row.split(" | ")[1:4] == ["CE", "2", "0.1300 ± 0.0141"]
+    assert row.endswith("| 0.0300 ± 0.0141 |")
+    assert "Up to 2 seeds a point" in text and "each run fits its own CFT" in text
+    raw = strict_json(tmp_path / "out" / "toy.json")
+    point = raw["sensitivity"]["r"][0]
+    assert (point["value"], point["seeds"]) == (0.1, [0, 1])
+    assert point["test"]["sampled"]["Tail item"]["NDCG@10"] == pytest.approx(0.03)
+    assert [run["test"]["full"]["Overall"]["NDCG@10"] for run in point["runs"]] == pytest.approx([0.02, 0.04])
+    assert raw["study"]["sensitivity_seeds"] == 2
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "--sensitivity-seeds", "3"])
+
+
 def test_bench_views_halves_add_up_to_the_fused_dot_product_and_score_like_full_scores():
     import pytest
     import torch
