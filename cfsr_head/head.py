@@ -53,7 +53,7 @@ class DualViewConfig:
       added later by ``add_items``). Decoder LLM embeddings are often nearly one direction
       (SmolLM2-135M on MovieLens: mean pairwise cosine 0.96), so that without it every item
       starts with almost the same semantic representation. Measured there (3 seeds) it is no
-      reliable gain: +7% full-ranking N@10 (p = 0.35), -8% sampled (docs/results/README.md).
+      reliable gain: +7% full-ranking N@10 (p = 0.35), -8% sampled (docs/results/log.md).
     - ``use_semantic`` / ``use_collaborative``: switch a view off ("w/o semantic", "w/o
       collaborative"); with one view the output width is d instead of 2d and there is no
       cross-attention. "w/o CFT" needs no switch: pass any semantic table.
@@ -92,7 +92,7 @@ class DualViewConfig:
       semantic coordinates as popular ones (Beauty, concatenation dual view, seed 0: cosine to the
       initial row 0.76 for head items and 0.77 for tail items, ``benchmarks/bench_drift.py``).
       Measured on Beauty (SAID, one seed) it does not pay: 0.1 leaves full-ranking N@10 unchanged,
-      1 and 10 lower it (docs/results/README.md).
+      1 and 10 lower it (docs/results/log.md).
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 

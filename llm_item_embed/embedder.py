@@ -202,7 +202,7 @@ class ItemEmbedder:
         to its item's target among the batch's (:class:`~llm_item_embed.losses.TargetAlignmentLoss`,
         cosine logits over ``target_temperature``, weight ``target_weight``), beside the paper's InfoNCE
         between views (weight ``view_weight``; 0 trains the alignment alone, which is what helped on
-        Amazon Beauty, see docs/results/README.md). Items without a target
+        Amazon Beauty, see docs/results/log.md). Items without a target
         (not in ``targets``, or a zero row) are neither anchors nor candidates of the alignment.
         ``target_init="ridge"`` starts the projection at the ridge readout of the targets from the
         un-tuned model's embeddings (one extra encoding pass over the table; skipped when resuming);
