@@ -908,10 +908,11 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
 
     if sens.get("r") or sens.get("k"):
         s1 = study.stage1
-        n_runs = max(len(recs) for rows in sens.values() for _, recs in rows)
+        counts = {len(recs) for rows in sens.values() for _, recs in rows}
         lines += ["## Sensitivity of LLM-CFSR to the stage-1 drop probability r and view count K", "",
-                  ("One seed" if n_runs == 1 else
-                   f"Up to {n_runs} seeds a point (mean ± std over the runs; the seeds column says how many)"
+                  ("One seed" if counts == {1} else
+                   ("" if len(counts) == 1 else "Up to ") + f"{max(counts)} seeds a point (mean ± std over the runs"
+                   + ("; the seeds column says how many)" if len(counts) > 1 else ")")
                    + ("; each run fits its own CFT" if study.stage1_seed_per_run else ""))
                   + f"; r varies with K={s1.n_views}, K varies with r={s1.drop_prob} (the point equal to the "
                   "study's stage 1 is the LLM-CFSR run itself); each point keeps the loss that validates best.", "",

@@ -1121,7 +1121,7 @@ def test_sensitivity_points_run_with_several_seeds_each_with_its_own_cft(tmp_pat
     row = next(line for line in text.splitlines() if line.startswith("| r=0.1 |"))
     assert row.split(" | ")[1:4] == ["CE", "2", "0.1300 ± 0.0141"]
     assert row.endswith("| 0.0300 ± 0.0141 |")
-    assert "Up to 2 seeds a point" in text and "each run fits its own CFT" in text
+    assert "2 seeds a point (mean ± std over the runs); each run fits its own CFT" in text
     raw = strict_json(tmp_path / "out" / "toy.json")
     point = raw["sensitivity"]["r"][0]
     assert (point["value"], point["seeds"]) == (0.1, [0, 1])
