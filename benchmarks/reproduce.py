@@ -564,9 +564,14 @@ def load_eval(study: Study, record: dict, protocol: str) -> EvalResult:
     return EvalResult.from_json(study.workdir / study.name / "runs" / f"{record['key']}.{protocol}.json")
 
 
-def mean_std(records: list[dict], protocol: str, group: str, metric: str) -> tuple[float, float]:
-    vals = np.array([r["test"][protocol][group][metric] for r in records], dtype=float)
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = np.asarray(values, dtype=float)
     return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+
+def mean_std(records: list[dict], protocol: str, group: str, metric: str) -> tuple[float, float]:
+    return _mean_std([r["test"][protocol][group][metric] for r in records])
 
 
 def mean_test(records: list[dict]) -> dict:
@@ -921,16 +926,15 @@ def write_report(study: Study, results: dict[str, dict[str, list[dict]]], sens: 
         cells = [("full", "Overall"), ("full", "Tail item"), ("sampled", "Overall"), ("sampled", "Tail item")]
         for label, rows in (("r", sens.get("r", [])), ("K", sens.get("k", []))):
             for x, recs in rows:
-                valid = np.array([_valid_ndcg(rec) for rec in recs])
                 lines.append(f"| {label}={x} | {recs[0]['stage2']['loss'].upper()} | {len(recs)} | "
                              + " | ".join(_fmt(*stats, rank=-1) for stats in
-                                          [(float(valid.mean()), float(valid.std(ddof=1)) if len(valid) > 1 else 0.0),
+                                          [_mean_std([_valid_ndcg(rec) for rec in recs]),
                                            *(mean_std(recs, pr, g, "NDCG@10") for pr, g in cells)]) + " |")
         plot_sensitivity(out / f"{name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
         lines += ["", f"![sensitivity]({name}_sensitivity.png)", ""]
         raw["sensitivity"] = {label: [{"value": x, "loss": recs[0]["stage2"]["loss"],
                                        "seeds": [rec["stage2"]["seed"] for rec in recs],
-                                       "valid_NDCG@10": float(np.mean([_valid_ndcg(rec) for rec in recs])),
+                                       "valid_NDCG@10": _mean_std([_valid_ndcg(rec) for rec in recs])[0],
                                        "test": mean_test(recs),
                                        "runs": [{"seed": rec["stage2"]["seed"], "valid_NDCG@10": _valid_ndcg(rec),
                                                  "test": rec["test"]} for rec in recs]} for x, recs in rows]
