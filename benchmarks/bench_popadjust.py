@@ -83,7 +83,7 @@ class Grid:
     def tag(self) -> str:
         """Names the cached results of this grid (``<run key>.<tag>``); a field added after the first
         caches were written is left out of the hash at its default, so those caches keep their names."""
-        return "adj-" + rp.config_hash(rp._key_fields(self, _LATER_FIELDS))[:8]
+        return "adj-" + rp.config_hash(rp.key_fields(self, _LATER_FIELDS))[:8]
 
     @property
     def has_prior(self) -> bool:
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{study.name}_popadjust.md").write_text(text)
-    atomic_write_json(out / f"{study.name}_popadjust.json", rp._json_safe({"command": command, **raw}))
+    atomic_write_json(out / f"{study.name}_popadjust.json", rp.json_safe({"command": command, **raw}))
     return 0
 
 

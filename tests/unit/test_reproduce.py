@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cfsr_head
 from benchmarks.reproduce import VARIANTS, Stage2, best_loss, config_hash, results_table
+from cfsr_head.io import read_json
 
 
 def record(valid: float, test: float) -> dict:
@@ -95,7 +98,7 @@ def toy_study(tmp_path):
     data = toy_dataset(tmp_path, {"item_id": [f"i{k}" for k in range(12)], "title": [f"product {k}" for k in range(12)]},
                        {"user_id": [f"u{k // 6}" for k in range(36)], "item_id": [f"i{(k * 5) % 12}" for k in range(36)],
                         "timestamp": list(range(36))})
-    return rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")]), rp.load_dataset(data)
+    return rp.parse_args(["--dataset", str(data), "--quick", "--workdir", str(tmp_path / "work")]), cfsr_head.load_dataset(data)
 
 
 def test_stage1_with_a_collaborative_target_fits_on_the_training_histories(tmp_path, tiny_bert_dir, monkeypatch,
@@ -196,8 +199,8 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
-    real_fit = rp.Trainer.fit
-    monkeypatch.setattr(rp.Trainer, "fit", no_training)
+    real_fit = cfsr_head.Trainer.fit
+    monkeypatch.setattr(cfsr_head.Trainer, "fit", no_training)
     import llm_item_embed
 
     monkeypatch.setattr(llm_item_embed.ItemEmbedder, "__init__", no_training)  # embeddings come from the cache
@@ -212,7 +215,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     assert {(r["loss"], r["split"]) for r in rows} == {(loss, split) for loss in ("bpr", "ce")
                                                         for split in ("valid", "test")}
     for r in rows:
-        rec = next(x for x in map(rp.read_json, (tmp_path / "work" / "toy" / "runs").glob("*.json"))
+        rec = next(x for x in map(read_json, (tmp_path / "work" / "toy" / "runs").glob("*.json"))
                    if x.get("variant") == "w/o Cro" and x["stage2"]["loss"] == r["loss"])
         expected = rec["valid"]["Overall"] if r["split"] == "valid" else rec["test"]["full"]["Overall"]
         assert abs(r["fused"]["Overall"] - expected["NDCG@10"]) < 1e-9
@@ -233,7 +236,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     grid = bench_popadjust.Grid(betas=(0.0, 0.5, 2.0))
     got = bench_popadjust.popadjust(study, {"w/o Cro": rp.VARIANTS["w/o Cro"], "Pop": rp.VARIANTS["Pop"]}, grid)
     assert set(got) == {"w/o Cro"} and len(got["w/o Cro"]) == 1  # Pop skipped; one seed
-    cached = [rp.read_json(f) for f in (tmp_path / "work" / "toy" / "runs").glob("*.json") if f.name.count(".") == 1]
+    cached = [read_json(f) for f in (tmp_path / "work" / "toy" / "runs").glob("*.json") if f.name.count(".") == 1]
     # every run record says what its bits depend on beyond its settings (Pop included)
     assert all(x["environment"]["threads"] == torch.get_num_threads()
                and x["environment"]["torch"] == torch.__version__ for x in cached)
@@ -352,10 +355,10 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
     # beside the plain runs under "<row> la<tau>"
     la_study = dataclasses.replace(study, stage2=dataclasses.replace(study.stage2, logit_adjustment=0.5),
                                    losses=("ce",))
-    monkeypatch.setattr(rp.Trainer, "fit", real_fit)
+    monkeypatch.setattr(cfsr_head.Trainer, "fit", real_fit)
     la_run = rp.Runner(la_study).run(rp.VARIANTS["w/o Cro"], (0,))["ce"][0]
     assert la_run["stage2"]["logit_adjustment"] == 0.5 and la_run["key"] not in {x["key"] for x in cached}
-    state = rp.read_json(tmp_path / "work" / "toy" / "runs" / f"{la_run['key']}-ckpt" / "last" / "trainer_state.json")
+    state = read_json(tmp_path / "work" / "toy" / "runs" / f"{la_run['key']}-ckpt" / "last" / "trainer_state.json")
     assert state["config"]["logit_adjustment"] == 0.5
     small = bench_popadjust.Grid((0.0, 0.5))
     both = bench_popadjust.popadjust_by_tau(study, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, small, [0.0, 0.5])
@@ -369,7 +372,7 @@ def test_tiny_study_end_to_end_writes_report_and_never_repeats_a_run(tmp_path, t
                                                                         prior_tail_exponent=1.0))
     tp_run = rp.Runner(tp_study).run(rp.VARIANTS["w/o Cro"], (0,))["ce"][0]
     assert tp_run["key"] not in {la_run["key"], *(x["key"] for x in cached)}
-    state = rp.read_json(tmp_path / "work" / "toy" / "runs" / f"{tp_run['key']}-ckpt" / "last" / "trainer_state.json")
+    state = read_json(tmp_path / "work" / "toy" / "runs" / f"{tp_run['key']}-ckpt" / "last" / "trainer_state.json")
     assert state["prior"] == {"weight": 2.0, "recency": 0.0, "tail_exponent": 1.0}
     runner = rp.Runner(dataclasses.replace(tp_study, report_only=True))
     row = next(r for r in bench_popadjust.cached_rows(tp_study, runner, {"w/o Cro": rp.VARIANTS["w/o Cro"]}, "t"))
@@ -427,7 +430,7 @@ def test_stage1_only_computes_each_rows_embeddings_once_and_trains_nothing_else(
     def no_training(*args, **kwargs):
         raise AssertionError("stage 2 ran")
 
-    monkeypatch.setattr(rp.Trainer, "fit", no_training)
+    monkeypatch.setattr(cfsr_head.Trainer, "fit", no_training)
     study = rp.parse_args(["--dataset", str(data), "--quick", "--parts", "main", "--variants", "w/o Cro pairCFT",
                            "--stage1-only", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     study = dataclasses.replace(study, stage1=dataclasses.replace(study.stage1, model=tiny_bert_dir, max_steps=2,
@@ -448,7 +451,7 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
     assert rp.parse_args(["--dataset", str(data)]).losses == ("bpr", "ce")
     study = rp.parse_args(["--dataset", str(data), "--losses", "ce", "ce", "--workdir", str(tmp_path / "w")])
     assert study.losses == ("ce",)
-    assert "only" in rp._losses_sentence(study.losses) and "only" not in rp._losses_sentence(rp.LOSSES)
+    assert "only" in rp.report._losses_sentence(study.losses) and "only" not in rp.report._losses_sentence(rp.LOSSES)
     s2 = rp.parse_args(["--dataset", str(data), "--train-prior", "2", "0.5", "1"]).stage2
     assert (s2.prior_weight, s2.prior_recency, s2.prior_tail_exponent) == (2.0, 0.5, 1.0)
     for bad in (("2", "1.5", "1"), ("nan", "0", "1"), ("2", "0", "inf")):
@@ -468,7 +471,7 @@ def test_losses_option_limits_training_to_the_named_losses(tmp_path, monkeypatch
         trained.append(s2.loss)
         return {"valid": {"Overall": {"NDCG@10": 0.1}}}
 
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0,))
     assert set(runs) == {"ce"} and set(trained) == {"ce"}
 
@@ -488,7 +491,7 @@ def test_extra_seeds_go_to_the_loss_chosen_on_the_first_seeds_validation(tmp_pat
         trained.append((s2.loss, s2.dropout, s2.seed))
         return {"valid": {"Overall": {"NDCG@10": valid[s2.loss, s2.dropout] - 0.01 * s2.seed}}}
 
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1, 2))
     # the grid is searched per loss with seed 0; BPR at dropout 0.5 validates best, so only it gets seeds 1, 2
     assert sorted(trained) == sorted([("bpr", 0.2, 0), ("bpr", 0.5, 0), ("ce", 0.2, 0), ("ce", 0.5, 0),
@@ -522,8 +525,8 @@ def test_stage1_seed_per_run_gives_each_seed_of_a_cft_row_its_own_cft(tmp_path, 
             trained.setdefault(variant.name, []).append((s2.seed, key))
             return {"valid": {"Overall": {"NDCG@10": 0.1}}, "stage2": {"loss": s2.loss, "seed": s2.seed}}
 
-        monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
-        monkeypatch.setattr(rp, "run_stage2", fake_run)
+        monkeypatch.setattr(rp.runner, "stage1_embeddings", fake_stage1)
+        monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
         study = rp.parse_args(["--dataset", str(data), "--seeds", "0", "1", "2", "--losses", "ce", "--dropout-grid",
                                "0.2", "--lr-grid", "0.001", "--workdir", str(tmp_path / "w"), *flag])
         runner = rp.Runner(study)
@@ -554,7 +557,7 @@ def test_stage1_seed_per_run_gives_each_seed_of_a_cft_row_its_own_cft(tmp_path, 
         assert sorted(fitted) == expected
 
     # the page and its JSON say which way the seeds were spent
-    monkeypatch.setattr(rp, "run_stage2", lambda study, variant, s2, *args, **kw: {
+    monkeypatch.setattr(rp.runner, "run_stage2", lambda study, variant, s2, *args, **kw: {
         **record(0.1, 0.05), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}})
     for flag in (["--stage1-seed-per-run"], []):
         out = tmp_path / f"out{len(flag)}"
@@ -572,7 +575,7 @@ def test_the_decoder_row_takes_every_seed_when_named_in_all_seeds(tmp_path, monk
                        {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
     asked = {}
     monkeypatch.setattr(rp.Runner, "run", lambda self, variant, seeds: asked.setdefault(variant.name, tuple(seeds)) and {})
-    monkeypatch.setattr(rp, "write_report", lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(rp.cli, "write_report", lambda *a, **k: tmp_path / "report.md")
     base = ["--dataset", str(data), "--seeds", "0", "1", "2", "--parts", "ablations", "--decoder",
             "--workdir", str(tmp_path / "w")]
     rp.run_study(rp.parse_args(base))
@@ -602,7 +605,7 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
         trained.append((s2.lr, s2.seed))
         return {"valid": {"Overall": {"NDCG@10": valid[s2.lr] - 0.01 * s2.seed}}}
 
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1))
     assert sorted(trained) == [(0.001, 0), (0.002, 0), (0.002, 1)]  # seed 1 only at the lr validation chose
     # the grid's 1e-3 point is the study's own Stage2 (run keys hash Stage2), so runs cached before
@@ -662,7 +665,7 @@ def test_reported_runs_read_back_what_the_runner_trained_ties_included(tmp_path,
         cache.append({"stage2": dataclasses.asdict(s2), "valid": {"Overall": {"NDCG@10": valid[s2.loss, s2.dropout]}}})
         return cache[-1]
 
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     runs = rp.Runner(study).run(rp.VARIANTS["SASRec"], (0, 1))
     trained = runs[rp.best_loss(runs)]
     assert [(r["stage2"]["dropout"], r["stage2"]["lr"], r["stage2"]["seed"]) for r in trained] == \
@@ -690,10 +693,10 @@ def test_report_shows_each_grid_point_the_runner_validated_and_the_one_it_kept(t
             return None  # as a report-only study finds a run not cached
         return {**record(valid[s2.lr], 0.1), "stage2": dataclasses.asdict(s2)}
 
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     runner = rp.Runner(study)
     results = {n: runner.run(rp.VARIANTS[n], (0,)) for n in ("SASRec", "SAID")}
-    assert [(p["lr"], rp._valid_ndcg(r)) for p, r in runner.searched["SASRec"]["ce"]] == \
+    assert [(p["lr"], rp.valid_ndcg(r)) for p, r in runner.searched["SASRec"]["ce"]] == \
         [(0.001, 0.05), (0.003, 0.08), (0.01, 0.08)]
     assert results["SASRec"]["ce"][0]["stage2"]["lr"] == 0.003
     runner.run(rp.VARIANTS["SASRec"], (0,))  # run again (as the sensitivity part reruns LLM-CFSR): listed once
@@ -760,8 +763,8 @@ def test_explore_runs_its_rows_without_touching_the_study_registry(tmp_path, mon
             ran.append((variant, seeds))
             return {}
 
-    monkeypatch.setattr(rp, "Runner", FakeRunner)
-    monkeypatch.setattr(rp, "write_report", lambda *args: tmp_path / "report.md")
+    monkeypatch.setattr(rp.cli, "Runner", FakeRunner)
+    monkeypatch.setattr(rp.cli, "write_report", lambda *args: tmp_path / "report.md")
     before = dict(rp.VARIANTS)
     explore.main(["--dataset", str(data), "--names", "SAID", "SAID std0.1", "--seeds", "0", "1"])
     assert ran == [(rp.VARIANTS["SAID"], (0, 1)), (explore.EXPLORATORY["SAID std0.1"], (0, 1))]
@@ -817,7 +820,7 @@ def test_report_header_names_the_rows_with_their_own_stage1_settings(tmp_path, m
     monkeypatch.setattr(rp.Runner, "run", lambda self, variant, seeds: {"ce": [
         {**record(0.1, 0.1), "stage2": {"seed": 0, "dropout": 0.2}}]})
     reported, write_report = {}, rp.write_report
-    monkeypatch.setattr(rp, "write_report", lambda *args: reported.update(zip(
+    monkeypatch.setattr(rp.cli, "write_report", lambda *args: reported.update(zip(
         ["study", "results", "sens", "missing", "searched", "stage1_rows"], args)) or tmp_path / "r.md")
     explore.main(["--dataset", str(data), "--quick", "--names", "LLM-CFSR", "LLM-CFSR 1ep", "SASRec", "w/o CFT"])
     # only the row that overrides the study's stage 1 is named (the other three have no overrides)
@@ -984,7 +987,7 @@ def test_significance_against_a_zero_baseline_is_null_in_the_json_and_na_in_the_
 
     ours, pop = rec(0.2, 0.3), rec(0.1, 0.0)
     per_user = {id(ours): [0.5, 0.0, 1.0, 0.2], id(pop): [0.0, 0.0, 0.0, 0.0]}
-    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group:
+    monkeypatch.setattr(rp.stats, "per_user_mean", lambda study, records, protocol, group:
                         pd.Series(per_user[id(records[0])], index=["u1", "u2", "u3", "u4"]))
     study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0,))
     text = rp.write_report(study, {"Pop": {"ce": [pop]}, "LLM-CFSR": {"ce": [ours]}}, {}).read_text()
@@ -1016,7 +1019,7 @@ def test_significance_gives_a_welch_p_over_runs_beside_the_per_user_p(tmp_path, 
     single = runs([0.040], [0.30])
     # each row's per-user values, found by the row's first full-ranking N@10 (distinct per row)
     per_user = {0.050: [0.5, 0.1, 0.3], 0.044: [0.4, 0.1, 0.2], 0.040: [0.0, 0.1, 0.0]}
-    monkeypatch.setattr(rp, "per_user_mean", lambda study, records, protocol, group: pd.Series(
+    monkeypatch.setattr(rp.stats, "per_user_mean", lambda study, records, protocol, group: pd.Series(
         per_user[records[0]["test"]["full"]["Overall"]["NDCG@10"]], index=["u1", "u2", "u3"]))
     study = rp.Study(dataset=tmp_path / "toy", workdir=tmp_path / "w", out_dir=tmp_path / "out", seeds=(0, 1, 2))
     text = rp.write_report(study, {"SASRec": {"ce": theirs}, "Pop": {"ce": single}, "LLM-CFSR": {"ce": ours}},
@@ -1062,8 +1065,8 @@ def test_sensitivity_part_runs_each_point_once_and_reuses_the_paper_point(tmp_pa
         valid = 0.1 + 0.01 * len(trained)
         return {**record(valid, valid / 2), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}}
 
-    monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "stage1_embeddings", fake_stage1)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     text = rp.run_study(study).read_text()
     assert sorted(set(asked)) == [(0.1, 2), (0.2, 2), (0.2, 3), (0.4, 2)]
     assert sorted(trained) == sorted(["LLM-CFSR r=0.1 K=2", "LLM-CFSR", "LLM-CFSR r=0.4 K=2",
@@ -1106,8 +1109,8 @@ def test_sensitivity_points_run_with_several_seeds_each_with_its_own_cft(tmp_pat
         test = 0.01 * (1 + s2.seed) * (2 if "r=0.1" in variant.name else 1)
         return {**record(0.1 + test, test), "stage2": {"loss": s2.loss, "seed": s2.seed, "dropout": s2.dropout}}
 
-    monkeypatch.setattr(rp, "stage1_embeddings", fake_stage1)
-    monkeypatch.setattr(rp, "run_stage2", fake_run)
+    monkeypatch.setattr(rp.runner, "stage1_embeddings", fake_stage1)
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
     rp.run_study(rp.parse_args([*args, "--stage1-only"]))
     assert sorted(fitted) == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]  # seed 2 is not a sensitivity seed
 
@@ -1351,3 +1354,25 @@ def test_bench_popadjust_leaves_the_harness_its_own_flags(tmp_path, capsys):
     page = (tmp_path / "o" / "toy_popadjust.md").read_text()
     assert "--validate-with-logit-bias" in page and "`vb`" in page
     assert "no cached run of 'SASRec cos0.1'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_harness_end_to_end_in_a_fresh_process(tmp_path):
+    """``python -m benchmarks.reproduce`` (the package's ``__main__``) parses, finds nothing cached and
+    writes a report that lists every run it would train, without training any."""
+    import os
+    import subprocess
+    import sys
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--dataset", str(data), "--quick",
+                           "--parts", "main", "--losses", "ce", "--report-only", "--workdir", str(tmp_path / "work"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "out" / "toy.md").read_text()
+    assert "## Runs not in this report" in page
+    for name in ("Pop", "SASRec loss=ce", "LLM-CFSR loss=ce"):
+        assert f"- {name}" in page, name
+    assert not (tmp_path / "work" / "toy" / "runs").exists()  # nothing trained, nothing cached
