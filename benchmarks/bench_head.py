@@ -26,7 +26,6 @@ Goals (issue 3): training-time ratio dual/plain <= 1.6; throughput ratio dual/pl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -14,7 +14,6 @@ from cfsr_head import (
     DualViewConfig,
     DualViewHead,
     GRU4RecEncoder,
-    PCAProjection,
     PmixerSASRecAdapter,
     RecBoleSASRecAdapter,
     SASRecEncoder,

@@ -255,7 +255,7 @@ def test_grad_cache_matches_plain(p: float, mini: int, keep: bool) -> None:
 
 def test_grad_cache_without_rng_replay_would_differ() -> None:
     """Guard that the dropout test above can fail: re-running chunks with fresh RNG changes grads."""
-    enc, lf = _DropEnc(0.5), ContrastiveLoss()
+    enc = _DropEnc(0.5)
     ids = torch.randint(1, 50, (8, 4), generator=torch.Generator().manual_seed(2))
     am = torch.ones_like(ids)
     torch.manual_seed(5)
