@@ -20,10 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # the return type only: embeddings.py is imported where it is needed
+    from .embeddings import ItemEmbeddings
 
 
 def _histories(interactions: pd.DataFrame, user_column: str, item_column: str, time_column: str | None,
@@ -86,7 +89,7 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
 def cooccurrence_embeddings(interactions: pd.DataFrame, ids: Sequence[str] | None = None, dim: int = 64,
                             window: int = 3, holdout_last: int = 0, user_column: str = "user_id",
                             item_column: str = "item_id", time_column: str | None = "timestamp",
-                            seed: int = 0) -> "ItemEmbeddings":
+                            seed: int = 0) -> ItemEmbeddings:
     """A purely collaborative item embedding, e.g. the ``targets`` of :meth:`ItemEmbedder.fit`.
 
     Two items ``g <= window`` steps apart in one user's history co-occur with weight ``1 / g``; the rows
