@@ -5,19 +5,9 @@ evaluate it honestly (stage 2 of LLM-CFSR).
 """
 __version__ = "0.1.0"
 
-from .data import (
-    InteractionData,
-    ItemIndex,
-    SplitData,
-    align_semantic,
-    default_data_dir,
-    download_dataset,
-    kcore_filter,
-    leave_one_out,
-    load_amazon2014,
-    load_dataset,
-    load_movielens_raw,
-)
+from .data import InteractionData, default_data_dir, kcore_filter, load_amazon2014, load_dataset, load_movielens_raw
+from .download import download_dataset
+from .split import ItemIndex, SplitData, align_semantic, leave_one_out
 from .encoders import GRU4RecEncoder, PmixerSASRecAdapter, RecBoleSASRecAdapter, SASRecEncoder, SequenceEncoder
 from .adjust import Adjustment, PopularityAdjusted, SemanticPrior, choose_adjustment, choose_popularity_beta
 from .evaluate import EvalResult, GroupSpec, PopularityModel, RandomModel, evaluate, paired_ttest

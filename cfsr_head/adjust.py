@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import SplitData
 from .evaluate import (_full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks, ranks_from_scores,
                        sampled_candidates)
+from .split import SplitData
 
 # both signs: a positive beta takes popularity out, a negative one adds it back (a model trained with the
 # logit-adjusted loss wants beta near -tau: -0.5 to -1 on Beauty at tau 0.75)

@@ -148,7 +148,8 @@ def format_summary(result: Any) -> str:
 
 
 def _load_split(data: str, max_len: int | None, item_index: Any = None):
-    from .data import leave_one_out, load_dataset
+    from .data import load_dataset
+    from .split import leave_one_out
 
     dataset = load_dataset(data)
     return leave_one_out(dataset, max_len=max_len, item_index=item_index)
@@ -157,7 +158,7 @@ def _load_split(data: str, max_len: int | None, item_index: Any = None):
 # ---------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from .adjust import Adjustment
-    from .data import align_semantic
+    from .split import align_semantic
     from .io import atomic_write_json, read_json
     from .train import TrainConfig, Trainer, _to_jsonable
 
@@ -283,7 +284,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_trained(given: str) -> tuple[Any, Any, int | None]:
     """``(model, ItemIndex or None, max_len it was trained with or None)`` from ``--model``: a
     folder written by ``cfsr train`` or a Hub repo id it was pushed to."""
-    from .data import ItemIndex
+    from .split import ItemIndex
     from .head import DualViewHead
     from .hub import resolve_model_dir
     from .io import read_json
@@ -303,7 +304,8 @@ def _load_trained(given: str) -> tuple[Any, Any, int | None]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .data import leave_one_out, load_dataset
+    from .data import load_dataset
+    from .split import leave_one_out
     from .io import atomic_write_json
     from .recommend import read_histories, recommend
 
@@ -401,7 +403,7 @@ def _adjusted(model: Any, split: Any, args: argparse.Namespace, max_len: int,
     ``popularity``: the popularity term's counts (default: as ``--popularity-counts`` says)."""
     from .adjust import (DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_PSEUDO_COUNTS, DEFAULT_TAIL_EXPONENTS,
                          VALID_NEGATIVES_SEED_OFFSET, Adjustment, choose_adjustment)
-    from .data import align_semantic
+    from .split import align_semantic
 
     beta, weight, gamma = args.popularity_beta, args.semantic_prior, args.prior_tail_exponent
     pseudo = args.popularity_pseudo_count

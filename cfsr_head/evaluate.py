@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import SplitData, _as_rng, _sample_excluding
 from .io import atomic_write_text
+from .split import SplitData, _as_rng, _sample_excluding
 
 __all__ = ["GroupSpec", "EvalResult", "evaluate", "paired_ttest", "metrics_from_ranks", "ranks_from_scores",
            "PopularityModel", "RandomModel", "GROUP_NAMES"]

@@ -26,7 +26,7 @@ from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, re
 from .pca import PCAProjection
 
 if TYPE_CHECKING:
-    from .data import ItemIndex
+    from .split import ItemIndex
 
 __all__ = ["DualViewConfig", "DualViewHead", "truncate_sequences"]
 

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import (InteractionData, ItemIndex, _gather_left_padded, _normalise_interactions, _read_csv,
-                   _sort_within_user)
+from .data import InteractionData, _normalise_interactions, _read_csv, _sort_within_user
 from .evaluate import _model_device, _model_max_len
 from .io import read_json
+from .split import ItemIndex, _gather_left_padded
 
 __all__ = ["Recommendations", "read_histories", "recommend"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
+from cfsr_head import ItemIndex, leave_one_out, load_dataset
 from cfsr_head.evaluate import PopularityModel, RandomModel, evaluate
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from torch import nn
 
 from cfsr_head import DualViewHead, SASRecEncoder, evaluate
 from cfsr_head.adjust import Adjustment, PopularityAdjusted, SemanticPrior, choose_adjustment, choose_popularity_beta
-from cfsr_head.data import InteractionData, leave_one_out
+from cfsr_head import InteractionData, leave_one_out
 
 N_RAW = 20
 

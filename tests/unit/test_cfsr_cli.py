@@ -173,7 +173,7 @@ def test_logit_adjustment_and_popularity_beta(dataset, tmp_path, capsys):
     PopularityAdjusted (0 gives the plain numbers; 'auto' chooses on validation, as the API does)."""
     from cfsr_head import DualViewHead, PopularityAdjusted, choose_adjustment, choose_popularity_beta, evaluate
     from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PSEUDO_COUNTS
-    from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
+    from cfsr_head import ItemIndex, leave_one_out, load_dataset
 
     out = tmp_path / "la"
     assert main(train_args(dataset, out, "--variant", "sasrec", "--loss", "ce", "--logit-adjustment", "0.5",
@@ -249,7 +249,7 @@ def test_semantic_prior_from_the_models_table_or_from_embeddings(dataset, embedd
     the numbers match the API's."""
     from cfsr_head import Adjustment, DualViewHead, align_semantic, choose_adjustment, evaluate
     from cfsr_head.adjust import DEFAULT_BETAS, DEFAULT_PRIOR_WEIGHTS, DEFAULT_TAIL_EXPONENTS, VALID_NEGATIVES_SEED_OFFSET
-    from cfsr_head.data import ItemIndex, leave_one_out, load_dataset
+    from cfsr_head import ItemIndex, leave_one_out, load_dataset
 
     sasrec, dual = tmp_path / "sasrec", tmp_path / "dual"
     assert main(train_args(dataset, sasrec, "--variant", "sasrec", "--loss", "ce", "--epochs", "2", "--quiet")) == 0

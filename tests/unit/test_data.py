@@ -1,4 +1,5 @@
-"""cfsr_head.data: loading, raw formats, filtering, id maps, leave-one-out, batching, downloads."""
+"""cfsr_head.data, .split and .download: loading, raw formats, filtering, id maps, leave-one-out, batching,
+downloads."""
 from __future__ import annotations
 
 import gzip
@@ -17,10 +18,11 @@ import pytest
 import torch
 
 from cfsr_head.data import (
-    DatasetSpec, InteractionData, ItemIndex, RemoteFile, SplitData, align_semantic, default_data_dir,
-    download_dataset, drop_short_users, kcore_filter, leave_one_out, load_amazon2014, load_dataset,
+    InteractionData, default_data_dir, drop_short_users, kcore_filter, load_amazon2014, load_dataset,
     load_movielens_raw,
 )
+from cfsr_head.download import DatasetSpec, RemoteFile, download_dataset
+from cfsr_head.split import ItemIndex, SplitData, align_semantic, leave_one_out
 
 
 # ------------------------------------------------------------------ helpers

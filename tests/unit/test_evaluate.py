@@ -10,7 +10,7 @@ import torch
 from scipy.stats import ttest_rel
 from torch import nn
 
-from cfsr_head.data import InteractionData, leave_one_out
+from cfsr_head import InteractionData, leave_one_out
 from cfsr_head.evaluate import (
     EvalResult, GroupSpec, PopularityModel, RandomModel, evaluate, metrics_from_ranks, paired_ttest,
     ranks_from_scores,

@@ -13,7 +13,7 @@ from cfsr_head import (Adjustment, DualViewHead, ItemIndex, PopularityModel, ali
                        evaluate, read_histories, recommend)
 from cfsr_head.adjust import DEFAULT_PRIOR_WEIGHTS, VALID_NEGATIVES_SEED_OFFSET
 from cfsr_head.cli import main, read_embeddings
-from cfsr_head.data import InteractionData, leave_one_out, load_dataset
+from cfsr_head import InteractionData, leave_one_out, load_dataset
 from tests.unit.test_cfsr_cli import embeddings_file, train_args, write_dataset  # noqa: F401 (fixture)
 from tests.unit.test_head import make_encoder
 

@@ -1233,7 +1233,7 @@ def test_target_popularity_compares_validation_and_test_targets_by_training_coun
     import pytest
 
     from benchmarks.bench_target_popularity import target_popularity
-    from cfsr_head.data import InteractionData, leave_one_out
+    from cfsr_head import InteractionData, leave_one_out
 
     users = {f"u{u}": [f"old{(u + t) % 5}" for t in range(3)] + ["hit" if u < 25 else f"old{u % 5 + 5}",
                                                                     f"new{u % 10}"] for u in range(30)}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfsr_head.data import InteractionData, leave_one_out
+from cfsr_head import InteractionData, leave_one_out
 from cfsr_head.evaluate import RandomModel, evaluate
 from cfsr_head.io import load_safetensors
 from cfsr_head.train import (TrainBatch, TrainConfig, Trainer, TrainResult, flatten_optimizer_state,
