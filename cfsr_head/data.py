@@ -1,10 +1,6 @@
 """Datasets for sequential recommendation: the uniform folder layout, raw MovieLens and Amazon 2014
 files, and filters. The id map and the leave-one-out split are in ``split.py``, checked downloads
-in ``download.py``.
-
-Conventions (see ``docs/architecture.md``): items are indexed ``1..N`` with ``0`` as padding;
-sequences handed to models are **left-padded** (most recent item at position ``L-1``);
-``padding_mask`` is ``item_seq == 0``. Raw ids are always strings.
+in ``download.py``. Raw ids are always read as strings (``"007"`` stays ``"007"``).
 """
 from __future__ import annotations
 
