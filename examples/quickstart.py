@@ -4,8 +4,9 @@
    table (masked-prompt views), then encoding every item's full prompt once.
 2. Stage 2: a plain SASRec and the DualViewHead in two forms, the paper's (cross-attention between
    the views) and the views fused only in the concatenated scores (same encoder, same loss, same
-   budget), trained with early stopping on validation NDCG@10, then evaluated on the test split
-   with full ranking.
+   budget), each trained at every learning rate of --lrs with early stopping on validation
+   NDCG@10; the rate that validates best is kept (the same tuning for every model, never chosen
+   on test), then evaluated on the test split with full ranking.
 3. Each model again with the semantic-neighbour prior (beyond the paper: the cosine between an item's
    embedding and the user's last items' added to its scores, weight chosen on validation).
 4. The last model's top 5 next items for one user, from the whole history (``recommend``).
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--cft-steps", type=int, default=40, help="contrastive steps (batch 32)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 1e-2], metavar="LR",
+                        help="Adam learning rates tried for every model; the one that validates best is kept")
     parser.add_argument("--prior-tail-exponents", nargs="+", type=float, default=[0.0], metavar="GAMMA",
                         help="also choose the prior's tail exponent from these (item i's weight times "
                              "(1 + training count_i) ** -GAMMA); default 0 only: every item alike")
@@ -94,14 +97,20 @@ def main() -> None:
              "LLM-CFSR": ("llm_cfsr", dict(semantic=semantic)),
              "LLM-CFSR w/o Cro": ("llm_cfsr_concat", dict(semantic=semantic, fusion="concat"))}
     for name, (folder_name, head) in heads.items():
-        torch.manual_seed(args.seed)  # the initial weights; Trainer seeds everything after them
-        encoder = SASRecEncoder(d=64, n_layers=2, n_heads=4, max_len=50, dropout=0.2)
-        model = DualViewHead(encoder=encoder, d=64, **head)
-        config = TrainConfig(loss="ce", epochs=args.epochs, patience=5, max_len=50, seed=args.seed,
-                             output_dir=str(workdir / folder_name))
-        t0 = time.time()
-        Trainer(model, split, config).fit()
-        print(f"[stage 2] {name}: trained in {time.time() - t0:.0f} s")
+        candidates = []  # (validation NDCG@10, lr, model), one per learning rate
+        for lr in args.lrs:
+            torch.manual_seed(args.seed)  # the initial weights; Trainer seeds everything after them
+            encoder = SASRecEncoder(d=64, n_layers=2, n_heads=4, max_len=50, dropout=0.2)
+            candidate = DualViewHead(encoder=encoder, d=64, **head)
+            config = TrainConfig(loss="ce", lr=lr, epochs=args.epochs, patience=5, max_len=50, seed=args.seed,
+                                 output_dir=str(workdir / folder_name / f"lr{lr:g}"))
+            t0 = time.time()
+            fitted = Trainer(candidate, split, config).fit()
+            valid = fitted.best_valid["Overall"]["NDCG@10"]
+            print(f"[stage 2] {name}, lr {lr:g}: validation NDCG@10 {valid:.4f}, trained in {time.time() - t0:.0f} s")
+            candidates.append((valid, lr, candidate))
+        valid, lr, model = max(candidates, key=lambda c: c[0])  # the first of equals
+        print(f"[stage 2] {name}: lr {lr:g} kept (best validation NDCG@10)")
         results[name] = evaluate(model, split, split="test")
         prior, _ = choose_adjustment(model, split, semantic, weights=(0, 0.5, 1, 2, 4, 8), recencies=(0, 0.5),
                                      tail_exponents=args.prior_tail_exponents)

@@ -1,7 +1,8 @@
 """The README's main job, ``examples/quickstart.py``, run as a user runs it (a fresh process, the real
 ml-100k folder, the bundled MiniLM), with the smallest budget that still goes through every step:
-stage 1 fine-tunes and encodes, stage 2 trains the three models, chooses each prior on validation,
-writes the summary and prints a recommendation. About a minute on a 2-core CPU."""
+stage 1 fine-tunes and encodes; stage 2 trains the three models at two learning rates each, keeps
+the one that validates best and chooses each prior on validation; the summary is written and a
+recommendation printed. About 20 s on an idle 2-core CPU."""
 from __future__ import annotations
 
 import json
@@ -38,5 +39,10 @@ def test_quickstart_runs_every_step_and_writes_its_summary(data_dir, tmp_path):
     assert (tmp_path / "qs" / "ml-100k" / "item_embeddings.safetensors").is_file()
     assert (tmp_path / "qs" / "ml-100k" / "embedder").is_dir()
     lines = proc.stdout.splitlines()
+    # every model is trained at each learning rate of --lrs and keeps the one that validates best
+    for m in models:
+        tried = [line for line in lines if line.startswith(f"[stage 2] {m}, lr ")]
+        assert len(tried) == 2, (m, tried)
+        assert any(line.startswith(f"[stage 2] {m}: lr ") and "kept" in line for line in lines), m
     start = next(i for i, line in enumerate(lines) if line.endswith(": next 5"))
     assert [line.split(".")[0].strip() for line in lines[start + 1:start + 6]] == ["1", "2", "3", "4", "5"]
