@@ -158,8 +158,8 @@ def _load_split(data: str, max_len: int | None, item_index: Any = None):
 # ---------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from .adjust import Adjustment
-    from .split import align_semantic
     from .io import atomic_write_json, read_json
+    from .split import align_semantic
     from .train import TrainConfig, Trainer, _to_jsonable
 
     out = Path(args.output_dir)
@@ -284,10 +284,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_trained(given: str) -> tuple[Any, Any, int | None]:
     """``(model, ItemIndex or None, max_len it was trained with or None)`` from ``--model``: a
     folder written by ``cfsr train`` or a Hub repo id it was pushed to."""
-    from .split import ItemIndex
     from .head import DualViewHead
     from .hub import resolve_model_dir
     from .io import read_json
+    from .split import ItemIndex
 
     try:
         model_dir = resolve_model_dir(given)
@@ -305,9 +305,9 @@ def _load_trained(given: str) -> tuple[Any, Any, int | None]:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .split import leave_one_out
     from .io import atomic_write_json
     from .recommend import read_histories, recommend
+    from .split import leave_one_out
 
     _check_adjustment_args(args)
     adjusting = args.popularity_beta is not None or args.semantic_prior is not None
