@@ -109,7 +109,7 @@ def main() -> None:
             valid = fitted.best_valid["Overall"]["NDCG@10"]
             print(f"[stage 2] {name}, lr {lr:g}: validation NDCG@10 {valid:.4f}, trained in {time.time() - t0:.0f} s")
             candidates.append((valid, lr, candidate))
-        valid, lr, model = max(candidates, key=lambda c: c[0])  # the first of equals
+        _, lr, model = max(candidates, key=lambda c: c[0])  # the first of equals
         print(f"[stage 2] {name}: lr {lr:g} kept (best validation NDCG@10)")
         results[name] = evaluate(model, split, split="test")
         prior, _ = choose_adjustment(model, split, semantic, weights=(0, 0.5, 1, 2, 4, 8), recencies=(0, 0.5),

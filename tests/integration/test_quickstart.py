@@ -41,8 +41,15 @@ def test_quickstart_runs_every_step_and_writes_its_summary(data_dir, tmp_path):
     lines = proc.stdout.splitlines()
     # every model is trained at each learning rate of --lrs and keeps the one that validates best
     for m in models:
-        tried = [line for line in lines if line.startswith(f"[stage 2] {m}, lr ")]
-        assert len(tried) == 2, (m, tried)
-        assert any(line.startswith(f"[stage 2] {m}: lr ") and "kept" in line for line in lines), m
+        tried = {}  # lr -> validation NDCG@10, from "[stage 2] NAME, lr LR: validation NDCG@10 V, ..."
+        for line in lines:
+            if line.startswith(f"[stage 2] {m}, lr "):
+                lr, rest = line[len(f"[stage 2] {m}, lr "):].split(":", 1)
+                tried[lr] = float(rest.split("validation NDCG@10 ")[1].split(",")[0])
+        assert sorted(tried, key=float) == ["0.001", "0.01"], (m, tried)
+        kept = [line for line in lines if line.startswith(f"[stage 2] {m}: lr ") and "kept" in line]
+        assert len(kept) == 1, (m, kept)
+        kept_lr = kept[0][len(f"[stage 2] {m}: lr "):].split()[0]
+        assert tried[kept_lr] == max(tried.values()), (m, tried, kept)
     start = next(i for i, line in enumerate(lines) if line.endswith(": next 5"))
     assert [line.split(".")[0].strip() for line in lines[start + 1:start + 6]] == ["1", "2", "3", "4", "5"]
