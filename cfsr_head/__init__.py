@@ -1,7 +1,7 @@
 """cfsr_head: a dual-view fusion head for any sequential recommender, plus a kit to train and
 evaluate it honestly (stage 2 of LLM-CFSR).
 
->>> from cfsr_head import DualViewHead, SASRecEncoder, Trainer, TrainConfig, evaluate, recommend
+>>> from cfsr_head import DualViewHead, SASRecEncoder, Trainer, TrainConfig, evaluate, grid_search, recommend
 """
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ from .head import DualViewConfig, DualViewHead, truncate_sequences
 from .pca import PCAProjection
 from .recommend import Recommendations, read_histories, recommend
 from .train import TrainBatch, TrainConfig, Trainer, TrainResult
+from .search import GridSearchResult, SearchRun, grid_search
 
 __all__ = [
     "__version__", "InteractionData", "ItemIndex", "SplitData", "align_semantic", "default_data_dir",
@@ -25,5 +26,5 @@ __all__ = [
     "Adjustment", "PopularityAdjusted", "SemanticPrior", "choose_adjustment", "choose_popularity_beta",
     "CrossViewAttention", "DualViewConfig", "DualViewHead", "truncate_sequences", "PCAProjection",
     "Recommendations", "read_histories", "recommend",
-    "TrainBatch", "TrainConfig", "Trainer", "TrainResult",
+    "TrainBatch", "TrainConfig", "Trainer", "TrainResult", "GridSearchResult", "SearchRun", "grid_search",
 ]

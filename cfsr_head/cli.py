@@ -9,7 +9,10 @@ evaluate it, publish it and recommend with it.
 ``train`` writes into ``--output-dir``: ``config.json`` + ``model.safetensors`` (the head, with
 ``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
 settings), ``metrics.json`` (training history, best epoch, test metrics under both protocols) and
-``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run). ``push``
+``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run). With several
+``--lr`` or ``--dropout`` values every combination is trained into ``checkpoints/lr<LR>-dropout<P>/``,
+the one with the best validation NDCG@10 is saved and tested as above, and ``metrics.json`` gets a
+``search`` entry listing every point (a rerun with a longer list trains only the new ones). ``push``
 uploads the folder's model files (not the checkpoints) with a model card; ``evaluate --model``
 takes such a Hub repo id as well as a folder. ``recommend`` prints (or writes as JSON) every user's top-k
 next items, leaving out what each user has already seen.
@@ -156,24 +159,11 @@ def _load_split(data: str, max_len: int | None, item_index: Any = None):
 
 
 # ---------------------------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
+def _check_train_args(args: argparse.Namespace) -> Any:
+    """Refuse contradictory ``train`` options (naming them); returns the ``--train-prior``
+    Adjustment or None."""
     from .adjust import Adjustment
-    from .io import atomic_write_json, read_json
-    from .split import align_semantic
-    from .train import TrainConfig, Trainer, _to_jsonable
 
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--output-dir {out} exists and is not a folder")
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    run_file = out / "run.json"
-    if run_file.is_file():
-        old = read_json(run_file).get("settings", {})
-        diff = sorted(k for k in settings if k not in _RESUME_FREE and k in old and old[k] != settings[k])
-        if diff:
-            raise CLIError(f"--output-dir {out} holds a run with other settings ("
-                           + ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
-                           + "); use a new --output-dir")
     trained_prior = None
     if args.train_prior is not None:
         if not args.embeddings:
@@ -195,16 +185,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.collab_anchor_weight and args.variant in ("sasrec", "no-collaborative"):
         raise CLIError(f"--collab-anchor-weight needs a PCA-initialised ID table; --variant {args.variant} "
                        + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
-
     if args.validate_with_logit_bias and not args.logit_adjustment:
         raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU "
                        "(there is no training bias to add back)")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         loss=args.loss, n_negatives=args.n_negatives, max_len=args.max_len, patience=args.patience,
-                         seed=args.seed, output_dir=str(out / "checkpoints"), show_progress_bar=not args.no_progress,
-                         sliding_windows=args.sliding, eval_protocol=args.eval_protocol,
-                         logit_adjustment=args.logit_adjustment or 0.0,
-                         validate_with_logit_bias=args.validate_with_logit_bias)
+    for flag, values in (("--lr", args.lr), ("--dropout", args.dropout)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise CLIError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
+    return trained_prior
+
+
+def _check_resumable_folder(out: Path, settings: dict[str, Any], searching: bool) -> None:
+    """Refuse an ``--output-dir`` that holds a run with other settings, or the other kind of run
+    (one setting vs a search); a search may change its --lr / --dropout lists."""
+    from .io import read_json
+
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {out} exists and is not a folder")
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        return
+    old = read_json(run_file).get("settings", {})
+    old_searching = isinstance(old.get("lr"), list) or isinstance(old.get("dropout"), list)
+    if old_searching != searching:
+        held = "a search over several settings" if old_searching else "a run of one setting"
+        raise CLIError(f"--output-dir {out} holds {held} (--lr {old.get('lr')}, --dropout {old.get('dropout')}); "
+                       "use a new --output-dir")
+    free = _RESUME_FREE | ({"lr", "dropout"} if searching else set())
+    diff = sorted(k for k in settings if k not in free and k in old and old[k] != settings[k])
+    if diff:
+        raise CLIError(f"--output-dir {out} holds a run with other settings ("
+                       + ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
+                       + "); use a new --output-dir")
+
+
+def _point_folder(point: dict[str, float]) -> str:
+    return f"lr{point['lr']:g}-dropout{point['dropout']:g}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one setting, or every --lr x --dropout combination and keep the best on validation."""
+    from .io import atomic_write_json
+    from .search import grid_search
+    from .split import align_semantic
+    from .train import TrainConfig, Trainer, _to_jsonable
+
+    out = Path(args.output_dir)
+    grid = {"lr": list(args.lr), "dropout": list(args.dropout)}
+    searching = len(args.lr) * len(args.dropout) > 1
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if not searching:  # a run of one setting records plain numbers, as before searches existed
+        settings["lr"], settings["dropout"] = args.lr[0], args.dropout[0]
+    _check_resumable_folder(out, settings, searching)
+    trained_prior = _check_train_args(args)
+
+    def config_for(point: dict[str, float]) -> Any:
+        checkpoints = out / "checkpoints" / _point_folder(point) if searching else out / "checkpoints"
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=point["lr"],
+                           weight_decay=args.weight_decay, loss=args.loss, n_negatives=args.n_negatives,
+                           max_len=args.max_len, patience=args.patience, seed=args.seed,
+                           output_dir=str(checkpoints), show_progress_bar=not args.no_progress,
+                           sliding_windows=args.sliding, eval_protocol=args.eval_protocol,
+                           logit_adjustment=args.logit_adjustment or 0.0,
+                           validate_with_logit_bias=args.validate_with_logit_bias)
+
+    try:  # every point's settings are checked before anything is loaded or written
+        configs = {_point_folder(p): config_for(p) for p in
+                   ({"lr": lr, "dropout": dropout} for lr in args.lr for dropout in args.dropout)}
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     split = _load_split(args.data, args.max_len)
     semantic = None
     if args.embeddings:
@@ -213,29 +262,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.d > min(semantic.shape) and args.variant != "no-collaborative":
             raise CLIError(f"--d {args.d} is larger than the embeddings allow for PCA "
                            f"(min(items, width) = {min(semantic.shape)})")
-    model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
-                        n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout, loss=args.loss,
-                        seed=args.seed, score_temperature=args.score_temperature,
-                        view_loss_weight=args.view_loss_weight or 0.0,
-                        collab_anchor_weight=args.collab_anchor_weight or 0.0,
-                        center_semantic=args.center_semantic)
-    atomic_write_json(run_file, {"format": "cfsr.run", "settings": settings})
+
+    def make_trainer(point: dict[str, float]) -> Trainer:
+        model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
+                            n_layers=args.n_layers, n_heads=args.n_heads, dropout=point["dropout"], loss=args.loss,
+                            seed=args.seed, score_temperature=args.score_temperature,
+                            view_loss_weight=args.view_loss_weight or 0.0,
+                            collab_anchor_weight=args.collab_anchor_weight or 0.0,
+                            center_semantic=args.center_semantic)
+        prior = None if trained_prior is None else trained_prior.semantic_prior(model, split, semantic)
+        return Trainer(model, split, configs[_point_folder(point)], prior=prior)
+
+    def report(run: Any) -> None:
+        if searching and not args.quiet:
+            print(f"lr {run.point['lr']:g}, dropout {run.point['dropout']:g}: best epoch {run.result.best_epoch}, "
+                  f"valid {run.result.metric} {run.result.best_metric:.4f} ({run.seconds:.0f} s)")
+
+    atomic_write_json(out / "run.json", {"format": "cfsr.run", "settings": settings})
     split.item_index.save(out / "item_index.json")
-    prior = None if trained_prior is None else trained_prior.semantic_prior(model, split, semantic)
-    trainer = Trainer(model, split, config, prior=prior)
-    result = trainer.fit()
+    try:
+        found = grid_search(grid, make_trainer, on_run=report)
+    except ValueError as e:  # no run evaluated
+        raise CLIError(f"training produced no evaluated epoch ({e})") from None
+    trainer, result = found.trainer, found.best.result
     if not result.history or result.best_epoch == 0:
         raise CLIError("training produced no evaluated epoch")
-    model.save_pretrained(out)
+    trainer.model.save_pretrained(out)
     tests = {p: trainer.test(protocol=p) for p in ("full", "sampled")}
     metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,
-               "train": result.to_dict(), "train_config": config.to_dict(),
+               "train": result.to_dict(), "train_config": trainer.config.to_dict(),
                "trained_prior": trainer.prior_settings,
                "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
+    if searching:
+        metrics["search"] = found.to_dict()
     atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:
-        print(f"best epoch {result.best_epoch}: valid {config.metric} {result.best_metric:.4f}"
-              f"{' (stopped early)' if result.stopped_early else ''}")
+        kept = (f" (kept lr {found.best_point['lr']:g}, dropout {found.best_point['dropout']:g}: "
+                "best on validation)") if searching else ""
+        print(f"best epoch {result.best_epoch}: valid {trainer.config.metric} {result.best_metric:.4f}"
+              f"{' (stopped early)' if result.stopped_early else ''}{kept}")
         for p, r in tests.items():
             print(f"\ntest, {p} ranking:")
             print(format_summary(r))
@@ -550,10 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-heads", type=_positive_int, default=4)
     t.add_argument("--epochs", type=_positive_int, default=200)
     t.add_argument("--patience", type=int, default=20, help="evaluations without improvement before stopping")
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--lr", type=_positive_float, nargs="+", default=[1e-3], metavar="LR",
+                   help="learning rate; with several (here or in --dropout), every combination is trained, "
+                        "each with its own checkpoints under OUTPUT_DIR/checkpoints/, and the one with the best "
+                        "validation NDCG@10 is kept and tested (e.g. --lr 1e-3 3e-3 1e-2)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--dropout", type=_fraction, default=0.2)
+    t.add_argument("--dropout", type=_fraction, nargs="+", default=[0.2], metavar="P",
+                   help="dropout of the encoder and head; several values are searched like --lr")
     t.add_argument("--score-temperature", type=_positive_float, default=None, metavar="TAU",
                    help="score items by cosine similarity / TAU instead of the dot product (beyond the paper)")
     t.add_argument("--view-loss-weight", type=_positive_float, default=None, metavar="W",

@@ -34,6 +34,7 @@ from cfsr_head import (
     choose_adjustment,
     default_data_dir,
     evaluate,
+    grid_search,
     leave_one_out,
     load_dataset,
     recommend,
@@ -97,20 +98,20 @@ def main() -> None:
              "LLM-CFSR": ("llm_cfsr", dict(semantic=semantic)),
              "LLM-CFSR w/o Cro": ("llm_cfsr_concat", dict(semantic=semantic, fusion="concat"))}
     for name, (folder_name, head) in heads.items():
-        candidates = []  # (validation NDCG@10, lr, model), one per learning rate
-        for lr in args.lrs:
+        def make_trainer(point: dict) -> Trainer:  # called within this iteration
             torch.manual_seed(args.seed)  # the initial weights; Trainer seeds everything after them
             encoder = SASRecEncoder(d=64, n_layers=2, n_heads=4, max_len=50, dropout=0.2)
-            candidate = DualViewHead(encoder=encoder, d=64, **head)
-            config = TrainConfig(loss="ce", lr=lr, epochs=args.epochs, patience=5, max_len=50, seed=args.seed,
-                                 output_dir=str(workdir / folder_name / f"lr{lr:g}"))
-            t0 = time.time()
-            fitted = Trainer(candidate, split, config).fit()
-            valid = fitted.best_valid["Overall"]["NDCG@10"]
-            print(f"[stage 2] {name}, lr {lr:g}: validation NDCG@10 {valid:.4f}, trained in {time.time() - t0:.0f} s")
-            candidates.append((valid, lr, candidate))
-        _, lr, model = max(candidates, key=lambda c: c[0])  # the first of equals
-        print(f"[stage 2] {name}: lr {lr:g} kept (best validation NDCG@10)")
+            config = TrainConfig(loss="ce", lr=point["lr"], epochs=args.epochs, patience=5, max_len=50,
+                                 seed=args.seed, output_dir=str(workdir / folder_name / f"lr{point['lr']:g}"))
+            return Trainer(DualViewHead(encoder=encoder, d=64, **head), split, config)
+
+        def report(run) -> None:
+            print(f"[stage 2] {name}, lr {run.point['lr']:g}: validation NDCG@10 {run.result.best_metric:.4f}, "
+                  f"trained in {run.seconds:.0f} s")
+
+        found = grid_search({"lr": args.lrs}, make_trainer, on_run=report)  # keeps the best on validation
+        model = found.model
+        print(f"[stage 2] {name}: lr {found.best_point['lr']:g} kept (best validation NDCG@10)")
         results[name] = evaluate(model, split, split="test")
         prior, _ = choose_adjustment(model, split, semantic, weights=(0, 0.5, 1, 2, 4, 8), recencies=(0, 0.5),
                                      tail_exponents=args.prior_tail_exponents)
