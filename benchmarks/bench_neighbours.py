@@ -28,41 +28,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from benchmarks.reproduce import REPO_ROOT
 from cfsr_head import GroupSpec, leave_one_out, load_dataset
 from llm_item_embed import ItemEmbeddings, cooccurrence_embeddings
-
-
-def _ranked_from_end(dataset: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Interactions in (user, time) order and each one's position from the end of its user's history."""
-    inter = load_dataset(dataset).interactions.sort_values(["user_id", "timestamp"], kind="stable")
-    return inter, inter.groupby("user_id").cumcount(ascending=False).to_numpy()
-
-
-def training_histories(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """(user id, item id) of every training interaction in (user, time) order, last two per user held out."""
-    inter, rank_from_end = _ranked_from_end(dataset)
-    inter = inter[rank_from_end >= 2]
-    return inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
-
-
-def training_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """(previous item id, next item id) for consecutive interactions, last two per user held out."""
-    users, items = training_histories(dataset)
-    same = users[1:] == users[:-1]
-    return items[:-1][same], items[1:][same]
-
-
-def held_out_transitions(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """(previous item id, validation item id) per user: the transition into leave-one-out's
-    validation item, which neither stage 2 nor a CFT with ``sequence_pairs(holdout_last=2)`` trains on."""
-    inter, rank_from_end = _ranked_from_end(dataset)
-    prev, nxt = inter[rank_from_end == 2], inter[rank_from_end == 1]
-    both = np.intersect1d(prev["user_id"].to_numpy(), nxt["user_id"].to_numpy())
-    prev, nxt = prev.set_index("user_id").loc[both], nxt.set_index("user_id").loc[both]
-    return prev["item_id"].to_numpy(), nxt["item_id"].to_numpy()
+from llm_item_embed.evaluation import neighbour_scores, next_item_transitions
 
 
 def tail_items(dataset: str) -> set[str]:
@@ -89,36 +59,6 @@ def linear_map(source: ItemEmbeddings, target: ItemEmbeddings, alpha: float = 1.
     readout of the target from the source)."""
     pred = fit_linear_map(source, target, alpha).predict(source.numpy().astype(np.float32)).astype(np.float32)
     return ItemEmbeddings(list(source.ids), pred, {"reference": "linear map"})
-
-
-def neighbour_scores(emb: ItemEmbeddings, prev: np.ndarray, nxt: np.ndarray, k: int = 10,
-                     n_queries: int = 5000, seed: int = 0, tail: set[str] | None = None) -> dict[str, float]:
-    """``next@k``, ``AUC`` and the mean cosines of consecutive and random pairs; with ``tail`` (ids of
-    tail items) also ``next@k`` over the transitions whose next item is a tail / head item."""
-    rng = np.random.default_rng(seed)
-    X = emb.numpy().astype(np.float32)
-    X /= np.linalg.norm(X, axis=1, keepdims=True).clip(min=1e-12)
-    a, b = np.asarray(emb.index_of(list(prev))), np.asarray(emb.index_of(list(nxt)))
-    keep = a != b  # repeated consumption says nothing about neighbourhoods
-    a, b = a[keep], b[keep]
-    pick = rng.choice(len(a), size=min(n_queries, len(a)), replace=False)
-    hit = np.zeros(len(pick), dtype=bool)
-    for chunk in np.array_split(np.arange(len(pick)), max(1, len(pick) // 500)):
-        q = pick[chunk]
-        sims = X[a[q]] @ X.T
-        sims[np.arange(len(q)), a[q]] = -np.inf
-        top = np.argpartition(-sims, k, axis=1)[:, :k]
-        hit[chunk] = (top == b[q][:, None]).any(axis=1)
-    pos = (X[a] * X[b]).sum(axis=1)
-    pairs = rng.integers(0, len(X), size=(len(a), 2))
-    neg = (X[pairs[:, 0]] * X[pairs[:, 1]]).sum(axis=1)
-    auc = float((pos[:, None] > rng.choice(neg, size=256)[None, :]).mean())
-    out = {f"next@{k}": float(hit.mean()), "AUC": auc, "cos next": float(pos.mean()), "cos random": float(neg.mean())}
-    if tail is not None:
-        is_tail = np.isin(np.asarray(emb.ids, dtype=object)[b[pick]], list(tail))
-        out[f"next@{k} tail"] = float(hit[is_tail].mean()) if is_tail.any() else float("nan")
-        out[f"next@{k} head"] = float(hit[~is_tail].mean()) if (~is_tail).any() else float("nan")
-    return out
 
 
 def embeddings_label(emb: ItemEmbeddings) -> str:
@@ -162,19 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         (REPO_ROOT / "runs" / "reproduce" / Path(a.dataset).name / "embeddings").glob("*.safetensors"))
     if not files:
         p.error("no embedding files: run benchmarks.reproduce on the dataset first or pass --embeddings")
-    prev, nxt = (held_out_transitions if a.held_out else training_transitions)(a.dataset)
+    interactions = load_dataset(a.dataset).interactions
+    prev, nxt = next_item_transitions(interactions, holdout_last=2, held_out=a.held_out)
     print(f"{Path(a.dataset).name}: {len(prev)} {'held-out' if a.held_out else 'training'} transitions, k={a.k}")
     tail = tail_items(a.dataset) if a.by_popularity else None
     loaded = [(f.name, ItemEmbeddings.load(f)) for f in files]
     if a.reference:
-        collab = cooccurrence_embeddings(load_dataset(a.dataset).interactions, ids=list(loaded[0][1].ids),
+        collab = cooccurrence_embeddings(interactions, ids=list(loaded[0][1].ids),
                                          holdout_last=2)
         readouts = [(f"{name} (linear map)", linear_map(emb, collab)) for name, emb in loaded
                     if embeddings_label(emb) == "frozen"]
         loaded += [("co-occurrence", collab), *readouts]
     rows = []
     for name, emb in loaded:
-        rows.append((embeddings_label(emb), name, neighbour_scores(emb, prev, nxt, k=a.k, n_queries=a.queries, tail=tail)))
+        groups = None if tail is None else {"tail": tail, "head": set(emb.ids) - tail}
+        rows.append((embeddings_label(emb), name, neighbour_scores(emb, prev, nxt, k=a.k, max_queries=a.queries,
+                                                                   groups=groups)))
     frozen = next((r for r in rows if r[0] == "frozen"), None)
     for label, name, s in rows:
         ratio = ""

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .backbone import BackboneSettings, LoraSettings, TextEncoder, default_model_path, load_text_encoder
 from .embedder import ItemEmbedder
 from .embeddings import ItemEmbeddings
+from .evaluation import neighbour_scores, next_item_transitions
 from .losses import ContrastiveLoss
 from .pairs import cooccurrence_embeddings, sequence_pairs
 from .prompts import PromptTemplate
@@ -17,5 +18,5 @@ from .training import ContrastiveTrainer, FitConfig
 __all__ = [
     "__version__", "ItemEmbedder", "PromptTemplate", "LoraSettings", "BackboneSettings", "TextEncoder",
     "ItemEmbeddings", "ContrastiveLoss", "FitConfig", "ContrastiveTrainer", "load_text_encoder",
-    "default_model_path", "sequence_pairs", "cooccurrence_embeddings",
+    "default_model_path", "sequence_pairs", "cooccurrence_embeddings", "next_item_transitions", "neighbour_scores",
 ]

@@ -1,7 +1,9 @@
-"""``llm-item-embed``: fine-tune an item embedder, encode item tables, push results to the Hub.
+"""``llm-item-embed``: fine-tune an item embedder, encode item tables, score embeddings against
+users' next items, push results to the Hub.
 
     llm-item-embed fit items.csv --output-dir runs/beauty --field name=title --field brand=brand
     llm-item-embed encode items.csv --embedder runs/beauty -o beauty.safetensors --recbole beauty.itememb
+    llm-item-embed evaluate frozen.safetensors beauty.safetensors --interactions interactions.csv
     llm-item-embed push runs/beauty user/beauty-embedder        # token: HF_TOKEN or --token
 
 Errors print one line (``llm-item-embed <command>: error: ...``) and exit with status 1; ``--debug``
@@ -344,6 +346,44 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .embeddings import ItemEmbeddings
+    from .evaluation import neighbour_scores, next_item_transitions
+
+    tables = []
+    for given in args.embeddings:
+        path = Path(given)
+        if not path.is_file():
+            raise CLIError(f"embeddings file {path} does not exist" if not path.exists()
+                           else f"embeddings file {path} is a folder")
+        tables.append((path, ItemEmbeddings.load(path)))
+    df = read_interactions(args.interactions, set(tables[0][1].ids))
+    prev, nxt = next_item_transitions(df, holdout_last=args.holdout_last, held_out=args.held_out,
+                                      time_column="timestamp" if "timestamp" in df.columns else None)
+    if len(prev) == 0:
+        raise CLIError(f"interactions file {args.interactions}: no transitions "
+                       + ("into a held-out item" if args.held_out else f"after holding out the last "
+                                                                       f"{args.holdout_last} per user"))
+    which = "into the held-out items" if args.held_out else "within the training histories"
+    print(f"{len(prev)} transitions {which} (last {args.holdout_last} per user held out), k={args.k}")
+    results: dict[str, dict[str, float]] = {}
+    for path, table in tables:
+        scores = neighbour_scores(table, prev, nxt, k=args.k, max_queries=args.max_queries or None, seed=args.seed)
+        results[str(path)] = scores
+        line = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        first = results[str(tables[0][0])]
+        ratio = "" if path == tables[0][0] else "  (vs the first file: " + ", ".join(
+            f"{name} " + (f"{scores[name] / first[name]:.2f}x" if first[name] else "n/a") for name in scores
+            if name.startswith("next@") or name == "AUC") + ")"
+        print(f"{path}: {line}{ratio}")
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(Path(args.json), {"k": args.k, "held_out": args.held_out, "holdout_last": args.holdout_last,
+                                            "transitions": int(len(prev)), "scores": results})
+    return 0
+
+
 def _is_embeddings_folder(folder: Path, filename: str) -> bool:
     """A folder holding an embeddings file and no saved embedder (``item_embedder_config.json``)."""
     return (folder / filename).is_file() and not (folder / "item_embedder_config.json").exists()
@@ -486,6 +526,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_options(enc)
     _add_model_options(enc)
     enc.set_defaults(func=cmd_encode)
+
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="score embedding files against what users interact with next",
+                        description="How often each transition's next item is among the k nearest neighbours "
+                                    "(cosine) of the previous item (next@k), and how often a consecutive pair is "
+                                    "more similar than a random one (AUC); no recommender is trained. Give the "
+                                    "untuned model's file first to read the others against it.")
+    ev.add_argument("embeddings", nargs="+", help="embeddings files (.safetensors, from 'encode')")
+    ev.add_argument("--interactions", required=True,
+                    help="interactions table (user_id, item_id[, timestamp]; without timestamps the file's "
+                         "order is each user's time order)")
+    ev.add_argument("--k", type=int, default=10, help="neighbours per query (default: 10)")
+    ev.add_argument("--holdout-last", type=int, default=2,
+                    help="interactions per user held out (default 2: leave-one-out's validation and test items)")
+    ev.add_argument("--held-out", action="store_true",
+                    help="score the transitions into the first held-out item instead of the training ones (for "
+                         "embeddings fine-tuned on the training transitions: --interactions at fit time)")
+    ev.add_argument("--max-queries", type=int, default=5000,
+                    help="transitions drawn for next@k (default: 5000; 0: all)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    ev.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    ev.set_defaults(func=cmd_evaluate)
 
     push = sub.add_parser("push", parents=[common], help="upload an embedder folder or an embeddings file to the Hub",
                           description="Upload a saved embedder folder or an embeddings .safetensors file, with a "

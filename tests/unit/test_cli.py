@@ -52,7 +52,7 @@ def test_top_level_help(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("fit", "encode", "push"):
+    for cmd in ("fit", "encode", "evaluate", "push"):
         assert cmd in out
 
 
@@ -61,6 +61,7 @@ def test_top_level_help(capsys):
              "--epochs", "--batch-size", "--lr", "--max-steps", "--output-dir", "--resume-from", "--seed", "--debug"]),
     ("encode", ["--embedder", "--model", "--output", "--recbole", "--batch-size", "--shard-dir"]),
     ("push", ["--token", "HF_TOKEN", "--private", "--commit-message"]),
+    ("evaluate", ["--interactions", "--k", "--held-out", "--holdout-last", "--max-queries", "--json"]),
 ])
 def test_command_help(capsys, cmd, options):
     with pytest.raises(SystemExit) as info:
@@ -255,6 +256,40 @@ def write_histories(folder: Path) -> Path:
                   "item_id": [f"it{u * 4 + t:02d}" for u in range(3) for t in range(4)],
                   "timestamp": list(range(4)) * 3}).to_csv(inter, index=False)
     return inter
+
+
+def test_evaluate_scores_each_file_against_the_histories(tmp_path, capsys):
+    """Items follow their twin in every history: twin-aligned embeddings find every next item,
+    random ones almost none; the JSON holds what was printed."""
+    rng = np.random.default_rng(0)
+    ids = [f"it{i:02d}" for i in range(60)]
+    base = rng.normal(size=(30, 8))
+    ItemEmbeddings(ids, (np.repeat(base, 2, axis=0) + 0.01 * rng.normal(size=(60, 8))).astype(np.float32)).save(
+        tmp_path / "twins.safetensors")
+    ItemEmbeddings(ids, rng.normal(size=(60, 8)).astype(np.float32)).save(tmp_path / "random.safetensors")
+    # user u: it(2u) it(2u+1) then two held-out items
+    users = [f"u{u}" for u in range(30) for _ in range(4)]
+    items = [ids[j] for u in range(30) for j in (2 * u, 2 * u + 1, (2 * u + 7) % 60, (2 * u + 20) % 60)]
+    inter = _write(tmp_path, "interactions.csv", pd.DataFrame({"user_id": users, "item_id": items,
+                                                               "timestamp": [0, 1, 2, 3] * 30}))
+    report = tmp_path / "scores.json"
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "random.safetensors"), str(tmp_path / "twins.safetensors"),
+                       "--interactions", inter, "--k", "1", "--json", str(report))
+    assert code == 0
+    assert "30 transitions within the training histories" in out
+    saved = json.loads(report.read_text())
+    twins, rand = saved["scores"][str(tmp_path / "twins.safetensors")], saved["scores"][str(tmp_path / "random.safetensors")]
+    assert twins["next@1"] == 1.0 and rand["next@1"] < 0.2 and saved["transitions"] == 30
+    assert f"next@1 {twins['next@1']:.4f}" in out and "(vs the first file: next@1" in out
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "twins.safetensors"), "--interactions", inter,
+                       "--k", "1", "--held-out")
+    assert code == 0 and "30 transitions into the held-out items" in out
+    # a missing file, and interactions with an item the embeddings lack, are named
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "none.safetensors"), "--interactions", inter)
+    assert code == 1 and "none.safetensors" in error_line(err)
+    unknown = _write(tmp_path, "unknown.csv", pd.DataFrame({"user_id": ["u0", "u0"], "item_id": ["it00", "zz9"]}))
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "twins.safetensors"), "--interactions", unknown)
+    assert code == 1 and "zz9" in error_line(err)
 
 
 @pytest.mark.parametrize("options, expected", [

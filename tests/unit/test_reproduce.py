@@ -839,41 +839,6 @@ def test_report_header_names_the_rows_with_their_own_stage1_settings(tmp_path, m
     assert "own stage-1" not in write_report(study, results, {}).read_text()
 
 
-def test_neighbour_scores_find_aligned_and_miss_random_neighbourhoods():
-    import numpy as np
-
-    from benchmarks.bench_neighbours import neighbour_scores
-    from llm_item_embed import ItemEmbeddings
-
-    rng = np.random.default_rng(0)
-    n = 200
-    ids = [f"i{j}" for j in range(n)]
-    base = rng.normal(size=(n // 2, 16))
-    aligned = np.repeat(base, 2, axis=0) + 0.01 * rng.normal(size=(n, 16))  # i2j and i2j+1 are twins
-    prev, nxt = np.array(ids[0::2]), np.array(ids[1::2])  # each item is followed by its twin
-    good = neighbour_scores(ItemEmbeddings(ids, aligned), prev, nxt, k=1)
-    bad = neighbour_scores(ItemEmbeddings(ids, rng.normal(size=(n, 16))), prev, nxt, k=1)
-    assert good["next@1"] == 1.0 and good["AUC"] > 0.99
-    assert bad["next@1"] < 0.1 and 0.3 < bad["AUC"] < 0.7
-
-
-def test_neighbour_scores_split_next_at_k_by_the_next_items_group():
-    import numpy as np
-
-    from benchmarks.bench_neighbours import neighbour_scores
-    from llm_item_embed import ItemEmbeddings
-
-    rng = np.random.default_rng(0)
-    ids = [f"i{j}" for j in range(40)]
-    x = rng.normal(size=(40, 8))
-    x[1::2] = x[0::2] + 0.01 * rng.normal(size=(20, 8))  # i2j+1 is i2j's twin
-    prev, nxt = np.array(ids[0:20:2] + ids[20:40:2]), np.array(ids[1:20:2] + ids[23:40:2] + ids[21:22])
-    tail = set(ids[:20])  # the first ten transitions go to a twin (tail items), the rest to another item
-    s = neighbour_scores(ItemEmbeddings(ids, x), prev, nxt, k=1, tail=tail)
-    assert s["next@1 tail"] == 1.0 and s["next@1 head"] == 0.0 and s["next@1"] == 0.5
-    assert "next@1 tail" not in neighbour_scores(ItemEmbeddings(ids, x), prev, nxt, k=1)
-
-
 def test_linear_map_recovers_a_linear_target_and_skips_items_without_one():
     import numpy as np
 
@@ -889,18 +854,6 @@ def test_linear_map_recovers_a_linear_target_and_skips_items_without_one():
     pred = linear_map(ItemEmbeddings(ids, x), target, alpha=1e-6).numpy()
     truth = x @ np.linalg.lstsq(x[50:], y[50:], rcond=None)[0]
     assert np.allclose(pred, truth, atol=1e-3) and np.abs(pred[:50]).sum() > 1
-
-
-def test_held_out_transitions_are_the_ones_into_the_validation_items(tmp_path):
-    from benchmarks.bench_neighbours import held_out_transitions, training_transitions
-
-    # u: a b c d e (valid d, test e); v: f a b (valid a, test b)
-    data = toy_dataset(tmp_path, {"item_id": list("abcdef"), "title": list("abcdef")},
-                       {"user_id": list("uuuuuvvv"), "item_id": list("abcdefab"), "timestamp": [1, 2, 3, 4, 5, 1, 2, 3]})
-    prev, nxt = held_out_transitions(str(data))
-    assert sorted(zip(prev, nxt)) == [("c", "d"), ("f", "a")]
-    prev, nxt = training_transitions(str(data))
-    assert sorted(zip(prev, nxt)) == [("a", "b"), ("b", "c")]  # no transition into a valid/test item
 
 
 def test_neighbour_bench_labels_files_from_their_training_metadata():
