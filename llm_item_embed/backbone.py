@@ -7,13 +7,15 @@ re-applied on load.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -283,7 +285,17 @@ def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     targets, exclude = resolve_lora_targets(model, lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         exclude_modules=exclude or None, bias="none")
-    return get_peft_model(model, config)
+    with _quiet_peft_deprecations():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft_deprecations() -> Iterator[None]:
+    """peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning on every wrap; the user can do nothing about it, so only that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _load_hf(settings: BackboneSettings) -> tuple[nn.Module, Any]:
@@ -445,7 +457,8 @@ def load_text_encoder(settings: BackboneSettings | None = None, lora: LoraSettin
         adapter_path = Path(adapter_path)
         if not (adapter_path / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"LoRA adapter folder {adapter_path} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+        with _quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
     elif lora is not None:
         model = _apply_lora(model, lora)
     return TextEncoder(model, tokenizer, settings, lora)

@@ -76,6 +76,17 @@ def test_fresh_lora_starts_at_the_base_model(tiny_bert_dir):
     torch.testing.assert_close(got, expected)
 
 
+def test_lora_wrap_and_adapter_load_raise_no_deprecation_warning(tiny_bert_dir, tmp_path):
+    """peft 0.21 under transformers 5 warns on every wrap; the library hides that one warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enc = load_text_encoder(BackboneSettings(tiny_bert_dir), lora=LoraSettings())
+        enc.model.save_pretrained(tmp_path / "adapter")
+        load_text_encoder(BackboneSettings(tiny_bert_dir), adapter_path=tmp_path / "adapter")
+
+
 def test_tokenize_truncates_and_counts(tiny_bert_dir):
     enc = load_text_encoder(BackboneSettings(tiny_bert_dir, max_length=8))
     feats = enc.tokenize(["short", "one two three four five six seven eight nine ten", "also short"])
