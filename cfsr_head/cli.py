@@ -10,9 +10,10 @@ evaluate it, publish it and recommend with it.
 ``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
 settings), ``metrics.json`` (training history, best epoch, test metrics under both protocols) and
 ``checkpoints/{last,best}`` (rerunning the same command resumes an interrupted run). With several
-``--lr`` or ``--dropout`` values every combination is trained into ``checkpoints/lr<LR>-dropout<P>/``,
-the one with the best validation NDCG@10 is saved and tested as above, and ``metrics.json`` gets a
-``search`` entry listing every point (a rerun with a longer list trains only the new ones). ``push``
+``--lr``, ``--dropout`` or ``--loss`` values every combination is trained into
+``checkpoints/lr<LR>-dropout<P>-loss<LOSS>/``, the one with the best validation NDCG@10 is saved and
+tested as above, and ``metrics.json`` gets a ``search`` entry listing every point (a rerun with a
+longer list trains only the new ones). ``push``
 uploads the folder's model files (not the checkpoints) with a model card; ``evaluate --model``
 takes such a Hub repo id as well as a folder. ``recommend`` prints (or writes as JSON) every user's top-k
 next items, leaving out what each user has already seen.
@@ -37,6 +38,8 @@ NEEDS_EMBEDDINGS = ("full", "no-collaborative", "concat", "unshared")
 ONE_VIEW_VARIANTS = ("no-semantic", "no-collaborative", "sasrec")
 # settings that may differ when a run is resumed with the same command
 _RESUME_FREE = {"epochs", "patience", "no_progress", "quiet"}
+# train options that take several values; more than one value in any of them makes a search
+SEARCHABLE = ("lr", "dropout", "loss")
 
 
 class CLIError(Exception):
@@ -188,16 +191,17 @@ def _check_train_args(args: argparse.Namespace) -> Any:
     if args.validate_with_logit_bias and not args.logit_adjustment:
         raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU "
                        "(there is no training bias to add back)")
-    for flag, values in (("--lr", args.lr), ("--dropout", args.dropout)):
+    for name in SEARCHABLE:
+        values = getattr(args, name)
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
-            raise CLIError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
+            raise CLIError(f"--{name} lists {', '.join(_value(v) for v in repeated)} more than once")
     return trained_prior
 
 
 def _check_resumable_folder(out: Path, settings: dict[str, Any], searching: bool) -> None:
     """Refuse an ``--output-dir`` that holds a run with other settings, or the other kind of run
-    (one setting vs a search); a search may change its --lr / --dropout lists."""
+    (one setting vs a search); a search may change its --lr / --dropout / --loss lists."""
     from .io import read_json
 
     if out.exists() and not out.is_dir():
@@ -206,12 +210,12 @@ def _check_resumable_folder(out: Path, settings: dict[str, Any], searching: bool
     if not run_file.is_file():
         return
     old = read_json(run_file).get("settings", {})
-    old_searching = isinstance(old.get("lr"), list) or isinstance(old.get("dropout"), list)
+    old_searching = any(isinstance(old.get(name), list) for name in SEARCHABLE)
     if old_searching != searching:
         held = "a search over several settings" if old_searching else "a run of one setting"
-        raise CLIError(f"--output-dir {out} holds {held} (--lr {old.get('lr')}, --dropout {old.get('dropout')}); "
-                       "use a new --output-dir")
-    free = _RESUME_FREE | ({"lr", "dropout"} if searching else set())
+        given = ", ".join(f"--{name} {old[name]}" for name in SEARCHABLE if name in old)
+        raise CLIError(f"--output-dir {out} holds {held} ({given}); use a new --output-dir")
+    free = _RESUME_FREE | (set(SEARCHABLE) if searching else set())
     diff = sorted(k for k in settings if k not in free and k in old and old[k] != settings[k])
     if diff:
         raise CLIError(f"--output-dir {out} holds a run with other settings ("
@@ -219,30 +223,39 @@ def _check_resumable_folder(out: Path, settings: dict[str, Any], searching: bool
                        + "); use a new --output-dir")
 
 
-def _point_folder(point: dict[str, float]) -> str:
-    return f"lr{point['lr']:g}-dropout{point['dropout']:g}"
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _point_folder(point: dict[str, Any]) -> str:
+    """``lr0.01-dropout0.2-lossce``: a search point's checkpoint folder."""
+    return "-".join(f"{name}{_value(value)}" for name, value in point.items())
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {_value(value)}" for name, value in point.items())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one setting, or every --lr x --dropout combination and keep the best on validation."""
+    """Train one setting, or every --lr x --dropout x --loss combination and keep the best on validation."""
     from .io import atomic_write_json
-    from .search import grid_search
+    from .search import grid_points, grid_search
     from .split import align_semantic
     from .train import TrainConfig, Trainer, _to_jsonable
 
     out = Path(args.output_dir)
-    grid = {"lr": list(args.lr), "dropout": list(args.dropout)}
-    searching = len(args.lr) * len(args.dropout) > 1
+    grid = {name: list(getattr(args, name)) for name in SEARCHABLE}
+    searching = math.prod(len(values) for values in grid.values()) > 1
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    if not searching:  # a run of one setting records plain numbers, as before searches existed
-        settings["lr"], settings["dropout"] = args.lr[0], args.dropout[0]
+    if not searching:  # a run of one setting records plain values, as before searches existed
+        settings.update({name: values[0] for name, values in grid.items()})
     _check_resumable_folder(out, settings, searching)
     trained_prior = _check_train_args(args)
 
-    def config_for(point: dict[str, float]) -> Any:
+    def config_for(point: dict[str, Any]) -> Any:
         checkpoints = out / "checkpoints" / _point_folder(point) if searching else out / "checkpoints"
         return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=point["lr"],
-                           weight_decay=args.weight_decay, loss=args.loss, n_negatives=args.n_negatives,
+                           weight_decay=args.weight_decay, loss=point["loss"], n_negatives=args.n_negatives,
                            max_len=args.max_len, patience=args.patience, seed=args.seed,
                            output_dir=str(checkpoints), show_progress_bar=not args.no_progress,
                            sliding_windows=args.sliding, eval_protocol=args.eval_protocol,
@@ -250,8 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            validate_with_logit_bias=args.validate_with_logit_bias)
 
     try:  # every point's settings are checked before anything is loaded or written
-        configs = {_point_folder(p): config_for(p) for p in
-                   ({"lr": lr, "dropout": dropout} for lr in args.lr for dropout in args.dropout)}
+        configs = {_point_folder(p): config_for(p) for p in grid_points(grid)}
     except ValueError as e:
         raise CLIError(str(e)) from None
     split = _load_split(args.data, args.max_len)
@@ -263,9 +275,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError(f"--d {args.d} is larger than the embeddings allow for PCA "
                            f"(min(items, width) = {min(semantic.shape)})")
 
-    def make_trainer(point: dict[str, float]) -> Trainer:
+    def make_trainer(point: dict[str, Any]) -> Trainer:
         model = build_model(args.variant, args.encoder, split.num_items, semantic, d=args.d, max_len=args.max_len,
-                            n_layers=args.n_layers, n_heads=args.n_heads, dropout=point["dropout"], loss=args.loss,
+                            n_layers=args.n_layers, n_heads=args.n_heads, dropout=point["dropout"], loss=point["loss"],
                             seed=args.seed, score_temperature=args.score_temperature,
                             view_loss_weight=args.view_loss_weight or 0.0,
                             collab_anchor_weight=args.collab_anchor_weight or 0.0,
@@ -275,7 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def report(run: Any) -> None:
         if searching and not args.quiet:
-            print(f"lr {run.point['lr']:g}, dropout {run.point['dropout']:g}: best epoch {run.result.best_epoch}, "
+            print(f"{_point_text(run.point)}: best epoch {run.result.best_epoch}, "
                   f"valid {run.result.metric} {run.result.best_metric:.4f} ({run.seconds:.0f} s)")
 
     atomic_write_json(out / "run.json", {"format": "cfsr.run", "settings": settings})
@@ -297,8 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics["search"] = found.to_dict()
     atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:
-        kept = (f" (kept lr {found.best_point['lr']:g}, dropout {found.best_point['dropout']:g}: "
-                "best on validation)") if searching else ""
+        kept = f" (kept {_point_text(found.best_point)}: best on validation)" if searching else ""
         print(f"best epoch {result.best_epoch}: valid {trainer.config.metric} {result.best_metric:.4f}"
               f"{' (stopped early)' if result.stopped_early else ''}{kept}")
         for p, r in tests.items():
@@ -606,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", choices=VARIANTS, default="full",
                    help="full: LLM-CFSR head; no-semantic / no-collaborative / concat / unshared: the "
                         "paper's ablations; sasrec: ID-only baseline (random table)")
-    t.add_argument("--loss", choices=("bpr", "ce", "bce", "sampled_softmax"), default="bpr")
+    t.add_argument("--loss", choices=("bpr", "ce", "bce", "sampled_softmax"), nargs="+", default=["bpr"],
+                   help="training loss; several (e.g. --loss bpr ce) are searched like --lr, each with its own "
+                        "early stopping, and the one that validates best is kept")
     t.add_argument("--n-negatives", type=_positive_int, default=1,
                    help="sampled negatives per position (bpr, bce, sampled_softmax)")
     t.add_argument("--d", type=_positive_int, default=64, help="hidden size per view")
@@ -616,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=200)
     t.add_argument("--patience", type=int, default=20, help="evaluations without improvement before stopping")
     t.add_argument("--lr", type=_positive_float, nargs="+", default=[1e-3], metavar="LR",
-                   help="learning rate; with several (here or in --dropout), every combination is trained, "
+                   help="learning rate; with several (here, in --dropout or in --loss), every combination is trained, "
                         "each with its own checkpoints under OUTPUT_DIR/checkpoints/, and the one with the best "
                         "validation NDCG@10 is kept and tested (e.g. --lr 1e-3 3e-3 1e-2)")
     t.add_argument("--weight-decay", type=float, default=0.0)

@@ -337,46 +337,54 @@ def test_rerun_resumes_and_extends(dataset, tmp_path, capsys):
     assert "lr: 0.005 -> 0.1" in capsys.readouterr().err
 
 
-def test_search_over_lr_and_dropout_keeps_the_best_on_validation(dataset, embeddings_file, tmp_path, capsys):
-    """--lr and --dropout with several values: every combination trained with its own checkpoints,
-    the best on validation saved at the top of --output-dir and tested; a rerun with a longer list
-    trains only the new points."""
+def test_search_over_lr_dropout_and_loss_keeps_the_best_on_validation(dataset, embeddings_file, tmp_path, capsys):
+    """--lr, --dropout and --loss with several values: every combination trained with its own
+    checkpoints, the best on validation saved at the top of --output-dir and tested; a rerun with a
+    longer list trains only the new points."""
     out = tmp_path / "search"
-    base = train_args(dataset, out, "--embeddings", str(embeddings_file), "--loss", "ce")
+    base = train_args(dataset, out, "--embeddings", str(embeddings_file))
     lr_at = base.index("--lr")
     del base[lr_at:lr_at + 2]
-    assert main([*base, "--lr", "1e-5", "5e-3", "--dropout", "0.1", "0.3"]) == 0
+    assert main([*base, "--lr", "1e-5", "5e-3", "--dropout", "0.1", "0.3", "--loss", "ce"]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     runs = metrics["search"]["runs"]
-    assert [r["point"] for r in runs] == [{"lr": 1e-5, "dropout": 0.1}, {"lr": 1e-5, "dropout": 0.3},
-                                          {"lr": 5e-3, "dropout": 0.1}, {"lr": 5e-3, "dropout": 0.3}]
+    assert [r["point"] for r in runs] == [{"lr": lr, "dropout": p, "loss": "ce"}
+                                          for lr in (1e-5, 5e-3) for p in (0.1, 0.3)]
     valid = [r["best_metric"] for r in runs]
     kept = int(np.argmax(valid))
+    assert kept != len(runs) - 1  # the test below tells "the best" from "the last"
     assert metrics["search"]["best_index"] == kept and metrics["search"]["best_point"] == runs[kept]["point"]
     assert metrics["train"]["best_metric"] == valid[kept]
     assert metrics["train_config"]["lr"] == runs[kept]["point"]["lr"]
     for r in runs:
-        folder = out / "checkpoints" / f"lr{r['point']['lr']:g}-dropout{r['point']['dropout']:g}"
+        text = f"lr {r['point']['lr']:g}, dropout {r['point']['dropout']:g}, loss ce"
+        folder = out / "checkpoints" / f"lr{r['point']['lr']:g}-dropout{r['point']['dropout']:g}-lossce"
         assert (folder / "best" / "model.safetensors").is_file() and r["output_dir"] == str(folder)
-        assert f"lr {r['point']['lr']:g}, dropout {r['point']['dropout']:g}: best epoch" in printed
-    assert f"kept lr {runs[kept]['point']['lr']:g}, dropout {runs[kept]['point']['dropout']:g}" in printed
+        assert f"{text}: best epoch" in printed
+    kept_point = runs[kept]["point"]
+    assert f"kept lr {kept_point['lr']:g}, dropout {kept_point['dropout']:g}, loss ce: best on validation" in printed
     # the kept model is the one saved and tested: evaluate reproduces the recorded test numbers,
     # and its saved config carries the kept dropout
     saved = json.loads((out / "config.json").read_text())
-    assert saved["config"]["dropout"] == saved["encoder"]["args"]["dropout"] == runs[kept]["point"]["dropout"]
+    assert saved["config"]["dropout"] == saved["encoder"]["args"]["dropout"] == kept_point["dropout"]
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--data", str(dataset), "--model", str(out), "--json", str(report)]) == 0
     capsys.readouterr()
     assert json.loads(report.read_text())["summary"]["Overall"] == pytest.approx(
         metrics["test"]["full"]["summary"]["Overall"])
 
-    assert main([*base, "--lr", "1e-5", "5e-3", "2e-2", "--dropout", "0.1", "0.3", "--quiet"]) == 0
-    again = json.loads((out / "metrics.json").read_text())["search"]["runs"]
-    assert [r["resumed_from_epoch"] for r in again] == [3, 3, 3, 3, 0, 0]
-    assert [r["best_metric"] for r in again[:4]] == valid
-    assert json.loads((out / "metrics.json").read_text())["search"]["best_index"] == int(
-        np.argmax([r["best_metric"] for r in again]))
+    # a longer list: the finished points resume at once, only the new ones train (here a second
+    # loss, whose model and training both change)
+    assert main([*base, "--lr", "1e-5", "5e-3", "--dropout", "0.1", "0.3", "--loss", "ce", "bpr", "--quiet"]) == 0
+    search = json.loads((out / "metrics.json").read_text())["search"]
+    again = search["runs"]
+    assert [r["point"]["loss"] for r in again] == ["ce", "bpr"] * 4
+    assert [r["resumed_from_epoch"] for r in again] == [3, 0] * 4
+    assert [r["best_metric"] for r in again[0::2]] == valid
+    assert search["best_index"] == int(np.argmax([r["best_metric"] for r in again]))
+    kept_config = json.loads((out / "metrics.json").read_text())["train_config"]
+    assert kept_config["loss"] == again[search["best_index"]]["point"]["loss"]
 
     # a search folder does not take a one-setting run, nor the other way round; nor a list with repeats
     assert main([*base, "--lr", "5e-3", "--quiet"]) == 2
@@ -388,6 +396,8 @@ def test_search_over_lr_and_dropout_keeps_the_best_on_validation(dataset, embedd
     assert "holds a run of one setting" in one_line_error(capsys)
     assert main([*base, "--lr", "1e-3", "1e-3", "--output-dir", str(tmp_path / "rep")]) == 2
     assert "--lr lists 0.001 more than once" in one_line_error(capsys)
+    assert main([*base, "--loss", "ce", "ce", "--output-dir", str(tmp_path / "rep")]) == 2
+    assert "--loss lists ce more than once" in one_line_error(capsys)
 
 
 def test_generic_safetensors_with_header_ids(tmp_path, dataset):
