@@ -104,16 +104,23 @@ def grid_search(grid: Mapping[str, Sequence[Any]], make_trainer: Callable[[dict[
 
     The kept point has the highest ``TrainResult.best_metric``, the first of equals in grid order;
     a run that never evaluated (NaN) is never kept. Only the kept trainer stays in memory.
-    Raises ``ValueError`` for a malformed grid (before training anything) or when no run evaluated.
+    Raises ``ValueError`` for a malformed grid (before training anything), for points that validate
+    on different measures (``metric``, ``metric_group`` or ``eval_protocol`` of their configs) or
+    when no run evaluated.
     """
     points = grid_points(grid)
     runs: list[SearchRun] = []
     best_index, best_trainer, metric = -1, None, "NDCG@10"
+    first_measure: tuple[str, str, str] | None = None
     for point in points:
         trainer = make_trainer(dict(point))
         if not isinstance(trainer, Trainer):
             raise TypeError(f"make_trainer must return a cfsr_head.Trainer, got {type(trainer).__name__}")
-        metric = trainer.config.metric
+        measure = (trainer.config.metric, trainer.config.metric_group, trainer.config.eval_protocol)
+        if runs and measure != first_measure:
+            raise ValueError(f"point {point} validates on {measure} (metric, group, protocol) but the first point on "
+                             f"{first_measure}: a search compares one validation measure")
+        first_measure, metric = measure, trainer.config.metric
         t0 = time.perf_counter()
         result = trainer.fit()
         run = SearchRun(point=dict(point), result=result, seconds=time.perf_counter() - t0)

@@ -111,5 +111,9 @@ def test_a_run_that_never_evaluated_is_never_kept(split):
     assert found.best_index == 1
     with pytest.raises(ValueError, match="no run of the grid was evaluated"):
         grid_search({"lr": [1e-2]}, make_trainer)
+    with pytest.raises(ValueError, match="a search compares one validation measure"):
+        grid_search({"protocol": ["full", "sampled"]}, lambda point: Trainer(
+            make({"lr": 1e-2}).model, split, TrainConfig(epochs=1, max_len=10, show_progress_bar=False,
+                                                          eval_protocol=point["protocol"])))
     with pytest.raises(TypeError, match="must return a cfsr_head.Trainer"):
         grid_search({"lr": [1e-2]}, lambda point: object())
