@@ -5,13 +5,14 @@ import math
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from cfsr_head import DualViewHead, InteractionData, SASRecEncoder, TrainConfig, Trainer, evaluate, leave_one_out
 from cfsr_head.search import GridSearchResult, grid_points, grid_search
 from cfsr_head.train import TrainResult
+
+from cyclic_data import cyclic_interactions
 
 N_ITEMS = 30
 
@@ -20,14 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def split():
-    """Item i is followed by item i+1 (wrapping): learnable at a sensible rate, not at 1e-6."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(120):
-        start, length = rng.integers(0, N_ITEMS), rng.integers(5, 12)
-        rows += [(f"u{u}", f"i{(start + t) % N_ITEMS}", t) for t in range(length)]
-    return leave_one_out(InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])),
-                         max_len=10)
+    """Item i is followed by item i+1: learnable at a sensible rate, not at 1e-6."""
+    return leave_one_out(InteractionData(cyclic_interactions(N_ITEMS)), max_len=10)
 
 
 def trainer_factory(split, output_root=None, epochs=4, made=None):

@@ -19,6 +19,8 @@ from cfsr_head.io import load_safetensors
 from cfsr_head.train import (TrainBatch, TrainConfig, Trainer, TrainResult, flatten_optimizer_state,
                              unflatten_optimizer_state)
 
+from cyclic_data import cyclic_interactions
+
 N_ITEMS = 30
 
 
@@ -106,14 +108,7 @@ def scripted_eval(values):
 
 @pytest.fixture(scope="module")
 def split():
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(120):
-        start, length = rng.integers(0, N_ITEMS), rng.integers(5, 12)
-        for t in range(length):
-            rows.append((f"u{u}", f"i{(start + t) % N_ITEMS}", t))
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
-    return leave_one_out(InteractionData(df), max_len=10)
+    return leave_one_out(InteractionData(cyclic_interactions(N_ITEMS)), max_len=10)
 
 
 def cfg(tmp_path: Path | None = None, **kw) -> TrainConfig:
