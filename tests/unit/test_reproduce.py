@@ -1329,3 +1329,46 @@ def test_python_dash_m_runs_the_harness_end_to_end_in_a_fresh_process(tmp_path):
     for name in ("Pop", "SASRec loss=ce", "LLM-CFSR loss=ce"):
         assert f"- {name}" in page, name
     assert not (tmp_path / "work" / "toy" / "runs").exists()  # nothing trained, nothing cached
+
+
+def test_neighbours_runs_links_cft_files_to_their_settings_and_pools_rows(tmp_path, tiny_bert_dir, one_thread):
+    """bench_neighbours_runs: a CFT file's metadata rebuilds its name and its runs' key (a renamed
+    file is skipped); correlations are pooled over rows standardised one by one."""
+    from benchmarks import bench_neighbours_runs as bnr
+    from benchmarks import reproduce as rp
+
+    study, data_ = toy_study(tmp_path)
+    keys = {}
+    for seed in (0, 1):
+        s1 = rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32, seed=seed)
+        rp.stage1_embeddings(study, s1, data_.items, data_.interactions)
+        keys[seed] = rp.config_hash(rp.stage1_key(s1))
+    frozen = rp.Stage1(model=tiny_bert_dir, max_length=32, tuned=False)
+    rp.stage1_embeddings(study, frozen, data_.items, data_.interactions)  # no CFT: not linked, not skipped
+    linked, skipped = bnr.linked_files(study.dataset, study.workdir)
+    assert {k: p.name for k, p in linked.items()} == {
+        keys[s]: rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32,
+                                                     seed=s)).name for s in (0, 1)}
+    assert skipped == 0
+    moved = linked[keys[1]]
+    moved.rename(moved.with_name("0123456789abcdef.safetensors"))
+    linked, skipped = bnr.linked_files(study.dataset, study.workdir)
+    assert set(linked) == {keys[0]} and skipped == 1
+
+    # two rows of three files: "full Overall" rises with next@10 in both, at different scales; the
+    # validation metric falls with it in one row and rises in the other; a two-file row is left out
+    scores = {f"e{i}": {"next@10": 0.01 * i, "AUC": 0.5 + 0.01 * (i % 2)} for i in range(6)}
+
+    def record(emb, full, valid):
+        metrics = {"Overall": {"NDCG@10": full}, "Tail item": {"NDCG@10": full}}
+        return {"embeddings": emb, "valid": {"Overall": {"NDCG@10": valid}},
+                "test": {"full": metrics, "sampled": metrics}}
+
+    rows = {("A", "{}"): [record("e0", 0.1, 0.3), record("e1", 0.2, 0.2), record("e2", 0.3, 0.1)],
+            ("B", "{}"): [record("e3", 1.0, 0.1), record("e4", 5.0, 0.2), record("e5", 9.0, 0.3)],
+            ("C", "{}"): [record("e0", 9.0, 0.0), record("e1", 0.0, 9.0)]}
+    found = bnr.pooled_correlations(rows, scores, min_files=3)
+    assert [row for row, _ in found["rows"]] == [("A", "{}"), ("B", "{}")]
+    assert found["r"]["next@10"]["full Overall"][0] == pytest.approx(1.0)
+    assert found["r"]["next@10"]["valid"][0] == pytest.approx(0.0, abs=1e-12)
+    assert bnr.pooled_correlations(rows, scores, min_files=4)["rows"] == []
