@@ -12,7 +12,9 @@ It tells, in seconds, whether a fine-tuning moved the embeddings towards or away
 sequential signal. On Amazon Beauty two 200-step runs of the paper's masked-prompt CFT lowered
 ``next@10`` on held-out transitions from 0.064 (frozen MiniLM) to 0.042 and 0.048, and
 recommenders built on CFT embeddings are worse there on the sampled protocol too; on MovieLens
-it rises, and so do they (``docs/benchmarks.md``, ``docs/results``). Score the transitions into
+it rises, and so do they (``docs/benchmarks.md``, ``docs/results``). It compares recipes: on
+Beauty's 57 runs that each fitted their own CFT, a run's ``next@10`` did not predict its stage-2
+results among runs of the same recipe (``benchmarks/bench_neighbours_runs.py``). Score the transitions into
 the held-out items (``held_out=True``) for embeddings trained on the training transitions (pair or
 target CFT), since they have seen the others::
 
