@@ -239,7 +239,7 @@ def _point_text(point: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one setting, or every --lr x --dropout x --loss combination and keep the best on validation."""
     from .io import atomic_write_json
-    from .search import grid_points, grid_search
+    from .search import NoEvaluatedRunError, grid_points, grid_search
     from .split import align_semantic
     from .train import TrainConfig, Trainer, _to_jsonable
 
@@ -294,8 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     split.item_index.save(out / "item_index.json")
     try:
         found = grid_search(grid, make_trainer, on_run=report)
-    except ValueError as e:  # no run evaluated
-        raise CLIError(f"training produced no evaluated epoch ({e})") from None
+    except NoEvaluatedRunError:
+        raise CLIError("training produced no evaluated epoch") from None
     trainer, result = found.trainer, found.best.result
     if not result.history or result.best_epoch == 0:
         raise CLIError("training produced no evaluated epoch")

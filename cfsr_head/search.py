@@ -30,6 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 from .train import Trainer, TrainResult
 
 
+class NoEvaluatedRunError(ValueError):
+    """No run of a grid was evaluated on validation, so there is nothing to keep."""
+
+
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of ``grid``'s values, the first key varying slowest (``itertools.product``
     order). Raises ``ValueError`` naming the key for an empty or repeated value list."""
@@ -105,8 +109,8 @@ def grid_search(grid: Mapping[str, Sequence[Any]], make_trainer: Callable[[dict[
     The kept point has the highest ``TrainResult.best_metric``, the first of equals in grid order;
     a run that never evaluated (NaN) is never kept. Only the kept trainer stays in memory.
     Raises ``ValueError`` for a malformed grid (before training anything), for points that validate
-    on different measures (``metric``, ``metric_group`` or ``eval_protocol`` of their configs) or
-    when no run evaluated.
+    on different measures (``metric``, ``metric_group`` or ``eval_protocol`` of their configs), and
+    :class:`NoEvaluatedRunError` (a ``ValueError``) when no run evaluated.
     """
     points = grid_points(grid)
     runs: list[SearchRun] = []
@@ -132,5 +136,5 @@ def grid_search(grid: Mapping[str, Sequence[Any]], make_trainer: Callable[[dict[
                 best_index < 0 or value > runs[best_index].result.best_metric):
             best_index, best_trainer = len(runs) - 1, trainer
     if best_trainer is None:
-        raise ValueError("no run of the grid was evaluated on validation (every best_metric is NaN)")
+        raise NoEvaluatedRunError("no run of the grid was evaluated on validation (every best_metric is NaN)")
     return GridSearchResult(runs=runs, best_index=best_index, trainer=best_trainer, metric=metric)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cfsr_head import DualViewHead, InteractionData, SASRecEncoder, TrainConfig, Trainer, evaluate, leave_one_out
-from cfsr_head.search import GridSearchResult, grid_points, grid_search
+from cfsr_head.search import GridSearchResult, NoEvaluatedRunError, grid_points, grid_search
 from cfsr_head.train import TrainResult
 
 from cyclic_data import cyclic_interactions
@@ -104,7 +104,7 @@ def test_a_run_that_never_evaluated_is_never_kept(split):
 
     found = grid_search({"lr": [1e-2, 1e-3]}, make_trainer)
     assert found.best_index == 1
-    with pytest.raises(ValueError, match="no run of the grid was evaluated"):
+    with pytest.raises(NoEvaluatedRunError, match="no run of the grid was evaluated"):
         grid_search({"lr": [1e-2]}, make_trainer)
     with pytest.raises(ValueError, match="a search compares one validation measure"):
         grid_search({"protocol": ["full", "sampled"]}, lambda point: Trainer(
