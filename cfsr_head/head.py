@@ -677,6 +677,33 @@ class DualViewHead(nn.Module):
             pairs += [(states[:, :d], items[..., :d]), (states[:, d:], items[..., d:])]
         return [dots(self._scored_states(s), self._scored_items(e)) for s, e in pairs]
 
+    # ------------------------------------------------------------------ warm start
+    @torch.no_grad()
+    def init_collaborative_from(self, table: Any) -> None:
+        """Start the ID table from a trained one, e.g. the item embeddings of the SASRec whose
+        encoder this head wraps, so that the head builds on what that model learned (beyond the
+        paper, which starts it from PCA of the semantic table).
+
+        ``table``: ``[N, d]`` rows for items 1..N in this head's index order, or ``[N + 1, d]`` with
+        the padding row 0 first (as ``nn.Embedding`` tables are stored); a tensor or an array. Needs
+        ``collab_init="random"``: the PCA start is what ``collab_anchor_weight`` pulls towards and
+        what ``add_items`` extends. Items added later get zero rows, as with a random table."""
+        if self.item_embedding is None:
+            raise ValueError("init_collaborative_from needs the collaborative view (use_collaborative=True)")
+        if self.config.collab_init != "random":
+            raise ValueError("init_collaborative_from needs collab_init='random' (a PCA-initialised table is "
+                             "the anchor and the cold-start projection; build the head with collab_init='random')")
+        rows, _ = _semantic_matrix(table, "collaborative table")
+        n, d = self._num_items, self.item_embedding.weight.shape[1]
+        if rows.shape == (n + 1, d):
+            rows = rows[1:]
+        if rows.shape != (n, d):
+            raise ValueError(f"collaborative table has shape {tuple(rows.shape)}; this head needs [{n}, {d}] "
+                             f"(items 1..N) or [{n + 1}, {d}] (with the padding row 0)")
+        w = self.item_embedding.weight
+        w[1: n + 1] = rows.to(w.device, w.dtype)
+        w[0].zero_()
+
     # ------------------------------------------------------------------ cold start
     @torch.no_grad()
     def add_items(self, new_semantic_rows: Any) -> Tensor:

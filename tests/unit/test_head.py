@@ -909,3 +909,37 @@ def test_a_trained_in_prior_gives_fallback_rows_no_bias() -> None:
         logits = out @ table.T + torch.cat([bias, torch.zeros(3, 1)], 1)
         expected = F.cross_entropy(logits, torch.tensor([N, 2, 3]))
         torch.testing.assert_close(head.loss(seq, pos, loss_type="ce", prior=prior), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_collaborative_from_a_trained_table_reaches_the_scores_and_the_saved_head(tmp_path) -> None:
+    """A trained SASRec's item table (with or without its padding row) becomes the head's ID table:
+    the collaborative half of every item's representation and of a saved and reloaded head."""
+    trained = torch.randn(N + 1, D, generator=torch.Generator().manual_seed(3))
+    trained[0] = 5.0  # a padding row that must not be copied
+    head = make_head(fusion="concat", collab_init="random").eval()
+    before = head.item_representations().clone()
+    head.init_collaborative_from(trained)
+    assert torch.equal(head.item_embedding.weight[1:], trained[1:])
+    assert torch.equal(head.item_embedding.weight[0], torch.zeros(D))
+    reps = head.item_representations()  # rows 0..N; the cache was dropped: [e_se : e_co] with the new e_co
+    assert torch.equal(reps[1:, D:], trained[1:]) and torch.equal(reps[:, :D], before[:, :D])
+    other = make_head(fusion="concat", collab_init="random")
+    other.init_collaborative_from(trained[1:].numpy())  # rows 1..N only, as an array
+    assert torch.equal(other.item_embedding.weight, head.item_embedding.weight)
+    head.save_pretrained(tmp_path)
+    loaded = DualViewHead.from_pretrained(tmp_path, encoder=make_encoder("sasrec")).eval()
+    assert torch.equal(loaded.item_embedding.weight[1:], trained[1:])
+
+
+def test_init_collaborative_from_refuses_what_it_cannot_honour() -> None:
+    with pytest.raises(ValueError, match="collab_init='random'"):
+        make_head().init_collaborative_from(torch.zeros(N, D))  # a PCA-initialised table
+    with pytest.raises(ValueError, match="use_collaborative"):
+        make_head(use_collaborative=False).init_collaborative_from(torch.zeros(N, D))
+    head = make_head(collab_init="random")
+    with pytest.raises(ValueError, match=rf"shape \(24, 8\); this head needs \[{N}, {D}\]"):
+        head.init_collaborative_from(torch.zeros(N - 1, D))
+    bad = torch.zeros(N, D)
+    bad[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="collaborative table contains NaN"):
+        head.init_collaborative_from(bad)
