@@ -1,0 +1,49 @@
+"""README snippets that need a user's own objects, run here with tiny stand-ins built in the test."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cfsr_head import InteractionData, leave_one_out
+from cyclic_data import cyclic_interactions
+from tests.unit.test_encoders import RecBoleStyleSASRec
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def python_block_after(marker: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"```python\n(.*?)```", text[text.index(marker):], flags=re.S)
+    assert match, f"no python block after {marker!r} in README.md"
+    return match.group(1)
+
+
+def test_bolting_onto_your_own_sasrec_puts_its_layers_and_item_rows_in_the_head():
+    """The snippet's head wraps the user's model itself and holds each raw id's trained row at that
+    id's index of the split, whatever the user's own row order; then it trains."""
+    lines = python_block_after("**On top of a SASRec you already trained.**").splitlines()
+    training = [ln for ln in lines if ln.startswith("Trainer(")]
+    assert training == ['Trainer(head, split, TrainConfig(loss="ce", lr=1e-3)).fit()'], "README changed; update"
+    setup = "\n".join(ln for ln in lines if not ln.startswith("Trainer("))
+
+    split = leave_one_out(InteractionData(cyclic_interactions(30)), max_len=50)
+    torch.manual_seed(0)
+    my_sasrec = RecBoleStyleSASRec(30, hidden=8, max_len=50)
+    my_item_ids = [f"i{k}" for k in np.random.default_rng(0).permutation(30)]  # the user's own row order
+    namespace = {"my_sasrec": my_sasrec, "my_item_ids": my_item_ids, "split": split,
+                 "table": np.random.default_rng(1).normal(size=(30, 16)).astype(np.float32)}
+    exec("from cfsr_head import DualViewHead, Trainer, TrainConfig, align_semantic", namespace)
+    exec(compile(setup, str(README), "exec"), namespace)
+    head = namespace["head"]
+    assert head.encoder.model is my_sasrec  # its layers, not a copy
+    index = split.item_index.index_of(my_item_ids)
+    assert torch.equal(head.item_embedding.weight[torch.tensor(index)], my_sasrec.item_embedding.weight[1:])
+
+    exec(training[0].replace("lr=1e-3)", "lr=1e-3, epochs=1, show_progress_bar=False)"), namespace)
+    assert not torch.equal(head.item_embedding.weight[torch.tensor(index)], my_sasrec.item_embedding.weight[1:])
