@@ -53,13 +53,13 @@ def frozen_embeddings(data: Any, workdir: Path) -> ItemEmbeddings:
     return emb
 
 
-def train_row(name: str, split: Any, build, seed: int, lrs: list[float], workdir: Path, epochs: int,
-              patience: int) -> dict[str, Any]:
+def train_row(name: str, split: Any, build, seed: int, *, lrs: list[float], workdir: Path, epochs: int,
+              patience: int, length_buckets: int = 0) -> dict[str, Any]:
     """grid_search over ``lrs`` of the heads ``build()`` makes; the kept run's test results."""
     def make_trainer(point: dict[str, float]) -> Trainer:
         torch.manual_seed(seed)
         config = TrainConfig(loss="ce", lr=point["lr"], epochs=epochs, patience=patience, max_len=MAX_LEN,
-                             seed=seed, show_progress_bar=False,
+                             seed=seed, show_progress_bar=False, length_buckets=length_buckets,
                              output_dir=str(workdir / name.replace(", ", "_") / f"seed{seed}" / f"lr{point['lr']:g}"))
         return Trainer(build(), split, config)
 
@@ -68,8 +68,9 @@ def train_row(name: str, split: Any, build, seed: int, lrs: list[float], workdir
     model = found.model.eval()
     tests = {p: evaluate(model, split, split="test", protocol=p, seed=seed) for p in PROTOCOLS}
     kept = found.best.result
+    test_full = tests["full"].summary()["Overall"]["NDCG@10"]
     print(f"  seed {seed} {name:<16} lr {found.best_point['lr']:g}: valid {kept.best_metric:.4f}, "
-          f"best epoch {kept.best_epoch} of {kept.epochs_run}, test full {tests['full'].summary()['Overall']['NDCG@10']:.4f} "
+          f"best epoch {kept.best_epoch} of {kept.epochs_run}, test full {test_full:.4f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"model": model, "tests": tests, "epochs": kept.epochs_run, "best_epoch": kept.best_epoch}
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--fusions", nargs="+", default=["concat", "cross"], choices=["concat", "cross"])
+    p.add_argument("--length-buckets", type=int, default=0,
+                   help="batches of similar-length sequences (TrainConfig.length_buckets; 16 on the Amazon sets)")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "warm_start"))
     a = p.parse_args(argv)
     folder = Path(a.dataset) if Path(a.dataset).is_dir() else default_data_dir() / a.dataset
@@ -104,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         return SASRecEncoder(d=D, n_layers=LAYERS, n_heads=HEADS, max_len=MAX_LEN, dropout=DROPOUT)
 
     rows: dict[str, list[dict[str, Any]]] = {}
+    budget = dict(lrs=a.lrs, workdir=workdir, epochs=a.epochs, patience=a.patience, length_buckets=a.length_buckets)
     for seed in a.seeds:
         base = train_row("SASRec", split, lambda: DualViewHead(encoder(), num_items=split.num_items, d=D,
                                                                use_semantic=False, collab_init="random"),
-                         seed, a.lrs, workdir, a.epochs, a.patience)
+                         seed, **budget)
         rows.setdefault("SASRec", []).append(base)
         for fusion in a.fusions:
-            scratch = train_row(f"{fusion}, scratch", split, lambda: DualViewHead(
-                encoder(), semantic, d=D, fusion=fusion, dropout=DROPOUT), seed, a.lrs, workdir, a.epochs, a.patience)
-            rows.setdefault(f"{fusion}, scratch", []).append(scratch)
+            def scratch(fusion: str = fusion) -> DualViewHead:
+                return DualViewHead(encoder(), semantic, d=D, fusion=fusion, dropout=DROPOUT)
 
             def warm(fusion: str = fusion, trained: DualViewHead = base["model"]) -> DualViewHead:
                 head = DualViewHead(copy.deepcopy(trained.encoder), semantic, d=D, fusion=fusion, dropout=DROPOUT,
@@ -120,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 head.init_collaborative_from(trained.item_embedding.weight)
                 return head
 
-            rows.setdefault(f"{fusion}, warm", []).append(
-                train_row(f"{fusion}, warm", split, warm, seed, a.lrs, workdir, a.epochs, a.patience))
+            for kind, build in (("scratch", scratch), ("warm", warm)):
+                rows.setdefault(f"{fusion}, {kind}", []).append(
+                    train_row(f"{fusion}, {kind}", split, build, seed, **budget))
 
     print(f"\nTest N@10, mean ± std over {len(a.seeds)} seeds; ratio to SASRec (paired t-test over users, "
           "per-user N@10 averaged over the seeds); epochs trained (best epoch):")
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for protocol, group in columns:
             warm, scratch = (per_user(rows[f"{fusion}, {kind}"], protocol, group) for kind in ("warm", "scratch"))
-            cells.append(f"{protocol} {group} {warm.mean() / scratch.mean():.2f}x (p = {ttest_rel(warm, scratch).pvalue:.2g})")
+            pval = ttest_rel(warm, scratch).pvalue
+            cells.append(f"{protocol} {group} {warm.mean() / scratch.mean():.2f}x (p = {pval:.2g})")
         print(f"  {fusion}: " + "; ".join(cells))
     return 0
 
