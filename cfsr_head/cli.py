@@ -191,11 +191,6 @@ def _check_train_args(args: argparse.Namespace) -> Any:
     if args.validate_with_logit_bias and not args.logit_adjustment:
         raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU "
                        "(there is no training bias to add back)")
-    for name in SEARCHABLE:
-        values = getattr(args, name)
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise CLIError(f"--{name} lists {', '.join(_value(v) for v in repeated)} more than once")
     return trained_prior
 
 
@@ -262,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            logit_adjustment=args.logit_adjustment or 0.0,
                            validate_with_logit_bias=args.validate_with_logit_bias)
 
-    try:  # every point's settings are checked before anything is loaded or written
+    try:  # every point's settings (and repeated values) are checked before anything is loaded or written
         configs = {_point_folder(p): config_for(p) for p in grid_points(grid)}
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -296,9 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         found = grid_search(grid, make_trainer, on_run=report)
     except NoEvaluatedRunError:
         raise CLIError("training produced no evaluated epoch") from None
-    trainer, result = found.trainer, found.best.result
-    if not result.history or result.best_epoch == 0:
-        raise CLIError("training produced no evaluated epoch")
+    trainer, result = found.trainer, found.best.result  # the kept run has evaluated (NoEvaluatedRunError)
     trainer.model.save_pretrained(out)
     tests = {p: trainer.test(protocol=p) for p in ("full", "sampled")}
     metrics = {"format": "cfsr.metrics", "dataset": split.name, "variant": args.variant, "encoder": args.encoder,

@@ -395,9 +395,10 @@ def test_search_over_lr_dropout_and_loss_keeps_the_best_on_validation(dataset, e
                  "--dropout", "0.1", "0.2"]) == 2
     assert "holds a run of one setting" in one_line_error(capsys)
     assert main([*base, "--lr", "1e-3", "1e-3", "--output-dir", str(tmp_path / "rep")]) == 2
-    assert "--lr lists 0.001 more than once" in one_line_error(capsys)
+    assert "grid['lr'] lists 0.001 more than once" in one_line_error(capsys)
     assert main([*base, "--loss", "ce", "ce", "--output-dir", str(tmp_path / "rep")]) == 2
-    assert "--loss lists ce more than once" in one_line_error(capsys)
+    assert "grid['loss'] lists 'ce' more than once" in one_line_error(capsys)
+    assert not (tmp_path / "rep").exists()  # refused before anything is written
 
 
 def test_generic_safetensors_with_header_ids(tmp_path, dataset):
