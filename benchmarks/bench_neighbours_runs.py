@@ -39,7 +39,7 @@ METRICS = {"valid": ("valid", None, None), "full Overall": ("test", "full", "Ove
 def stage1_of(emb: ItemEmbeddings) -> Stage1 | None:
     """The study's stage-1 settings of a paper-CFT file, read from its metadata; None for frozen, pair
     and target files. A file whose model the study named differently (a wheel name for a path) will not
-    rebuild its file name, and :func:`linked_files` skips it."""
+    rebuild its file name, and :func:`run_key` leaves it out."""
     meta = emb.metadata
     training = meta.get("training") or {}
     fit = training.get("fit_config") or {}
@@ -54,20 +54,13 @@ def stage1_of(emb: ItemEmbeddings) -> Stage1 | None:
                   bidirectional=backbone.get("bidirectional"))
 
 
-def linked_files(dataset: Path, workdir: Path) -> tuple[dict[str, Path], int]:
-    """{stage-1 key: embeddings file} for the CFT files whose metadata rebuilds their name, and the
-    number of CFT files skipped."""
-    items = file_digest(dataset / "items.csv")
-    linked, skipped = {}, 0
-    for path in sorted((workdir / dataset.name / "embeddings").glob("*.safetensors")):
-        s1 = stage1_of(ItemEmbeddings.load(path))
-        if s1 is None:
-            continue
-        if config_hash({"stage1": stage1_key(s1), "items": items}) != path.stem:
-            skipped += 1
-            continue
-        linked[config_hash(stage1_key(s1))] = path
-    return linked, skipped
+def run_key(path: Path, emb: ItemEmbeddings, items_digest: str) -> str | None:
+    """The stage-1 key that the runs trained on this file hold, when the file's metadata rebuilds
+    its name (``items_digest``: ``file_digest`` of the dataset's items.csv); None otherwise."""
+    s1 = stage1_of(emb)
+    if s1 is None or config_hash({"stage1": stage1_key(s1), "items": items_digest}) != path.stem:
+        return None
+    return config_hash(stage1_key(s1))
 
 
 def metric_of(record: dict[str, Any], where: tuple[str, str | None, str | None]) -> float:
@@ -112,9 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     dataset = Path(a.dataset) if Path(a.dataset).is_dir() else default_data_dir() / a.dataset
     workdir = Path(a.workdir)
-    linked, skipped = linked_files(dataset, workdir)
     prev, nxt = next_item_transitions(load_dataset(dataset).interactions, holdout_last=2, held_out=a.held_out)
-    scores = {key: neighbour_scores(ItemEmbeddings.load(path), prev, nxt, k=a.k) for key, path in linked.items()}
+    items_digest = file_digest(dataset / "items.csv")
+    scores: dict[str, dict[str, float]] = {}  # stage-1 key -> the file's scores
+    skipped = 0
+    for path in sorted((workdir / dataset.name / "embeddings").glob("*.safetensors")):
+        emb = ItemEmbeddings.load(path)  # once per file: its metadata links it, its matrix is scored
+        key = run_key(path, emb, items_digest)
+        if key is not None:
+            scores[key] = neighbour_scores(emb, prev, nxt, k=a.k)
+        elif stage1_of(emb) is not None:
+            skipped += 1
     rows: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for path in sorted((workdir / dataset.name / "runs").glob("*.json")):
         if path.name.count(".") > 1:  # per-user result files beside each run record
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stage2 = {k: v for k, v in record["stage2"].items() if k != "seed"}
         rows[(record["variant"], json.dumps(stage2, sort_keys=True))].append(record)
-    print(f"{dataset.name}: {len(linked)} CFT files linked to their settings ({skipped} skipped), "
+    print(f"{dataset.name}: {len(scores)} CFT files linked to their settings ({skipped} skipped), "
           f"{len(prev)} {'held-out' if a.held_out else 'training'} transitions, k={a.k}")
     found = pooled_correlations(rows, scores, a.min_files, f"next@{a.k}")
     for (variant, stage2), records in found["rows"]:

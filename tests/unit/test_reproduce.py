@@ -1336,6 +1336,7 @@ def test_neighbours_runs_links_cft_files_to_their_settings_and_pools_rows(tmp_pa
     file is skipped); correlations are pooled over rows standardised one by one."""
     from benchmarks import bench_neighbours_runs as bnr
     from benchmarks import reproduce as rp
+    from llm_item_embed import ItemEmbeddings
 
     study, data_ = toy_study(tmp_path)
     keys = {}
@@ -1345,15 +1346,21 @@ def test_neighbours_runs_links_cft_files_to_their_settings_and_pools_rows(tmp_pa
         keys[seed] = rp.config_hash(rp.stage1_key(s1))
     frozen = rp.Stage1(model=tiny_bert_dir, max_length=32, tuned=False)
     rp.stage1_embeddings(study, frozen, data_.items, data_.interactions)  # no CFT: not linked, not skipped
-    linked, skipped = bnr.linked_files(study.dataset, study.workdir)
-    assert {k: p.name for k, p in linked.items()} == {
-        keys[s]: rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32,
-                                                     seed=s)).name for s in (0, 1)}
-    assert skipped == 0
-    moved = linked[keys[1]]
-    moved.rename(moved.with_name("0123456789abcdef.safetensors"))
-    linked, skipped = bnr.linked_files(study.dataset, study.workdir)
-    assert set(linked) == {keys[0]} and skipped == 1
+    digest = rp.file_digest(study.dataset / "items.csv")
+
+    def linked() -> dict[str, str]:
+        found = {}
+        for path in (study.workdir / study.name / "embeddings").glob("*.safetensors"):
+            key = bnr.run_key(path, ItemEmbeddings.load(path), digest)
+            if key is not None:
+                found[key] = path.name
+        return found
+
+    assert linked() == {keys[s]: rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4,
+                                                                     max_length=32, seed=s)).name for s in (0, 1)}
+    moved = rp.embeddings_path(study, rp.Stage1(model=tiny_bert_dir, max_steps=1, batch_size=4, max_length=32, seed=1))
+    moved.rename(moved.with_name("0123456789abcdef.safetensors"))  # its settings no longer rebuild its name
+    assert set(linked()) == {keys[0]}
 
     # two rows of three files: "full Overall" rises with next@10 in both, at different scales; the
     # validation metric falls with it in one row and rises in the other; a two-file row is left out
