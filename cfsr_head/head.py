@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "cfsr_head.DualViewHead"
 LOSSES = ("bpr", "bce", "ce", "sampled_softmax")
+ColdStartRows = Literal["projection", "neighbours", "zeros"]
+COLD_START_ROWS = ("projection", "neighbours", "zeros")
 
 
 @dataclass
@@ -710,34 +712,68 @@ class DualViewHead(nn.Module):
 
     # ------------------------------------------------------------------ cold start
     @torch.no_grad()
-    def add_items(self, new_semantic_rows: Any) -> Tensor:
+    def add_items(self, new_semantic_rows: Any, *, collaborative: ColdStartRows | None = None,
+                  n_neighbours: int = 10) -> Tensor:
         """Append items (cold start) without retraining; returns their indices ``N+1..N+M``.
 
-        The semantic buffer is extended; the collaborative row comes from the stored PCA
-        projection (times the stored init scale), or is zero when the ID table was initialised
-        randomly. The ID table becomes a new Parameter: rebuild optimizers afterwards."""
+        The semantic buffer is extended. ``collaborative`` says where each new item's ID-table
+        row comes from:
+
+        - ``"projection"``: the stored PCA projection of its semantic row (times the stored init
+          scale), i.e. where PCA initialisation would have put it before training;
+        - ``"neighbours"`` (beyond the paper): the mean trained row of its ``n_neighbours``
+          nearest existing items by cosine similarity of the semantic rows, so that it lands among
+          the trained rows of the items its text resembles;
+        - ``"zeros"``: a zero row (the new item is then scored by its semantic part alone);
+        - ``None`` (default): ``"projection"`` for a PCA-initialised table, else ``"zeros"``.
+
+        Extend the raw-id mapping with ``ItemIndex.extended``. The ID table becomes a new
+        Parameter: rebuild optimizers afterwards."""
         if self.semantic_table is None:
             raise ValueError("add_items needs a head built with a semantic table")
         rows, _ = _semantic_matrix(new_semantic_rows, "new semantic rows")
         if rows.shape[1] != self.semantic_table.shape[1]:
             raise ValueError(f"embedding width mismatch: new rows have width {rows.shape[1]}, the head's "
                              f"semantic table has width {self.semantic_table.shape[1]}")
+        if collaborative is None:
+            collaborative = "projection" if self.pca is not None else "zeros"
+        if collaborative not in COLD_START_ROWS:
+            raise ValueError(f"collaborative must be one of {COLD_START_ROWS} or None, got {collaborative!r}")
+        if collaborative == "projection" and self.item_embedding is not None and self.pca is None:
+            raise ValueError("collaborative='projection' needs a PCA-initialised ID table (collab_init='pca'); "
+                             "use 'neighbours' or 'zeros'")
+        if collaborative == "neighbours" and n_neighbours < 1:
+            raise ValueError(f"n_neighbours must be >= 1, got {n_neighbours}")
         M, N = rows.shape[0], self._num_items
         rows = rows.to(self.semantic_table.device, self.semantic_table.dtype)
-        self.semantic_table = torch.cat([self.semantic_table, rows])
         if self.item_embedding is not None:
             w = self.item_embedding.weight
-            if self.pca is not None:
+            if collaborative == "projection":
                 new = self.pca.transform(rows).to(w.dtype) * self.collab_scale
+            elif collaborative == "neighbours":
+                new = self._neighbour_rows(rows, n_neighbours)
             else:
                 new = w.new_zeros(M, w.shape[1])
             emb = nn.Embedding(N + M + 1, w.shape[1], padding_idx=0, device=w.device, dtype=w.dtype)
             emb.weight.copy_(torch.cat([w, new]))
             emb.weight.requires_grad_(w.requires_grad)
             self.item_embedding = emb
+        self.semantic_table = torch.cat([self.semantic_table, rows])
         self._num_items = N + M
         self._cache = None
         return torch.arange(N + 1, N + M + 1, device=self.semantic_table.device)
+
+    def _neighbour_rows(self, rows: Tensor, k: int, chunk: int = 1024) -> Tensor:
+        """Mean ID-table row of each new semantic row's ``k`` nearest existing items (cosine)."""
+        w = self.item_embedding.weight
+        known = F.normalize(self.semantic_table[1: self._num_items + 1].float(), dim=-1)
+        k = min(k, known.shape[0])
+        out = []
+        for start in range(0, rows.shape[0], chunk):
+            sims = F.normalize(rows[start: start + chunk].float(), dim=-1) @ known.T
+            nearest = sims.topk(k, dim=-1).indices + 1                       # table rows are 1-based
+            out.append(w[nearest].mean(1))
+        return torch.cat(out).to(w.dtype) if out else w.new_zeros(0, w.shape[1])
 
     # ------------------------------------------------------------------ save / load
     def _encoder_spec(self) -> dict[str, Any]:

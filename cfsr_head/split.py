@@ -41,6 +41,15 @@ class ItemIndex:
         """Items of the interactions, in order of first appearance."""
         return cls(pd.unique(data.interactions["item_id"]).tolist())
 
+    def extended(self, new_ids: Sequence[str]) -> "ItemIndex":
+        """A new index with ``new_ids`` appended as ``N+1..N+M`` (the order ``DualViewHead.add_items``
+        gives new items); ids already in this index or repeated raise."""
+        new = [str(i) for i in new_ids]
+        known = [i for i in new if i in self._lookup]
+        if known:
+            raise ValueError(f"ItemIndex.extended: {len(known)} id(s) already in the index, e.g. {known[:5]}")
+        return ItemIndex(self.ids + new)
+
     @property
     def ids(self) -> list[str]:
         return self._ids.tolist()

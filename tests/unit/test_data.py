@@ -160,6 +160,17 @@ def test_item_index_save_load_and_errors(tmp_path):
         idx.id_of([0])
 
 
+def test_item_index_extended_appends_and_refuses_known_ids():
+    idx = ItemIndex(["b", "007", "a"])
+    more = idx.extended(["c", 8])
+    assert more.ids == ["b", "007", "a", "c", "8"] and idx.ids == ["b", "007", "a"]
+    assert more.index_of(["c", "8", "b"]).tolist() == [4, 5, 1]
+    with pytest.raises(ValueError, match=r"1 id\(s\) already in the index.*'a'"):
+        idx.extended(["c", "a"])
+    with pytest.raises(ValueError, match="duplicated"):
+        idx.extended(["c", "c"])
+
+
 # ------------------------------------------------------------------ leave-one-out
 def test_leave_one_out_by_hand(toy_split):
     s = toy_split

@@ -372,6 +372,45 @@ def test_cold_start_add_items(config: str) -> None:
         head.add_items(torch.randn(1, D_LLM + 1))
 
 
+@pytest.mark.parametrize("config", ["default", "random_init", "no_semantic"])
+def test_add_items_neighbour_rows_average_the_nearest_trained_rows(config: str) -> None:
+    head = make_head(**CONFIGS[config]).eval()
+    with torch.no_grad():                      # trained rows no longer where PCA put them
+        head.item_embedding.weight[1:] += torch.randn(N, D, generator=torch.Generator().manual_seed(5))
+    table = head.semantic_table[1:].clone()
+    rows = torch.stack([table[3] + 0.01 * torch.randn(D_LLM), 2.0 * table[7], -table[11]])
+    trained = head.item_embedding.weight[1:].detach().clone()
+    idx = head.add_items(rows, collaborative="neighbours", n_neighbours=3)
+    new = head.item_embedding.weight[idx].detach()
+    sims = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    for r in range(3):
+        nearest = sims[r].topk(3).indices
+        torch.testing.assert_close(new[r], trained[nearest].mean(0))
+    assert 3 in sims[0].topk(3).indices.tolist() and 7 in sims[1].topk(3).indices.tolist()
+    # the trained rows themselves are untouched, and k larger than the table is capped
+    torch.testing.assert_close(head.item_embedding.weight[1: N + 1].detach(), trained)
+    idx2 = head.add_items(rows[:1], collaborative="neighbours", n_neighbours=10 * N)
+    torch.testing.assert_close(head.item_embedding.weight[idx2].detach()[0],
+                               head.item_embedding.weight[1: N + 4].detach().mean(0))
+
+
+def test_add_items_collaborative_choices() -> None:
+    head = make_head().eval()
+    rows = semantic_table(2, seed=4)
+    idx = head.add_items(rows, collaborative="zeros")
+    assert torch.equal(head.item_embedding.weight[idx], torch.zeros(2, D))
+    idx = head.add_items(rows)                                            # PCA table: projection
+    torch.testing.assert_close(head.item_embedding.weight[idx].detach(), head.pca.transform(rows))
+    with pytest.raises(ValueError, match="collaborative must be one of"):
+        head.add_items(rows, collaborative="mean")
+    with pytest.raises(ValueError, match="n_neighbours"):
+        head.add_items(rows, collaborative="neighbours", n_neighbours=0)
+    random_head = make_head(**CONFIGS["random_init"])
+    with pytest.raises(ValueError, match="collab_init='pca'"):
+        random_head.add_items(rows, collaborative="projection")
+    assert head.num_items == N + 4 and random_head.num_items == N      # refused before any change
+
+
 def test_add_items_needs_a_semantic_table() -> None:
     head = DualViewHead(make_encoder("sasrec"), None, d=D, num_items=N, use_semantic=False, collab_init="random")
     with pytest.raises(ValueError, match="semantic table"):
