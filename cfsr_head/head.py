@@ -34,8 +34,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "cfsr_head.DualViewHead"
 LOSSES = ("bpr", "bce", "ce", "sampled_softmax")
-ColdStartRows = Literal["projection", "neighbours", "zeros"]
-COLD_START_ROWS = ("projection", "neighbours", "zeros")
+ColdStartRows = Literal["projection", "mapping", "neighbours", "zeros"]
+COLD_START_ROWS = ("projection", "mapping", "neighbours", "zeros")
 
 
 @dataclass
@@ -713,7 +713,7 @@ class DualViewHead(nn.Module):
     # ------------------------------------------------------------------ cold start
     @torch.no_grad()
     def add_items(self, new_semantic_rows: Any, *, collaborative: ColdStartRows | None = None,
-                  n_neighbours: int = 10) -> Tensor:
+                  n_neighbours: int = 10, ridge: float = 1.0) -> Tensor:
         """Append items (cold start) without retraining; returns their indices ``N+1..N+M``.
 
         The semantic buffer is extended. ``collaborative`` says where each new item's ID-table
@@ -721,6 +721,9 @@ class DualViewHead(nn.Module):
 
         - ``"projection"``: the stored PCA projection of its semantic row (times the stored init
           scale), i.e. where PCA initialisation would have put it before training;
+        - ``"mapping"`` (beyond the paper): a ridge regression (penalty ``ridge``, with intercept)
+          from the existing items' semantic rows to their trained ID-table rows, applied to the
+          new item's semantic row: the PCA start corrected for how training moved the table;
         - ``"neighbours"`` (beyond the paper): the mean trained row of its ``n_neighbours``
           nearest existing items by cosine similarity of the semantic rows, so that it lands among
           the trained rows of the items its text resembles;
@@ -744,12 +747,16 @@ class DualViewHead(nn.Module):
                              "use 'neighbours' or 'zeros'")
         if collaborative == "neighbours" and n_neighbours < 1:
             raise ValueError(f"n_neighbours must be >= 1, got {n_neighbours}")
+        if collaborative == "mapping" and not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
         M, N = rows.shape[0], self._num_items
         rows = rows.to(self.semantic_table.device, self.semantic_table.dtype)
         if self.item_embedding is not None:
             w = self.item_embedding.weight
             if collaborative == "projection":
                 new = self.pca.transform(rows).to(w.dtype) * self.collab_scale
+            elif collaborative == "mapping":
+                new = self._mapped_rows(rows, ridge)
             elif collaborative == "neighbours":
                 new = self._neighbour_rows(rows, n_neighbours)
             else:
@@ -762,6 +769,17 @@ class DualViewHead(nn.Module):
         self._num_items = N + M
         self._cache = None
         return torch.arange(N + 1, N + M + 1, device=self.semantic_table.device)
+
+    def _mapped_rows(self, rows: Tensor, ridge: float) -> Tensor:
+        """Ridge regression (with intercept) from the existing semantic rows to the trained ID rows."""
+        w = self.item_embedding.weight
+        x = self.semantic_table[1: self._num_items + 1].double()
+        y = w[1: self._num_items + 1].double()
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        xc = x - x_mean
+        gram = xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        coef = torch.linalg.lstsq(gram, xc.T @ (y - y_mean)).solution
+        return ((rows.double() - x_mean) @ coef + y_mean).to(w.dtype)
 
     def _neighbour_rows(self, rows: Tensor, k: int, chunk: int = 1024) -> Tensor:
         """Mean ID-table row of each new semantic row's ``k`` nearest existing items (cosine)."""

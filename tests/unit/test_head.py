@@ -394,6 +394,27 @@ def test_add_items_neighbour_rows_average_the_nearest_trained_rows(config: str) 
                                head.item_embedding.weight[1: N + 4].detach().mean(0))
 
 
+@pytest.mark.parametrize("config", ["default", "random_init", "no_semantic"])
+def test_add_items_mapping_is_a_ridge_regression_from_text_to_trained_rows(config: str) -> None:
+    from sklearn.linear_model import Ridge
+
+    head = make_head(**CONFIGS[config]).eval()
+    table = head.semantic_table[1:].clone()
+    g = torch.Generator().manual_seed(6)
+    A, b = torch.randn(D_LLM, D, generator=g), torch.randn(D, generator=g)
+    with torch.no_grad():                      # trained rows an exact affine function of the text rows
+        head.item_embedding.weight[1:] = table @ A + b
+    rows = semantic_table(3, seed=12)
+    idx = head.add_items(rows, collaborative="mapping", ridge=0.0)
+    torch.testing.assert_close(head.item_embedding.weight[idx].detach(), rows @ A + b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():                      # a noisy table: the same fit as scikit-learn's Ridge
+        head.item_embedding.weight[1:] += torch.randn(N + 3, D, generator=g)
+    known_x, known_y = head.semantic_table[1:].numpy(), head.item_embedding.weight[1:].detach().numpy()
+    expected = Ridge(alpha=2.5).fit(known_x, known_y).predict(rows.numpy())
+    idx = head.add_items(rows, collaborative="mapping", ridge=2.5)
+    np.testing.assert_allclose(head.item_embedding.weight[idx].detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_add_items_collaborative_choices() -> None:
     head = make_head().eval()
     rows = semantic_table(2, seed=4)
@@ -405,6 +426,8 @@ def test_add_items_collaborative_choices() -> None:
         head.add_items(rows, collaborative="mean")
     with pytest.raises(ValueError, match="n_neighbours"):
         head.add_items(rows, collaborative="neighbours", n_neighbours=0)
+    with pytest.raises(ValueError, match="ridge"):
+        head.add_items(rows, collaborative="mapping", ridge=-1.0)
     random_head = make_head(**CONFIGS["random_init"])
     with pytest.raises(ValueError, match="collab_init='pca'"):
         random_head.add_items(rows, collaborative="projection")
