@@ -1,0 +1,225 @@
+"""Cold start: recommending items that no model saw in training (``DualViewHead.add_items``).
+
+A random share of the catalogue (``--cold-fraction``, seeded by ``--cold-seed``) is withheld: every
+interaction with those items is removed, the models are trained on what is left (leave-one-out,
+early stopping on its validation), and then the withheld items are added to each model without
+retraining. The test is the leave-one-out test of the whole data over the whole catalogue, split
+into users whose test item is a known item and users whose test item is a new one; the inputs keep
+the new items a user met before the test. The new items' rows come from their text alone (the
+bundled MiniLM, untuned, over the study's prompt).
+
+Rows, each trained with full-softmax CE and its learning rate chosen on validation
+(``cfsr_head.grid_search``), per seed:
+
+- ``Pop`` and ``SASRec`` (ID only): they cannot score a new item (-inf), and drop new items from
+  the inputs; the reference for known targets;
+- ``Content kNN``: cosine between an item's text embedding and the user's last item's, untrained;
+- ``LLM2X`` (frozen PCA table), ``SAID`` (PCA-initialised trainable table), the dual view with the
+  concatenation fusion (``dual-concat``) and with the paper's cross-attention (``dual-cross``), each
+  extended four ways
+  (``add_items(collaborative=...)``): ``projection`` (the PCA projection of the new item's text
+  embedding, the paper's init), ``mapping`` (a ridge regression from the known items' text
+  embeddings to their trained rows), ``neighbours`` (the mean trained row of its 10 nearest known
+  items by text) and ``zeros`` (LLM2X's table is never trained, so it gets only ``projection``).
+
+Prints test N@10 (full ranking, and 100 sampled negatives) for all users, known-item targets and
+new-item targets, mean ± std over seeds, and for each extended row the other extensions against
+``projection`` (paired t-test on per-user N@10 averaged over the seeds); writes the numbers
+to ``<workdir>/<dataset>/results.json``. Runs keep their checkpoints, so a rerun resumes::
+
+    python -m benchmarks.bench_cold_start --dataset ml-100k --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import ttest_rel
+from torch import nn
+
+from benchmarks.bench_warm_start import D, DROPOUT, HEADS, LAYERS, MAX_LEN, frozen_embeddings, train_row
+from benchmarks.reproduce import REPO_ROOT
+from cfsr_head import (DualViewHead, InteractionData, PopularityModel, SASRecEncoder, SplitData, align_semantic,
+                       default_data_dir, evaluate, leave_one_out, load_dataset)
+from cfsr_head.io import atomic_write_json
+
+PROTOCOLS = ("full", "sampled")
+GROUPS = ("All", "known target", "new target")
+EXTENSIONS = ("projection", "mapping", "neighbours", "zeros")
+
+
+class KnownItemsOnly(nn.Module):
+    """A model that knows items ``1..N`` evaluated on a catalogue of ``num_items`` > N: new items
+    score ``-inf`` (never recommended; a new target ranks last) and are dropped from the inputs."""
+
+    def __init__(self, model: nn.Module, num_items: int) -> None:
+        super().__init__()
+        self.model, self.known, self.num_items = model, int(model.num_items), int(num_items)
+
+    def user_state(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        seq = item_seq.masked_fill(item_seq > self.known, 0)
+        return self.model.user_state(seq, seq == 0)
+
+    def full_scores(self, states: torch.Tensor) -> torch.Tensor:
+        scores = self.model.full_scores(states)
+        return torch.cat([scores, scores.new_full((scores.shape[0], self.num_items - self.known), float("-inf"))], 1)
+
+    def score(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        new = candidates > self.known
+        scores = self.model.score(states, candidates.masked_fill(new, 1))
+        return scores.masked_fill(new, float("-inf"))
+
+
+class ContentKNN(nn.Module):
+    """Scores items by the cosine between their text embedding and the user's last item's."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        rows = nn.functional.normalize(torch.as_tensor(table, dtype=torch.float32), dim=-1)
+        self.register_buffer("table", torch.cat([rows.new_zeros(1, rows.shape[1]), rows]))
+        self.num_items = rows.shape[0]
+
+    def user_state(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table[item_seq[:, -1]]                    # inputs are left-padded: last column = last item
+
+    def full_scores(self, states: torch.Tensor) -> torch.Tensor:
+        scores = states @ self.table.T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def score(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return (self.table[candidates] * states[:, None]).sum(-1)
+
+
+def withhold_items(data: InteractionData, fraction: float, seed: int) -> tuple[InteractionData, list[str]]:
+    """The data without the interactions of a random ``fraction`` of its items, and those items."""
+    items = np.sort(data.interactions["item_id"].unique())
+    n = int(round(fraction * len(items)))
+    if not 0 < n < len(items):
+        raise ValueError(f"--cold-fraction {fraction} withholds {n} of {len(items)} items; it must leave "
+                         "some known and some new")
+    cold = np.random.default_rng(seed).choice(items, size=n, replace=False).tolist()
+    kept = data.interactions[~data.interactions["item_id"].isin(cold)]
+    return InteractionData(kept.reset_index(drop=True), data.items, data.name), cold
+
+
+def split_pair(data: InteractionData, fraction: float, seed: int) -> tuple[SplitData, SplitData]:
+    """(split of the known items' interactions, split of all data whose index appends the new items)."""
+    known_data, _ = withhold_items(data, fraction, seed)
+    known = leave_one_out(known_data, max_len=MAX_LEN)
+    ids = pd.unique(data.interactions["item_id"])
+    new_ids = [i for i in ids if i not in known.item_index]
+    full = leave_one_out(data, max_len=MAX_LEN, item_index=known.item_index.extended(new_ids))
+    return known, full
+
+
+def extended(model: DualViewHead, new_rows: np.ndarray, how: str) -> DualViewHead:
+    out = copy.deepcopy(model)
+    out.add_items(new_rows, collaborative=how)
+    return out.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="ml-100k", help="dataset folder, or a name under CFSR_DATA_DIR")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--cold-fraction", type=float, default=0.1, help="share of the items withheld from training")
+    p.add_argument("--cold-seed", type=int, default=0, help="seed of the choice of withheld items")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2], help="learning rates searched per row")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--length-buckets", type=int, default=0,
+                   help="batches of similar-length sequences (TrainConfig.length_buckets; 16 on the Amazon sets)")
+    p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "cold_start"))
+    a = p.parse_args(argv)
+    folder = Path(a.dataset) if Path(a.dataset).is_dir() else default_data_dir() / a.dataset
+    workdir = Path(a.workdir) / f"{folder.name}-cold{a.cold_fraction:g}-seed{a.cold_seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(folder)
+    known, full = split_pair(data, a.cold_fraction, a.cold_seed)
+    (workdir.parent / folder.name).mkdir(exist_ok=True)
+    emb = frozen_embeddings(data, workdir.parent / folder.name)
+    semantic = align_semantic(emb, known.item_index)
+    whole = align_semantic(emb, full.item_index)
+    new_rows = whole[known.num_items:]
+    _, targets, _ = full.eval_inputs("test", MAX_LEN)
+    is_new = targets.numpy() > known.num_items
+    masks = {"All": np.ones(len(is_new), bool), "known target": ~is_new, "new target": is_new}
+    print(f"{folder.name}: {full.num_items} items, {known.num_items} known and {full.num_items - known.num_items} "
+          f"new (cold fraction {a.cold_fraction:g}, seed {a.cold_seed}); {full.num_users} test users, "
+          f"{int(is_new.sum())} with a new test item; seeds {a.seeds}, lr from {a.lrs}, up to {a.epochs} "
+          f"epochs (patience {a.patience}), CE")
+
+    def encoder() -> SASRecEncoder:
+        return SASRecEncoder(d=D, n_layers=LAYERS, n_heads=HEADS, max_len=MAX_LEN, dropout=DROPOUT)
+
+    builds = {
+        "SASRec": lambda: DualViewHead(encoder(), num_items=known.num_items, d=D, use_semantic=False,
+                                       collab_init="random"),
+        "LLM2X": lambda: DualViewHead(encoder(), semantic, d=D, use_semantic=False, freeze_collaborative=True,
+                                      dropout=DROPOUT),
+        "SAID": lambda: DualViewHead(encoder(), semantic, d=D, use_semantic=False, dropout=DROPOUT),
+        "dual-concat": lambda: DualViewHead(encoder(), semantic, d=D, fusion="concat", dropout=DROPOUT),
+        "dual-cross": lambda: DualViewHead(encoder(), semantic, d=D, fusion="cross", dropout=DROPOUT),
+    }
+    budget = dict(lrs=a.lrs, workdir=workdir, epochs=a.epochs, patience=a.patience, length_buckets=a.length_buckets)
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def record(name: str, model: nn.Module, seed: int) -> None:
+        tests = {pr: evaluate(model, full, split="test", protocol=pr, seed=seed, groups=None) for pr in PROTOCOLS}
+        runs.setdefault(name, []).append(tests)
+
+    for seed in a.seeds:
+        record("Pop", KnownItemsOnly(PopularityModel(known), full.num_items), seed)
+        record("Content kNN", ContentKNN(whole), seed)
+        for name, build in builds.items():
+            model = train_row(name, known, build, seed, **budget)["model"]
+            if name == "SASRec":
+                record(name, KnownItemsOnly(model, full.num_items), seed)
+                continue
+            for how in (("projection",) if name == "LLM2X" else EXTENSIONS):
+                record(f"{name}, {how}", extended(model, new_rows, how), seed)
+
+    def per_user(name: str, protocol: str, group: str) -> np.ndarray:
+        return np.mean([t[protocol].metric("NDCG@10")[masks[group]] for t in runs[name]], axis=0)
+
+    columns = [(pr, g) for pr in PROTOCOLS for g in GROUPS]
+    print(f"\nTest N@10 over the whole catalogue, mean ± std over {len(a.seeds)} seeds "
+          f"(users: {', '.join(f'{g} {int(m.sum())}' for g, m in masks.items())}):")
+    print(f"  {'row':<32}" + "".join(f"{pr + ' ' + g:>24}" for pr, g in columns))
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, tests in runs.items():
+        cells = []
+        for pr, g in columns:
+            values = [float(t[pr].metric("NDCG@10")[masks[g]].mean()) for t in tests]
+            table.setdefault(name, {})[f"{pr} {g}"] = values
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}")
+        print(f"  {name:<32}" + "".join(f"{c:>24}" for c in cells))
+    print("\nAgainst the same model extended by projection (paired t-test over users, seed-averaged N@10):")
+    for name in builds:
+        for how in EXTENSIONS[1:]:
+            row = f"{name}, {how}"
+            if row not in runs:
+                continue
+            cells = []
+            for pr, g in columns:
+                ours, ref = per_user(row, pr, g), per_user(f"{name}, projection", pr, g)
+                ratio = ours.mean() / ref.mean() if ref.mean() > 0 else float("nan")
+                cells.append(f"{pr} {g} {ratio:.2f}x (p = {ttest_rel(ours, ref).pvalue:.2g})")
+            print(f"  {row}: " + "; ".join(cells))
+    atomic_write_json(workdir / "results.json", {
+        "dataset": folder.name, "cold_fraction": a.cold_fraction, "cold_seed": a.cold_seed, "seeds": a.seeds,
+        "lrs": a.lrs, "epochs": a.epochs, "patience": a.patience, "users": {g: int(m.sum()) for g, m in masks.items()},
+        "known_items": known.num_items, "new_items": full.num_items - known.num_items, "test_ndcg10": table})
+    print(f"\nwrote {workdir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
