@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# DualViewHead.add_items's choices (cfsr_head.head.COLD_START_ROWS; not imported, so that --help stays fast)
+COLD_START_ROWS = ("projection", "mapping", "neighbours", "zeros")
 VARIANTS = ("full", "no-semantic", "no-collaborative", "concat", "unshared", "sasrec")
 NEEDS_EMBEDDINGS = ("full", "no-collaborative", "concat", "unshared")
 ONE_VIEW_VARIANTS = ("no-semantic", "no-collaborative", "sasrec")
@@ -438,6 +440,56 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_items(args: argparse.Namespace) -> int:
+    from .hub import resolve_model_dir
+    from .io import atomic_write_json, read_json
+    from .split import ItemIndex, align_semantic
+
+    out = Path(args.output_dir)
+    model, item_index, _ = _load_trained(args.model)
+    if item_index is None:
+        raise CLIError(f"--model {args.model} has no item_index.json (the raw item ids it was trained on)")
+    if model.semantic_table is None:
+        raise CLIError(f"--model {args.model} has no semantic table (an ID-only model cannot score an item "
+                       "it never saw); add items to a model trained with --embeddings")
+    source = resolve_model_dir(args.model)
+    if out.resolve() == source.resolve():
+        raise CLIError("--output-dir is the --model folder; write the extended model to a new folder "
+                       "(the model's metrics.json describes the model as trained)")
+    table = read_embeddings(args.embeddings)
+    if args.ids:
+        in_file = set(table.ids)
+        absent = [i for i in args.ids if i not in in_file]
+        if absent:
+            raise CLIError(f"--ids: {len(absent)} id(s) not in --embeddings {args.embeddings}, e.g. {absent[:5]}")
+        known = [i for i in args.ids if i in item_index]
+        if known:
+            raise CLIError(f"--ids: {len(known)} id(s) the model already knows, e.g. {known[:5]}")
+        new_ids = list(dict.fromkeys(args.ids))
+    else:
+        new_ids = [i for i in table.ids if i not in item_index]
+    if not new_ids:
+        raise CLIError(f"--embeddings {args.embeddings} has no item the model does not know already")
+    extended = item_index.extended(new_ids)
+    rows = align_semantic(table, ItemIndex(new_ids))
+    model.add_items(rows, collaborative=args.collaborative, n_neighbours=args.n_neighbours)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    extended.save(out / "item_index.json")
+    run = read_json(source / "run.json") if (source / "run.json").is_file() else {"format": "cfsr.run",
+                                                                                   "settings": {}}
+    run.setdefault("added_items", []).append({"count": len(new_ids), "embeddings": str(args.embeddings),
+                                              "collaborative": args.collaborative or "default",
+                                              "from_model": str(args.model)})
+    atomic_write_json(out / "run.json", run)
+    if not args.quiet:
+        how = "no ID view" if model.item_embedding is None else "ID rows: " + (
+            args.collaborative or ("projection" if model.pca is not None else "zeros"))
+        print(f"added {len(new_ids)} item(s) ({how}) to the {item_index.num_items} of {args.model}; "
+              f"wrote {out}")
+    return 0
+
+
 def _require_model_folder(model_dir: Path, given: str) -> None:
     """A ``CLIError`` naming ``--model`` unless ``model_dir`` holds what ``cfsr train`` writes."""
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -597,7 +649,7 @@ def _add_adjustment_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfsr", description="Train, evaluate, publish and recommend with "
                                                               "LLM-CFSR dual-view heads.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,push,recommend}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,push,recommend,add-items}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a head on a dataset folder; save it with metrics",
@@ -692,6 +744,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None)
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_push)
+
+    a = sub.add_parser("add-items", help="add new items (cold start) to a trained model from their embeddings",
+                       description="Give a trained model the items of an embeddings file it does not know yet, "
+                                   "without retraining (DualViewHead.add_items), and write the extended model "
+                                   "and item index to a new folder that `cfsr recommend` and `cfsr push` take. "
+                                   "The embeddings must come from the same embedder as the model's semantic table.")
+    a.add_argument("--model", required=True, help="folder written by `cfsr train`, or a Hub repo id it was pushed to")
+    a.add_argument("--embeddings", required=True, help="item embeddings (safetensors) holding the new items")
+    a.add_argument("--ids", nargs="+", metavar="ID", help="only these new ids (default: every id of --embeddings "
+                                                          "the model does not know)")
+    a.add_argument("--collaborative", choices=COLD_START_ROWS, default=None,
+                   help="where a new item's ID-table row comes from: the PCA projection of its embedding (the "
+                        "default for a PCA-initialised table), a ridge regression from the known items' "
+                        "embeddings to their trained rows, the mean trained row of its nearest known items, or "
+                        "zeros (the default for a random table); measured in benchmarks/bench_cold_start.py")
+    a.add_argument("--n-neighbours", type=_positive_int, default=10, help="with --collaborative neighbours")
+    a.add_argument("--output-dir", required=True, help="new folder for the extended model")
+    a.add_argument("--quiet", action="store_true", help="print nothing on success")
+    a.set_defaults(func=cmd_add_items)
 
     r = sub.add_parser("recommend", help="each user's top-k next items, printed or written as JSON",
                        description="Recommend the next items for the users of a dataset folder from their whole "

@@ -482,6 +482,68 @@ def test_bad_inputs_exit_nonzero_naming_the_culprit(dataset, embeddings_file, tm
     assert "it2" in err and "not know" in err
 
 
+def test_add_items_extends_a_trained_model_that_then_recommends_the_new_items(dataset, embeddings_file, tmp_path,
+                                                                             capsys):
+    from cfsr_head import DualViewHead, ItemIndex
+    from cfsr_head.cli import COLD_START_ROWS
+    from cfsr_head.head import COLD_START_ROWS as HEAD_CHOICES
+    from llm_item_embed.embeddings import ItemEmbeddings
+
+    assert COLD_START_ROWS == HEAD_CHOICES
+    trained = tmp_path / "run"
+    assert main(train_args(dataset, trained, "--embeddings", str(embeddings_file), "--loss", "ce", "--quiet")) == 0
+    # new items it25..it27 whose vectors sit next to it3, it10, it17 on the circle; it3 is known
+    near = semantic_matrix()[[3, 10, 17]] + 0.01
+    new_file = tmp_path / "new.safetensors"
+    ItemEmbeddings(["it3", "it25", "it26", "it27"], np.concatenate([semantic_matrix()[[3]], near])).save(new_file)
+    out = tmp_path / "extended"
+    assert main(["add-items", "--model", str(trained), "--embeddings", str(new_file), "--collaborative", "mapping",
+                 "--output-dir", str(out)]) == 0
+    assert "added 3 item(s) (ID rows: mapping) to the 24" in capsys.readouterr().out
+    index = ItemIndex.load(out / "item_index.json")
+    assert index.ids == ItemIndex.load(trained / "item_index.json").ids + ["it25", "it26", "it27"]
+    before, after = DualViewHead.from_pretrained(trained), DualViewHead.from_pretrained(out)
+    assert after.num_items == 27
+    torch.testing.assert_close(after.semantic_table[25:], torch.from_numpy(near))
+    sd_before = before.state_dict()
+    for name, value in after.state_dict().items():                # the trained model itself is unchanged
+        if name not in ("semantic_table", "item_embedding.weight"):
+            assert torch.equal(value, sd_before[name]), name
+    assert torch.equal(after.item_embedding.weight[:25], before.item_embedding.weight)
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"] == json.loads((trained / "run.json").read_text())["settings"]
+    assert run["added_items"][0]["count"] == 3 and run["added_items"][0]["collaborative"] == "mapping"
+    # the extended folder recommends the new items, and takes them in histories
+    hist = tmp_path / "h.json"
+    hist.write_text(json.dumps({"a": ["it23", "it0", "it26"], "b": ["it1", "it2"]}))
+    recs = tmp_path / "recs.json"
+    assert main(["recommend", "--model", str(out), "--histories", str(hist), "--k", "27", "--include-seen",
+                 "--output", str(recs), "--quiet"]) == 0
+    ranked = json.loads(recs.read_text())["recommendations"]
+    assert all(len(r["items"]) == 27 and {"it25", "it26", "it27"} <= set(r["items"]) for r in ranked)
+    assert all(np.isfinite(r["scores"]).all() for r in ranked)
+    # --ids picks some; what the model knows, what the file lacks, an ID-only model and the same folder are refused
+    assert main(["add-items", "--model", str(trained), "--embeddings", str(new_file), "--ids", "it26",
+                 "--output-dir", str(tmp_path / "one"), "--quiet"]) == 0
+    assert ItemIndex.load(tmp_path / "one" / "item_index.json").ids[-1] == "it26"
+    assert DualViewHead.from_pretrained(tmp_path / "one").num_items == 25
+    for extra, message in ((["--ids", "it3"], "already knows"), (["--ids", "it99"], "not in --embeddings"),
+                           ([], "is the --model folder")):
+        target = str(trained) if message == "is the --model folder" else str(tmp_path / "x")
+        assert main(["add-items", "--model", str(trained), "--embeddings", str(new_file), *extra,
+                     "--output-dir", target]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["add-items", "--model", str(out), "--embeddings", str(new_file), "--output-dir",
+                 str(tmp_path / "y")]) == 2
+    assert "no item the model does not know" in capsys.readouterr().err
+    id_only = tmp_path / "sasrec"
+    assert main(train_args(dataset, id_only, "--variant", "sasrec", "--epochs", "1", "--quiet")) == 0
+    assert main(["add-items", "--model", str(id_only), "--embeddings", str(new_file), "--output-dir",
+                 str(tmp_path / "z")]) == 2
+    assert "no semantic table" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("cfsr")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfsr_head.cli"]
