@@ -47,3 +47,32 @@ def test_bolting_onto_your_own_sasrec_puts_its_layers_and_item_rows_in_the_head(
 
     exec(training[0].replace("lr=1e-3)", "lr=1e-3, epochs=1, show_progress_bar=False)"), namespace)
     assert not torch.equal(head.item_embedding.weight[torch.tensor(index)], my_sasrec.item_embedding.weight[1:])
+
+
+def test_cold_start_snippet_appends_the_new_items_in_their_order_and_recommends_over_them():
+    """The snippet's new rows land at N+1..N+M in ``new_ids`` order (whatever the embeddings' own
+    order), the extended index names them, and recommend takes them in histories and returns them."""
+    from cfsr_head import DualViewHead, ItemIndex, SASRecEncoder, align_semantic, recommend
+    from llm_item_embed import ItemEmbeddings
+
+    inter = cyclic_interactions(200, n_users=600)
+    inter["item_id"] = inter["item_id"].str[1:]                     # raw ids "0".."199", as in the snippet
+    split = leave_one_out(InteractionData(inter), max_len=20)
+    assert "50" in split.item_index and "172" in split.item_index
+    n = split.num_items
+    torch.manual_seed(0)
+    head = DualViewHead(SASRecEncoder(d=8, n_layers=1, n_heads=2, max_len=20),
+                        np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32), d=8, fusion="concat")
+    rows = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
+    new_item_embeddings = ItemEmbeddings(["B00NEW2", "B00NEW1"], rows)           # not in new_ids order
+    namespace = {"head": head, "split": split, "new_item_embeddings": new_item_embeddings,
+                 "ItemIndex": ItemIndex, "align_semantic": align_semantic, "recommend": recommend}
+    code = python_block_after("**New items (cold start).**")
+    exec(compile(code, str(README), "exec"), namespace)
+    assert head.num_items == n + 2 and namespace["index"].ids[n:] == ["B00NEW1", "B00NEW2"]
+    torch.testing.assert_close(head.semantic_table[n + 1:], torch.from_numpy(rows[::-1].copy()))
+    recs = namespace["recs"]
+    assert recs.items.shape == (1, 10) and "B00NEW1" not in set(recs.items[0])          # seen: left out
+    everything = recommend(head, {"u1": ["50", "172", "B00NEW1"]}, k=n + 2, item_index=namespace["index"],
+                           exclude_seen=False)
+    assert {"B00NEW1", "B00NEW2"} <= set(everything.items[0])
