@@ -95,6 +95,12 @@ class DualViewConfig:
       initial row 0.76 for head items and 0.77 for tail items, ``benchmarks/bench_drift.py``).
       Measured on Beauty (SAID, one seed) it does not pay: 0.1 leaves full-ranking N@10 unchanged,
       1 and 10 lower it (docs/results/log.md).
+    - ``cold_item_dropout``: 0 trains every item on its own ID-table row (the paper). A probability
+      q > 0 (beyond the paper; DropoutNet, Volkovs et al. 2017) replaces, at each training step,
+      the row of each item with probability q by the row ``add_items`` gives a new item by default
+      (its PCA projection, or zeros for a random table), in the inputs and among the scored items,
+      so that the model also learns to rank items that have nothing but their text, as items added
+      after training do. Evaluation always uses the trained rows.
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
@@ -119,6 +125,7 @@ class DualViewConfig:
     score_temperature: float | None = None
     view_loss_weight: float = 0.0
     collab_anchor_weight: float = 0.0
+    cold_item_dropout: float = 0.0
     semantic_dim: int | None = None
     seed: int = 0
 
@@ -148,6 +155,10 @@ class DualViewConfig:
             raise ValueError(f"view_loss_weight must be >= 0, got {self.view_loss_weight}")
         if self.view_loss_weight > 0 and not (self.use_semantic and self.use_collaborative):
             raise ValueError("view_loss_weight > 0 needs both views (use_semantic and use_collaborative)")
+        if not 0 <= self.cold_item_dropout < 1:
+            raise ValueError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
+        if self.cold_item_dropout > 0 and not self.use_collaborative:
+            raise ValueError("cold_item_dropout > 0 needs the collaborative view (use_collaborative=True)")
         if not self.collab_anchor_weight >= 0:
             raise ValueError(f"collab_anchor_weight must be >= 0, got {self.collab_anchor_weight}")
         if self.collab_anchor_weight > 0 and not (self.use_collaborative and self.collab_init == "pca"):
@@ -293,6 +304,7 @@ class DualViewHead(nn.Module):
         self.config = cfg
         self._num_items = int(num_items)
         self._cache: tuple[Any, Tensor] | None = None
+        self._cold_cache: tuple[Any, Tensor] | None = None
         self._anchor_cache: tuple[Any, Tensor] | None = None
         gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -601,6 +613,9 @@ class DualViewHead(nn.Module):
         else:
             ids, bad = torch.cat([item_seq.reshape(-1), p]), torch.cat([seq_invalid.reshape(-1), p_invalid])
         rows = self._rows(ids, bad)
+        cold = self._cold_item_draw(pos.device) if self.training else None
+        if cold is not None:
+            rows = self._with_cold_rows(rows, ids.masked_fill(bad, 0), *cold)
         n_seq = item_seq.numel()
         # split (not slicing): its backward is one concatenation instead of zero-filled copies
         x, e_pos, e_neg = rows.split([n_seq, M, rows.shape[0] - n_seq - M])
@@ -612,6 +627,9 @@ class DualViewHead(nn.Module):
             # the padding row away, rather than masking its column with -inf, spares an in-place
             # write and its zero-filled gradient copy over the [M, N] logits
             table = self._table(with_fallback=True)
+            if cold is not None:  # every row but the fallback, which no item index reaches
+                ids = torch.arange(self._num_items + 1, device=table.device)
+                table = torch.cat([self._with_cold_rows(table[:-1], ids, *cold), table[-1:]])
             has_fallback = self.fallback_se is not None or self.fallback_co is not None
             logit_sets = self._logit_sets(out[valid], table[1:] if has_fallback else table[1:-1])
             target = p.masked_fill(p_invalid, self._num_items + 1) - 1  # row i of the slice is item i+1
@@ -649,6 +667,34 @@ class DualViewHead(nn.Module):
         if self.config.collab_anchor_weight > 0:
             total = total + self.config.collab_anchor_weight * self.collab_anchor_penalty()
         return total
+
+    def _cold_item_draw(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """``(dropped [N+1] bool, cold rows [N+1, d])`` for one training step, or None when
+        ``cold_item_dropout`` is 0. The cold rows are those ``add_items`` gives by default."""
+        q = self.config.cold_item_dropout
+        if q <= 0 or self.item_embedding is None:
+            return None
+        w = self.item_embedding.weight
+        dropped = torch.rand(self._num_items + 1, device=device) < q
+        dropped[0] = False
+        table = self.semantic_table
+        key = (self._num_items, w.device, w.dtype,
+               None if table is None else (table.data_ptr(), table._version))
+        if self._cold_cache is None or self._cold_cache[0] != key:
+            with torch.no_grad():
+                if self.pca is not None:
+                    rows = self.pca.transform(self.semantic_table[1:]).to(w.dtype) * self.collab_scale
+                else:
+                    rows = w.new_zeros(self._num_items, w.shape[1])
+                self._cold_cache = (key, torch.cat([w.new_zeros(1, w.shape[1]), rows]))
+        return dropped, self._cold_cache[1]
+
+    def _with_cold_rows(self, rows: Tensor, ids: Tensor, dropped: Tensor, cold: Tensor) -> Tensor:
+        """``rows [n, D]`` of item indices ``ids [n]`` with the collaborative part (the last d
+        columns) of the dropped items replaced by their cold rows."""
+        d = cold.shape[1]
+        co = torch.where(dropped[ids].unsqueeze(-1), cold[ids], rows[:, -d:])
+        return torch.cat([rows[:, :-d], co], -1)
 
     def collab_anchor_penalty(self) -> Tensor:
         """``mean_i ||E_co[i] - E_co0[i]||^2`` over items 1..N, ``E_co0`` the ID table's PCA

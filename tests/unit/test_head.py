@@ -2,6 +2,7 @@
 save/load, losses, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -432,6 +433,60 @@ def test_add_items_collaborative_choices() -> None:
     with pytest.raises(ValueError, match="collab_init='pca'"):
         random_head.add_items(rows, collaborative="projection")
     assert head.num_items == N + 4 and random_head.num_items == N      # refused before any change
+
+
+@pytest.mark.parametrize("config", ["concat", "no_semantic", "random_init"])
+def test_cold_item_dropout_draws_the_add_items_rows(config: str) -> None:
+    head = make_head(**CONFIGS[config], cold_item_dropout=0.3)
+    torch.manual_seed(0)
+    dropped, cold = head._cold_item_draw(torch.device("cpu"))
+    assert dropped.shape == (N + 1,) and not dropped[0] and 0 < int(dropped.sum()) < N
+    rates = torch.stack([head._cold_item_draw(torch.device("cpu"))[0][1:] for _ in range(400)]).float().mean()
+    assert abs(float(rates) - 0.3) < 0.02
+    new_rows = head.semantic_table[1:].clone()
+    probe = copy.deepcopy(head)
+    probe.add_items(new_rows)                                   # the rows add_items gives by default
+    torch.testing.assert_close(cold[1:], probe.item_embedding.weight[N + 1:].detach())
+    assert torch.equal(cold[0], torch.zeros(D))
+    assert make_head(**CONFIGS[config])._cold_item_draw(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "bpr"])
+def test_cold_item_dropout_trains_dropped_items_on_their_cold_rows(monkeypatch, loss_type: str) -> None:
+    """With every item dropped the loss is that of a head whose ID rows are the cold rows, and the
+    trained rows get no gradient; in eval mode, or at 0, the loss is the plain one."""
+    head = make_head(**CONFIGS["concat"], cold_item_dropout=0.5)
+    with torch.no_grad():                                 # trained rows, no longer the PCA start
+        head.item_embedding.weight[1:] += torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+    seq = pad_batch(random_rows(4, [6, 3, 8, 5]), "left")
+    pos = (seq % N) + (seq > 0).long()
+    neg = torch.randint(1, N + 1, seq.shape, generator=torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(head)
+    plain.config.cold_item_dropout = 0.0
+    cold_rows = head._cold_item_draw(torch.device("cpu"))[1]
+    monkeypatch.setattr(head, "_cold_item_draw", lambda device: (torch.arange(N + 1) > 0, cold_rows))
+    swapped = copy.deepcopy(plain)
+    with torch.no_grad():
+        swapped.item_embedding.weight.copy_(cold_rows)
+    def loss(model: DualViewHead) -> torch.Tensor:
+        torch.manual_seed(3)                                  # the encoder's dropout masks alike
+        return model.loss(seq, pos, neg, loss_type=loss_type)
+
+    got = loss(head)
+    torch.testing.assert_close(got, loss(swapped))
+    assert not torch.allclose(got, loss(plain))
+    got.backward()
+    grad = head.item_embedding.weight.grad
+    assert grad is None or torch.equal(grad, torch.zeros_like(grad))
+    head.eval(), plain.eval()
+    torch.testing.assert_close(loss(head), loss(plain))
+
+
+def test_cold_item_dropout_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="cold_item_dropout must be in"):
+        make_head(cold_item_dropout=1.0)
+    with pytest.raises(ValueError, match="needs the collaborative view"):
+        make_head(use_collaborative=False, cold_item_dropout=0.2)
 
 
 def test_add_items_needs_a_semantic_table() -> None:
