@@ -20,11 +20,14 @@ Rows, each trained with full-softmax CE and its learning rate chosen on validati
   (``add_items(collaborative=...)``): ``projection`` (the PCA projection of the new item's text
   embedding, the paper's init), ``mapping`` (a ridge regression from the known items' text
   embeddings to their trained rows), ``neighbours`` (the mean trained row of its 10 nearest known
-  items by text) and ``zeros`` (LLM2X's table is never trained, so it gets only ``projection``).
+  items by text) and ``zeros`` (LLM2X's table is never trained, so it gets only ``projection``);
+- with ``--cold-item-dropout Q ...``, SAID and the concatenation dual view trained with
+  ``cold_item_dropout=Q`` (each step, an item's row is replaced by its projection with probability
+  Q), as ``SAID-coldQ`` and ``dual-concat-coldQ``, extended the same four ways.
 
 Prints test N@10 (full ranking, and 100 sampled negatives) for all users, known-item targets and
-new-item targets, mean ± std over seeds, and for each extended row the other extensions against
-``projection`` (paired t-test on per-user N@10 averaged over the seeds); writes the numbers
+new-item targets, mean ± std over seeds, for each extended row the other extensions against
+``projection``, and each ``-coldQ`` row against the same model trained without it (paired t-test on per-user N@10 averaged over the seeds); writes the numbers
 to ``<workdir>/<dataset>/results.json``. Runs keep their checkpoints, so a rerun resumes::
 
     python -m benchmarks.bench_cold_start --dataset ml-100k --seeds 0 1 2
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--length-buckets", type=int, default=0,
                    help="batches of similar-length sequences (TrainConfig.length_buckets; 16 on the Amazon sets)")
+    p.add_argument("--cold-item-dropout", type=float, nargs="*", default=[], metavar="Q",
+                   help="also train SAID and the concatenation dual view with DualViewConfig.cold_item_dropout=Q")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "cold_start"))
     a = p.parse_args(argv)
     folder = Path(a.dataset) if Path(a.dataset).is_dir() else default_data_dir() / a.dataset
@@ -167,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         "dual-concat": lambda: DualViewHead(encoder(), semantic, d=D, fusion="concat", dropout=DROPOUT),
         "dual-cross": lambda: DualViewHead(encoder(), semantic, d=D, fusion="cross", dropout=DROPOUT),
     }
+    for q in a.cold_item_dropout:
+        builds[f"SAID-cold{q:g}"] = lambda q=q: DualViewHead(encoder(), semantic, d=D, use_semantic=False,
+                                                             dropout=DROPOUT, cold_item_dropout=q)
+        builds[f"dual-concat-cold{q:g}"] = lambda q=q: DualViewHead(encoder(), semantic, d=D, fusion="concat",
+                                                                    dropout=DROPOUT, cold_item_dropout=q)
     budget = dict(lrs=a.lrs, workdir=workdir, epochs=a.epochs, patience=a.patience, length_buckets=a.length_buckets)
     runs: dict[str, list[dict[str, Any]]] = {}
 
@@ -212,6 +222,18 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = ours.mean() / ref.mean() if ref.mean() > 0 else float("nan")
                 cells.append(f"{pr} {g} {ratio:.2f}x (p = {ttest_rel(ours, ref).pvalue:.2g})")
             print(f"  {row}: " + "; ".join(cells))
+    trained_with = [(name, q) for q in a.cold_item_dropout for name in ("SAID", "dual-concat")]
+    if trained_with:
+        print("\nTrained with cold_item_dropout against the same model trained without it, both extended by "
+              "projection (same test):")
+    for name, q in trained_with:
+        row, ref_row = f"{name}-cold{q:g}, projection", f"{name}, projection"
+        cells = []
+        for pr, g in columns:
+            ours, ref = per_user(row, pr, g), per_user(ref_row, pr, g)
+            ratio = ours.mean() / ref.mean() if ref.mean() > 0 else float("nan")
+            cells.append(f"{pr} {g} {ratio:.2f}x (p = {ttest_rel(ours, ref).pvalue:.2g})")
+        print(f"  {name}-cold{q:g}: " + "; ".join(cells))
     atomic_write_json(workdir / "results.json", {
         "dataset": folder.name, "cold_fraction": a.cold_fraction, "cold_seed": a.cold_seed, "seeds": a.seeds,
         "lrs": a.lrs, "epochs": a.epochs, "patience": a.patience, "users": {g: int(m.sum()) for g, m in masks.items()},

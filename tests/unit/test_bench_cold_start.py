@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from cyclic_data import cyclic_interactions
 
 from cfsr_head import DualViewHead, InteractionData, SASRecEncoder, evaluate
@@ -87,11 +88,12 @@ def test_every_row_is_reported_written_and_resumed(tmp_path, monkeypatch, capsys
     table = ItemEmbeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 80)).astype(np.float32))
     monkeypatch.setattr(bcs, "frozen_embeddings", lambda data, workdir: table)   # no language model here
     argv = ["--dataset", str(data), "--seeds", "0", "--lrs", "1e-2", "--epochs", "2", "--cold-fraction", "0.2",
-            "--workdir", str(tmp_path / "work")]
+            "--cold-item-dropout", "0.5", "--workdir", str(tmp_path / "work")]
     assert bcs.main(argv) == 0
     out = capsys.readouterr().out
     rows = ["Pop", "Content kNN", "SASRec", "LLM2X, projection"] + [
-        f"{m}, {how}" for m in ("SAID", "dual-concat", "dual-cross") for how in bcs.EXTENSIONS]
+        f"{m}, {how}" for m in ("SAID", "dual-concat", "dual-cross", "SAID-cold0.5", "dual-concat-cold0.5")
+        for how in bcs.EXTENSIONS]
     lines = out.split("Test N@10")[1].split("Against")[0].splitlines()
     assert [ln[2:34].strip() for ln in lines[1:] if "±" in ln] == rows
     assert "dual-cross, neighbours: full All" in out
@@ -101,6 +103,13 @@ def test_every_row_is_reported_written_and_resumed(tmp_path, monkeypatch, capsys
     for name in ("Pop", "SASRec"):
         assert result["test_ndcg10"][name]["full new target"] == [0.0]
     assert result["test_ndcg10"]["Content kNN"]["sampled new target"][0] > 0
+    # the cold-dropout rows train from the same start as their plain rows, and end elsewhere
+    work = tmp_path / "work" / "cyclic-cold0.2-seed0"
+    for plain in ("SAID", "dual-concat"):
+        weights = [load_file(work / name / "seed0" / "lr0.01" / "last" / "model.safetensors")
+                   for name in (plain, f"{plain}-cold0.5")]
+        assert weights[0].keys() == weights[1].keys()
+        assert not torch.equal(weights[0]["item_embedding.weight"], weights[1]["item_embedding.weight"])
     assert bcs.main(argv) == 0                                             # a rerun trains nothing
     assert capsys.readouterr().out.split("Test N@10")[1] == out.split("Test N@10")[1]
 
