@@ -113,7 +113,7 @@ def read_embeddings(path: str | Path) -> SemanticTable:
 def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.ndarray | None, *, d: int,
                 max_len: int, n_layers: int, n_heads: int, dropout: float, loss: str, seed: int,
                 score_temperature: float | None = None, view_loss_weight: float = 0.0,
-                collab_anchor_weight: float = 0.0, center_semantic: bool = False):
+                collab_anchor_weight: float = 0.0, center_semantic: bool = False, cold_item_dropout: float = 0.0):
     """The DualViewHead of one CLI variant ("sasrec": ID-only with a random table)."""
     import torch
 
@@ -126,7 +126,8 @@ def build_model(variant: str, encoder_name: str, num_items: int, semantic: np.nd
     else:
         encoder = GRU4RecEncoder(d=d, n_layers=1, dropout=dropout)
     opts: dict[str, Any] = dict(d=d, dropout=dropout, loss=loss, seed=seed, score_temperature=score_temperature,
-                                view_loss_weight=view_loss_weight, collab_anchor_weight=collab_anchor_weight)
+                                view_loss_weight=view_loss_weight, collab_anchor_weight=collab_anchor_weight,
+                                cold_item_dropout=cold_item_dropout)
     if variant == "sasrec" or (variant == "no-semantic" and semantic is None):
         return DualViewHead(encoder, semantic=None, num_items=num_items, use_semantic=False,
                             collab_init="random", **opts)
@@ -190,6 +191,9 @@ def _check_train_args(args: argparse.Namespace) -> Any:
     if args.collab_anchor_weight and args.variant in ("sasrec", "no-collaborative"):
         raise CLIError(f"--collab-anchor-weight needs a PCA-initialised ID table; --variant {args.variant} "
                        + ("has a random one" if args.variant == "sasrec" else "has no ID table"))
+    if args.cold_item_dropout and args.variant in ("sasrec", "no-collaborative"):
+        raise CLIError(f"--cold-item-dropout needs the ID table and a semantic table; --variant {args.variant} "
+                       + ("has no semantic table" if args.variant == "sasrec" else "has no ID table"))
     if args.validate_with_logit_bias and not args.logit_adjustment:
         raise CLIError("--validate-with-logit-bias needs --logit-adjustment TAU "
                        "(there is no training bias to add back)")
@@ -278,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             seed=args.seed, score_temperature=args.score_temperature,
                             view_loss_weight=args.view_loss_weight or 0.0,
                             collab_anchor_weight=args.collab_anchor_weight or 0.0,
-                            center_semantic=args.center_semantic)
+                            center_semantic=args.center_semantic, cold_item_dropout=args.cold_item_dropout or 0.0)
         prior = None if trained_prior is None else trained_prior.semantic_prior(model, split, semantic)
         return Trainer(model, split, configs[_point_folder(point)], prior=prior)
 
@@ -689,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--collab-anchor-weight", type=_positive_float, default=None, metavar="A",
                    help="add A times the mean squared distance of the ID table from its PCA initialisation "
                         "to the loss (beyond the paper; variants with a PCA-initialised ID table)")
+    t.add_argument("--cold-item-dropout", type=_fraction, default=None, metavar="Q",
+                   help="at each training step, train each item with probability Q on the ID row it would get as a "
+                        "new item (its PCA projection), so that items added later with `cfsr add-items` rank better "
+                        "(beyond the paper; DropoutNet-style; measured in benchmarks/bench_cold_start.py)")
     t.add_argument("--center-semantic", action="store_true",
                    help="subtract the mean item vector from the semantic table before the adapter (beyond the "
                         "paper; for decoder LLM embeddings that share one direction)")

@@ -544,6 +544,23 @@ def test_add_items_extends_a_trained_model_that_then_recommends_the_new_items(da
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+def test_cold_item_dropout_reaches_the_saved_head(dataset, embeddings_file, tmp_path, capsys):
+    plain, cold = tmp_path / "plain", tmp_path / "cold"
+    for out, extra in ((plain, []), (cold, ["--cold-item-dropout", "0.3"])):
+        assert main(train_args(dataset, out, "--embeddings", str(embeddings_file), "--variant", "concat",
+                               "--loss", "ce", "--epochs", "2", "--quiet", *extra)) == 0
+    config = json.loads((cold / "config.json").read_text())["config"]
+    assert config["cold_item_dropout"] == 0.3
+    assert json.loads((plain / "config.json").read_text())["config"]["cold_item_dropout"] == 0.0
+    from safetensors.torch import load_file
+    assert not torch.equal(load_file(plain / "model.safetensors")["item_embedding.weight"],
+                           load_file(cold / "model.safetensors")["item_embedding.weight"])
+    assert main(train_args(dataset, tmp_path / "x", "--variant", "sasrec", "--cold-item-dropout", "0.3")) == 2
+    assert "--cold-item-dropout needs the ID table and a semantic table" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(train_args(dataset, tmp_path / "y", "--cold-item-dropout", "1"))
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("cfsr")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfsr_head.cli"]
