@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from cyclic_data import cyclic_interactions
+from cyclic_data import cyclic_interactions, write_dataset_folder
 
 from cfsr_head import DualViewHead, InteractionData, SASRecEncoder, evaluate
 from llm_item_embed import ItemEmbeddings
@@ -80,11 +79,7 @@ def test_every_row_is_reported_written_and_resumed(tmp_path, monkeypatch, capsys
     from benchmarks import bench_cold_start as bcs
 
     data = tmp_path / "cyclic"
-    data.mkdir()
-    inter = cyclic_interactions(90, n_users=200)     # d = 64 needs at least 64 known items for the PCA start
-    inter.to_csv(data / "interactions.csv", index=False)
-    ids = sorted(set(inter["item_id"]))
-    pd.DataFrame({"item_id": ids, "title": [f"item {i}" for i in ids]}).to_csv(data / "items.csv", index=False)
+    ids = write_dataset_folder(data, cyclic_interactions(90, n_users=200))  # d = 64: >= 64 known items for PCA
     table = ItemEmbeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 80)).astype(np.float32))
     monkeypatch.setattr(bcs, "frozen_embeddings", lambda data, workdir: table)   # no language model here
     argv = ["--dataset", str(data), "--seeds", "0", "--lrs", "1e-2", "--epochs", "2", "--cold-fraction", "0.2",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cyclic_data import cyclic_interactions
+from cyclic_data import cyclic_interactions, write_dataset_folder
 
 from llm_item_embed import ItemEmbeddings
 
@@ -11,16 +11,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_row_is_trained_reported_and_resumed(tmp_path, monkeypatch, capsys):
-    import pandas as pd
 
     from benchmarks import bench_warm_start as bws
 
     data = tmp_path / "cyclic"
-    data.mkdir()
-    inter = cyclic_interactions(80)  # d = 64 needs at least 64 items for the PCA start
-    inter.to_csv(data / "interactions.csv", index=False)
-    ids = sorted(set(inter["item_id"]))
-    pd.DataFrame({"item_id": ids, "title": [f"item {i}" for i in ids]}).to_csv(data / "items.csv", index=False)
+    ids = write_dataset_folder(data, cyclic_interactions(80))  # d = 64 needs at least 64 items for the PCA start
     table = ItemEmbeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 80)).astype(np.float32))
     monkeypatch.setattr(bws, "frozen_embeddings", lambda data, workdir: table)  # no language model here
     argv = ["--dataset", str(data), "--seeds", "0", "1", "--lrs", "1e-2", "--epochs", "2", "--workdir",
