@@ -5,6 +5,7 @@ evaluate it, publish it and recommend with it.
     cfsr evaluate --data ml-100k --model runs/ml100k --protocol sampled --json out.json
     cfsr push --model runs/ml100k --repo-id user/ml100k-cfsr     # token: HF_TOKEN or a stored login
     cfsr recommend --model runs/ml100k --data ml-100k --k 10 --output recs.json
+    cfsr add-items --model runs/ml100k --embeddings new.safetensors --output-dir runs/ml100k-new
 
 ``train`` writes into ``--output-dir``: ``config.json`` + ``model.safetensors`` (the head, with
 ``save_pretrained``), ``item_index.json`` (raw item id -> index), ``run.json`` (the command's
@@ -16,7 +17,9 @@ tested as above, and ``metrics.json`` gets a ``search`` entry listing every poin
 longer list trains only the new ones). ``push``
 uploads the folder's model files (not the checkpoints) with a model card; ``evaluate --model``
 takes such a Hub repo id as well as a folder. ``recommend`` prints (or writes as JSON) every user's top-k
-next items, leaving out what each user has already seen.
+next items, leaving out what each user has already seen. ``add-items`` gives a trained model the
+items of an embeddings file it does not know (``DualViewHead.add_items``) and writes the extended
+model and item index to a new folder.
 
 Embeddings file: the ``llm_item_embed`` safetensors format (tensor ``embeddings`` float [N, d],
 ``ids_utf8`` uint8 bytes and ``ids_offsets`` int64 [N + 1]), or any safetensors file holding one
