@@ -306,8 +306,7 @@ class DualViewHead(nn.Module):
         self.config = cfg
         self._num_items = int(num_items)
         self._cache: tuple[Any, Tensor] | None = None
-        self._cold_cache: tuple[Any, Tensor] | None = None
-        self._anchor_cache: tuple[Any, Tensor] | None = None
+        self._pca_start_cache: tuple[Any, Tensor] | None = None
         gen = torch.Generator().manual_seed(cfg.seed)
 
         if table is not None:
@@ -630,8 +629,8 @@ class DualViewHead(nn.Module):
             # write and its zero-filled gradient copy over the [M, N] logits
             table = self._table(with_fallback=True)
             if cold is not None:  # every row but the fallback, which no item index reaches
-                ids = torch.arange(self._num_items + 1, device=table.device)
-                table = torch.cat([self._with_cold_rows(table[:-1], ids, *cold), table[-1:]])
+                every_item = torch.arange(self._num_items + 1, device=table.device)
+                table = torch.cat([self._with_cold_rows(table[:-1], every_item, *cold), table[-1:]])
             has_fallback = self.fallback_se is not None or self.fallback_co is not None
             logit_sets = self._logit_sets(out[valid], table[1:] if has_fallback else table[1:-1])
             target = p.masked_fill(p_invalid, self._num_items + 1) - 1  # row i of the slice is item i+1
@@ -676,20 +675,11 @@ class DualViewHead(nn.Module):
         q = self.config.cold_item_dropout
         if q <= 0 or self.item_embedding is None:
             return None
-        w = self.item_embedding.weight
         dropped = torch.rand(self._num_items + 1, device=device) < q
         dropped[0] = False
-        table = self.semantic_table
-        key = (self._num_items, w.device, w.dtype,
-               None if table is None else (table.data_ptr(), table._version))
-        if self._cold_cache is None or self._cold_cache[0] != key:
-            with torch.no_grad():
-                if self.pca is not None:
-                    rows = self.pca.transform(self.semantic_table[1:]).to(w.dtype) * self.collab_scale
-                else:
-                    rows = w.new_zeros(self._num_items, w.shape[1])
-                self._cold_cache = (key, torch.cat([w.new_zeros(1, w.shape[1]), rows]))
-        return dropped, self._cold_cache[1]
+        if self.pca is not None:
+            return dropped, self._pca_start()
+        return dropped, self.item_embedding.weight.new_zeros(self.item_embedding.weight.shape)
 
     def _with_cold_rows(self, rows: Tensor, ids: Tensor, dropped: Tensor, cold: Tensor) -> Tensor:
         """``rows [n, D]`` of item indices ``ids [n]`` with the collaborative part (the last d
@@ -705,13 +695,25 @@ class DualViewHead(nn.Module):
         if self.item_embedding is None or self.pca is None:
             raise ValueError("collab_anchor_penalty needs a PCA-initialised collaborative view")
         w = self.item_embedding.weight[1: self._num_items + 1]
+        return (w - self._pca_start()[1:]).pow(2).sum(-1).mean()
+
+    def _pca_rows(self, semantic_rows: Tensor) -> Tensor:
+        """The ID-table rows PCA initialisation gives ``semantic_rows``: their stored projection
+        times the stored init scale."""
+        return self.pca.transform(semantic_rows) * self.collab_scale
+
+    def _pca_start(self) -> Tensor:
+        """``[N + 1, d]``: the ID table's PCA initialisation for every item index (row 0, padding,
+        zero), in the table's dtype; cached while the semantic table and projection are unchanged.
+        The anchor of ``collab_anchor_weight`` and the cold rows of ``cold_item_dropout``."""
+        w = self.item_embedding.weight
         bufs = (self.semantic_table, self.pca.mean, self.pca.components, self.collab_scale)
         key = tuple((t.data_ptr(), t._version, t.shape, t.device, t.dtype) for t in bufs) + (w.dtype,)
-        if self._anchor_cache is None or self._anchor_cache[0] != key:
+        if self._pca_start_cache is None or self._pca_start_cache[0] != key:
             with torch.no_grad():
-                target = (self.pca.transform(self.semantic_table[1: self._num_items + 1]) * self.collab_scale).to(w.dtype)
-            self._anchor_cache = (key, target)
-        return (w - self._anchor_cache[1]).pow(2).sum(-1).mean()
+                rows = self._pca_rows(self.semantic_table[1: self._num_items + 1]).to(w.dtype)
+                self._pca_start_cache = (key, torch.cat([rows.new_zeros(1, rows.shape[1]), rows]))
+        return self._pca_start_cache[1]
 
     def _logit_sets(self, states: Tensor, items: Tensor) -> list[Tensor]:
         """Scores of ``states [M, D]`` against ``items``: ``[C, D]`` (the same candidates for every
@@ -776,7 +778,8 @@ class DualViewHead(nn.Module):
           nearest existing items by cosine similarity of the semantic rows, so that it lands among
           the trained rows of the items its text resembles;
         - ``"zeros"``: a zero row (the new item is then scored by its semantic part alone);
-        - ``None`` (default): ``"projection"`` for a PCA-initialised table, else ``"zeros"``.
+        - ``None`` (default): ``"projection"`` for a PCA-initialised table, else ``"zeros"``; the
+          only value a head without an ID table takes.
 
         Measured (``benchmarks/bench_cold_start.py``, 10% of the items withheld): ``"projection"``
         reaches new items most often on Amazon Beauty, ``"mapping"`` keeps known items highest and
@@ -788,6 +791,9 @@ class DualViewHead(nn.Module):
         if rows.shape[1] != self.semantic_table.shape[1]:
             raise ValueError(f"embedding width mismatch: new rows have width {rows.shape[1]}, the head's "
                              f"semantic table has width {self.semantic_table.shape[1]}")
+        if collaborative is not None and self.item_embedding is None:
+            raise ValueError(f"collaborative={collaborative!r} chooses ID-table rows, and this head has no ID "
+                             "table (use_collaborative=False); leave it out")
         if collaborative is None:
             collaborative = "projection" if self.pca is not None else "zeros"
         if collaborative not in COLD_START_ROWS:
@@ -804,7 +810,7 @@ class DualViewHead(nn.Module):
         if self.item_embedding is not None:
             w = self.item_embedding.weight
             if collaborative == "projection":
-                new = self.pca.transform(rows).to(w.dtype) * self.collab_scale
+                new = self._pca_rows(rows).to(w.dtype)
             elif collaborative == "mapping":
                 new = self._mapped_rows(rows, ridge)
             elif collaborative == "neighbours":

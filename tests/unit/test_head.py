@@ -433,6 +433,10 @@ def test_add_items_collaborative_choices() -> None:
     with pytest.raises(ValueError, match="collab_init='pca'"):
         random_head.add_items(rows, collaborative="projection")
     assert head.num_items == N + 4 and random_head.num_items == N      # refused before any change
+    semantic_only = make_head(**CONFIGS["no_collaborative"])
+    with pytest.raises(ValueError, match="no ID table"):
+        semantic_only.add_items(rows, collaborative="mapping")
+    assert semantic_only.num_items == N and semantic_only.add_items(rows).tolist() == [N + 1, N + 2]
 
 
 @pytest.mark.parametrize("config", ["concat", "no_semantic", "random_init"])
