@@ -359,19 +359,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trained(given: str) -> tuple[Any, Any, int | None]:
-    """``(model, ItemIndex or None, max_len it was trained with or None)`` from ``--model``: a
-    folder written by ``cfsr train`` or a Hub repo id it was pushed to."""
-    from .head import DualViewHead
+def _trained_folder(given: str | Path) -> Path:
+    """The local folder behind ``--model`` (a folder written by ``cfsr train``, or a Hub repo id it
+    was pushed to, fetched once), checked to hold a model."""
     from .hub import resolve_model_dir
-    from .io import read_json
-    from .split import ItemIndex
 
     try:
         model_dir = resolve_model_dir(given)
     except FileNotFoundError as exc:
         raise CLIError(f"--model: {exc}") from None
-    _require_model_folder(model_dir, given)
+    _require_model_folder(model_dir, str(given))
+    return model_dir
+
+
+def _load_trained(given: str | Path) -> tuple[Any, Any, int | None]:
+    """``(model, ItemIndex or None, max_len it was trained with or None)`` from ``--model``: a
+    folder written by ``cfsr train`` or a Hub repo id it was pushed to."""
+    from .head import DualViewHead
+    from .io import read_json
+    from .split import ItemIndex
+
+    model_dir = _trained_folder(given)
     item_index = None
     if (model_dir / "item_index.json").is_file():
         item_index = ItemIndex.load(model_dir / "item_index.json")
@@ -448,21 +456,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_add_items(args: argparse.Namespace) -> int:
-    from .hub import resolve_model_dir
     from .io import atomic_write_json, read_json
     from .split import ItemIndex, align_semantic
 
     out = Path(args.output_dir)
-    model, item_index, _ = _load_trained(args.model)
+    source = _trained_folder(args.model)
+    if out.resolve() == source.resolve():
+        raise CLIError("--output-dir is the --model folder; write the extended model to a new folder "
+                       "(the model's metrics.json describes the model as trained)")
+    model, item_index, _ = _load_trained(source)
     if item_index is None:
         raise CLIError(f"--model {args.model} has no item_index.json (the raw item ids it was trained on)")
     if model.semantic_table is None:
         raise CLIError(f"--model {args.model} has no semantic table (an ID-only model cannot score an item "
                        "it never saw); add items to a model trained with --embeddings")
-    source = resolve_model_dir(args.model)
-    if out.resolve() == source.resolve():
-        raise CLIError("--output-dir is the --model folder; write the extended model to a new folder "
-                       "(the model's metrics.json describes the model as trained)")
     table = read_embeddings(args.embeddings)
     if args.ids:
         in_file = set(table.ids)
@@ -490,10 +497,8 @@ def cmd_add_items(args: argparse.Namespace) -> int:
                                               "from_model": str(args.model)})
     atomic_write_json(out / "run.json", run)
     if not args.quiet:
-        how = "no ID view" if model.item_embedding is None else "ID rows: " + (
-            args.collaborative or ("projection" if model.pca is not None else "zeros"))
-        print(f"added {len(new_ids)} item(s) ({how}) to the {item_index.num_items} of {args.model}; "
-              f"wrote {out}")
+        print(f"added {len(new_ids)} item(s) (ID rows: {args.collaborative or 'default'}) to the "
+              f"{item_index.num_items} of {args.model}; wrote {out}")
     return 0
 
 
