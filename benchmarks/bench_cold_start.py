@@ -27,8 +27,10 @@ Rows, each trained with full-softmax CE and its learning rate chosen on validati
 
 Prints test N@10 (full ranking, and 100 sampled negatives) for all users, known-item targets and
 new-item targets, mean ± std over seeds, for each extended row the other extensions against
-``projection``, and each ``-coldQ`` row against the same model trained without it (paired t-test on per-user N@10 averaged over the seeds); writes the numbers
-to ``<workdir>/<dataset>/results.json``. Runs keep their checkpoints, so a rerun resumes::
+``projection``, and each ``-coldQ`` row against the same model trained without it (paired
+t-test on per-user N@10 averaged over the seeds); writes the numbers to
+``<workdir>/<dataset>-cold<fraction>-seed<cold seed>/results.json``. Runs keep their checkpoints,
+so a rerun resumes::
 
     python -m benchmarks.bench_cold_start --dataset ml-100k --seeds 0 1 2
 """
@@ -121,7 +123,8 @@ def split_pair(data: InteractionData, fraction: float, seed: int) -> tuple[Split
     return known, full
 
 
-def extended(model: DualViewHead, new_rows: np.ndarray, how: str) -> DualViewHead:
+def with_new_items(model: DualViewHead, new_rows: np.ndarray, how: str) -> DualViewHead:
+    """A copy of ``model`` given the new items, their ID rows from ``how``."""
     out = copy.deepcopy(model)
     out.add_items(new_rows, collaborative=how)
     return out.eval()
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(name, KnownItemsOnly(model, full.num_items), seed)
                 continue
             for how in (("projection",) if name == "LLM2X" else EXTENSIONS):
-                record(f"{name}, {how}", extended(model, new_rows, how), seed)
+                record(f"{name}, {how}", with_new_items(model, new_rows, how), seed)
 
     def per_user(name: str, protocol: str, group: str) -> np.ndarray:
         return np.mean([t[protocol].metric("NDCG@10")[masks[group]] for t in runs[name]], axis=0)
@@ -210,30 +213,26 @@ def main(argv: list[str] | None = None) -> int:
             table.setdefault(name, {})[f"{pr} {g}"] = values
             cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}")
         print(f"  {name:<32}" + "".join(f"{c:>24}" for c in cells))
-    print("\nAgainst the same model extended by projection (paired t-test over users, seed-averaged N@10):")
-    for name in builds:
-        for how in EXTENSIONS[1:]:
-            row = f"{name}, {how}"
-            if row not in runs:
-                continue
-            cells = []
-            for pr, g in columns:
-                ours, ref = per_user(row, pr, g), per_user(f"{name}, projection", pr, g)
-                ratio = ours.mean() / ref.mean() if ref.mean() > 0 else float("nan")
-                cells.append(f"{pr} {g} {ratio:.2f}x (p = {ttest_rel(ours, ref).pvalue:.2g})")
-            print(f"  {row}: " + "; ".join(cells))
-    trained_with = [(name, q) for q in a.cold_item_dropout for name in ("SAID", "dual-concat")]
-    if trained_with:
-        print("\nTrained with cold_item_dropout against the same model trained without it, both extended by "
-              "projection (same test):")
-    for name, q in trained_with:
-        row, ref_row = f"{name}-cold{q:g}, projection", f"{name}, projection"
+    def against(row: str, ref_row: str) -> str:
+        """``row``'s ratio to ``ref_row`` in every column, with the paired t-test over users."""
         cells = []
         for pr, g in columns:
             ours, ref = per_user(row, pr, g), per_user(ref_row, pr, g)
             ratio = ours.mean() / ref.mean() if ref.mean() > 0 else float("nan")
             cells.append(f"{pr} {g} {ratio:.2f}x (p = {ttest_rel(ours, ref).pvalue:.2g})")
-        print(f"  {name}-cold{q:g}: " + "; ".join(cells))
+        return "; ".join(cells)
+
+    print("\nAgainst the same model extended by projection (paired t-test over users, seed-averaged N@10):")
+    for name in builds:
+        for how in EXTENSIONS[1:]:
+            if f"{name}, {how}" in runs:
+                print(f"  {name}, {how}: " + against(f"{name}, {how}", f"{name}, projection"))
+    trained_with = [(name, q) for q in a.cold_item_dropout for name in ("SAID", "dual-concat")]
+    if trained_with:
+        print("\nTrained with cold_item_dropout against the same model trained without it, both extended by "
+              "projection (same test):")
+    for name, q in trained_with:
+        print(f"  {name}-cold{q:g}: " + against(f"{name}-cold{q:g}, projection", f"{name}, projection"))
     atomic_write_json(workdir / "results.json", {
         "dataset": folder.name, "cold_fraction": a.cold_fraction, "cold_seed": a.cold_seed, "seeds": a.seeds,
         "lrs": a.lrs, "epochs": a.epochs, "patience": a.patience, "users": {g: int(m.sum()) for g, m in masks.items()},
