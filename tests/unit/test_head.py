@@ -458,7 +458,7 @@ def test_cold_item_dropout_draws_the_add_items_rows(config: str) -> None:
 @pytest.mark.parametrize("loss_type", ["ce", "bpr"])
 def test_cold_item_dropout_trains_dropped_items_on_their_cold_rows(monkeypatch, loss_type: str) -> None:
     """With every item dropped the loss is that of a head whose ID rows are the cold rows, and the
-    trained rows get no gradient; in eval mode, or at 0, the loss is the plain one."""
+    trained rows get no gradient; in eval mode the loss is the plain one."""
     head = make_head(**CONFIGS["concat"], cold_item_dropout=0.5)
     with torch.no_grad():                                 # trained rows, no longer the PCA start
         head.item_embedding.weight[1:] += torch.randn(N, D, generator=torch.Generator().manual_seed(2))
@@ -472,6 +472,7 @@ def test_cold_item_dropout_trains_dropped_items_on_their_cold_rows(monkeypatch, 
     swapped = copy.deepcopy(plain)
     with torch.no_grad():
         swapped.item_embedding.weight.copy_(cold_rows)
+
     def loss(model: DualViewHead) -> torch.Tensor:
         torch.manual_seed(3)                                  # the encoder's dropout masks alike
         return model.loss(seq, pos, neg, loss_type=loss_type)
