@@ -55,7 +55,7 @@ SASREC_ROW = "SASRec cos0.1"
 def _sync(device: str) -> None:
     import torch
 
-    from benchmarks.bench_head import _sync as sync_device
+    from benchmarks.bench_head import sync_device
 
     sync_device(torch.device(device))
 

@@ -49,7 +49,7 @@ def build(kind: str, semantic: np.ndarray | None, num_items: int, args: argparse
                         view_loss_weight=args.view_loss_weight if kind == "dual+vloss" else 0.0, **common)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer read afterwards counts it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -62,7 +62,7 @@ def train_epoch(model: DualViewHead, opt: torch.optim.Optimizer, batches: list) 
         opt.zero_grad(set_to_none=True)
         model.loss(seq, pos, None if model.config.loss == "ce" else neg).backward()
         opt.step()
-    _sync(seq.device)
+    sync_device(seq.device)
     return time.perf_counter() - t0
 
 
@@ -70,11 +70,11 @@ def train_epoch(model: DualViewHead, opt: torch.optim.Optimizer, batches: list) 
 def throughput(model: DualViewHead, inputs: torch.Tensor, batch: int) -> float:
     model.eval()
     model.full_scores(model.user_state(inputs[:batch])).topk(10, dim=1)  # warm-up (and table cache)
-    _sync(inputs.device)
+    sync_device(inputs.device)
     t0 = time.perf_counter()
     for b in range(0, len(inputs), batch):
         model.full_scores(model.user_state(inputs[b:b + batch])).topk(10, dim=1)
-    _sync(inputs.device)
+    sync_device(inputs.device)
     return len(inputs) / (time.perf_counter() - t0)
 
 

@@ -38,8 +38,8 @@ from benchmarks.bench_views import OneView, cached_rows
 from benchmarks.explore import build_study
 from cfsr_head import DualViewHead
 from cfsr_head.adjust import log_popularity, prior_item_scale
-from cfsr_head.evaluate import _full_ranks, _model_max_len, metrics_from_ranks
-from cfsr_head.head import _semantic_matrix
+from cfsr_head.evaluate import full_ranks, metrics_from_ranks, model_max_len
+from cfsr_head.head import as_semantic_matrix
 from cfsr_head.io import atomic_write_json
 
 MAX_DECAYS = (1.0, 0.8, 0.5)
@@ -83,10 +83,10 @@ def shape_values(head: DualViewHead, split, semantic, betas, weights, gammas, ba
     """Validation full-ranking N@10 of every (shape, gamma, weight, beta) point."""
     head.eval()
     n = split.num_items
-    table, _ = _semantic_matrix(semantic)
+    table, _ = as_semantic_matrix(semantic)
     unit = F.normalize(table.float(), dim=1)
     unit = torch.cat([unit.new_zeros(1, unit.shape[1]), unit])
-    seq_all, tgt_all, _ = split.eval_inputs("valid", _model_max_len(head) or split.max_len)
+    seq_all, tgt_all, _ = split.eval_inputs("valid", model_max_len(head) or split.max_len)
     history = split.history("valid")
     log_pop = log_popularity(split.item_popularity, n)
     scales = {g: prior_item_scale(split.item_popularity, n, g) for g in gammas}
@@ -105,7 +105,7 @@ def shape_values(head: DualViewHead, split, semantic, betas, weights, gammas, ba
                 for w in weights:
                     with_prior = base + w * prior
                     for beta in betas:
-                        ranks = _full_ranks(with_prior - beta * log_pop, tgt, hist, n).numpy()
+                        ranks = full_ranks(with_prior - beta * log_pop, tgt, hist, n).numpy()
                         key = (shape, g, w, beta)
                         totals[key] = totals.get(key, 0.0) + float(metrics_from_ranks(ranks, (10,))[1][10].sum())
     return {k: v / len(tgt_all) for k, v in totals.items()}

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .evaluate import (_full_ranks, _model_device, _model_max_len, evaluate, metrics_from_ranks, ranks_from_scores,
+from .evaluate import (evaluate, full_ranks, metrics_from_ranks, model_device, model_max_len, ranks_from_scores,
                        sampled_candidates)
 from .split import SplitData
 
@@ -131,7 +131,7 @@ class PopularityAdjusted(nn.Module):
         self.model, self.beta, self.pseudo_count = model, float(beta), float(pseudo_count)
         self.register_buffer("log_popularity",
                              log_popularity(popularity, int(getattr(model, "num_items")), self.pseudo_count))
-        self.max_len = _model_max_len(model)
+        self.max_len = model_max_len(model)
 
     @property
     def num_items(self) -> int:
@@ -202,7 +202,7 @@ class SemanticPrior(nn.Module):
     def __init__(self, model: nn.Module, semantic: Any, weight: float, recency: float = 0.0,
                  popularity: Any = None, tail_exponent: float = 0.0) -> None:
         super().__init__()
-        from .head import _semantic_matrix
+        from .head import as_semantic_matrix
 
         if not math.isfinite(weight):
             raise ValueError(f"weight must be a finite number, got {weight!r}")
@@ -212,7 +212,7 @@ class SemanticPrior(nn.Module):
             raise ValueError(f"tail_exponent must be a finite number, got {tail_exponent!r}")
         if tail_exponent != 0 and popularity is None:
             raise ValueError("tail_exponent != 0 needs the items' counts (popularity=...)")
-        table, _ = _semantic_matrix(semantic)
+        table, _ = as_semantic_matrix(semantic)
         n = int(getattr(model, "num_items"))
         if table.shape[0] != n:
             raise ValueError(f"semantic table has {table.shape[0]} rows but the model has num_items={n}; it must "
@@ -223,7 +223,7 @@ class SemanticPrior(nn.Module):
         self.register_buffer("unit_semantic", torch.cat([unit.new_zeros(1, unit.shape[1]), unit]))
         self.register_buffer("item_scale", prior_item_scale(popularity, n, self.tail_exponent)
                              if popularity is not None else torch.ones(n + 1))
-        self.max_len = _model_max_len(model)
+        self.max_len = model_max_len(model)
 
     @property
     def num_items(self) -> int:
@@ -396,8 +396,8 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
         raise ValueError(f"model has num_items={model.num_items} but the data has {n_items} items")
     if any(p.weight != 0 for p in grid) and semantic is None:
         raise ValueError("weights other than 0 need the semantic table (semantic=...)")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    L = max_len if max_len is not None else (_model_max_len(model) or split_data.max_len)
+    dev = torch.device(device) if device is not None else model_device(model)
+    L = max_len if max_len is not None else (model_max_len(model) or split_data.max_len)
     seq_all, target_all, _ = split_data.eval_inputs("valid", L)
     sampled = protocol == "sampled"
     history = None if sampled else split_data.history("valid")
@@ -441,7 +441,7 @@ def choose_adjustment(model: nn.Module, split_data: SplitData, semantic: Any = N
                     if sampled:
                         ranks = ranks_from_scores(scores.float(), first).cpu().numpy()
                     else:
-                        ranks = _full_ranks(scores, tgt, batch_history, n_items).cpu().numpy()
+                        ranks = full_ranks(scores, tgt, batch_history, n_items).cpu().numpy()
                     hit, ndcg = metrics_from_ranks(ranks, (int(k),))
                     totals[point] += float((ndcg if kind.upper() == "NDCG" else hit)[int(k)].sum())
     finally:

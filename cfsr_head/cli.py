@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .search import NoEvaluatedRunError, grid_points, grid_search
     from .split import align_semantic
-    from .train import TrainConfig, Trainer, _to_jsonable
+    from .train import TrainConfig, Trainer, to_jsonable
 
     out = Path(args.output_dir)
     grid = {name: list(getattr(args, name)) for name in SEARCHABLE}
@@ -309,7 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "test": {p: {"summary": r.summary(), "counts": r.counts()} for p, r in tests.items()}}
     if searching:
         metrics["search"] = found.to_dict()
-    atomic_write_json(out / "metrics.json", _to_jsonable(metrics))  # NaN (empty group) -> null
+    atomic_write_json(out / "metrics.json", to_jsonable(metrics))  # NaN (empty group) -> null
     if not args.quiet:
         kept = f" (kept {_point_text(found.best_point)}: best on validation)" if searching else ""
         print(f"best epoch {result.best_epoch}: valid {trainer.config.metric} {result.best_metric:.4f}"
@@ -344,7 +344,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{split.name or args.data}: {args.split} split, {args.protocol} ranking{note}")
     print(format_summary(result))
     if args.json:
-        from .train import _to_jsonable
+        from .train import to_jsonable
 
         report = {"format": "cfsr.evaluation", "model": str(args.model), "data": str(args.data), "split": args.split,
                   "protocol": args.protocol, "summary": result.summary(), "counts": result.counts()}
@@ -355,7 +355,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.semantic_prior is not None:
             report["semantic_prior"] = {"weight": adjustment.weight, "recency": adjustment.recency,
                                         "tail_exponent": adjustment.tail_exponent}
-        atomic_write_json(args.json, _to_jsonable(report))
+        atomic_write_json(args.json, to_jsonable(report))
     return 0
 
 

@@ -75,7 +75,7 @@ class InteractionData:
         return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions}
 
 
-def _sort_within_user(df: pd.DataFrame) -> pd.DataFrame:
+def sort_within_user(df: pd.DataFrame) -> pd.DataFrame:
     """Users in order of first appearance; within a user by timestamp, ties keep file order."""
     codes, _ = pd.factorize(df["user_id"], sort=False)
     ts = df["timestamp"].to_numpy(dtype=np.float64)
@@ -83,7 +83,7 @@ def _sort_within_user(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[order].reset_index(drop=True)
 
 
-def _normalise_interactions(df: pd.DataFrame, source: str, duplicates: DuplicatePolicy) -> pd.DataFrame:
+def normalise_interactions(df: pd.DataFrame, source: str, duplicates: DuplicatePolicy) -> pd.DataFrame:
     """Check columns and values, make ids str and timestamps numeric, handle duplicates, sort."""
     missing = [c for c in REQUIRED_INTERACTION_COLUMNS if c not in df.columns]
     if missing:
@@ -118,10 +118,11 @@ def _normalise_interactions(df: pd.DataFrame, source: str, duplicates: Duplicate
         warnings.warn(f"{source}: dropped {n_dup} duplicate interaction(s) (same user_id, item_id, timestamp)",
                       stacklevel=3)
         df = df.loc[~dup]
-    return _sort_within_user(df)
+    return sort_within_user(df)
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+def read_csv_columns(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """A CSV read as str columns (empty cells NaN); names the file and any column of ``required`` missing."""
     if not path.is_file():
         raise FileNotFoundError(f"missing file {path}")
     try:
@@ -153,13 +154,13 @@ def load_dataset(folder_or_name: str | os.PathLike, *, duplicates: DuplicatePoli
     for p in (inter_path, items_path):
         if not p.is_file():
             raise FileNotFoundError(f"dataset folder {folder} is missing file {p.name} ({p})")
-    inter = _read_csv(inter_path, REQUIRED_INTERACTION_COLUMNS)
-    items = _read_csv(items_path, ("item_id",))
+    inter = read_csv_columns(inter_path, REQUIRED_INTERACTION_COLUMNS)
+    items = read_csv_columns(items_path, ("item_id",))
     items["item_id"] = items["item_id"].astype(str).str.strip()
     if items["item_id"].duplicated().any():
         dup = items.loc[items["item_id"].duplicated(), "item_id"].head(5).tolist()
         raise ValueError(f"{items_path}: duplicated item_id values, e.g. {dup}")
-    inter = _normalise_interactions(inter, str(inter_path), duplicates)
+    inter = normalise_interactions(inter, str(inter_path), duplicates)
     return InteractionData(inter, items.reset_index(drop=True), name=folder.name)
 
 
@@ -183,7 +184,7 @@ def load_movielens_raw(folder: str | os.PathLike, *, duplicates: DuplicatePolicy
                         names=["user_id", "item_id", "rating", "timestamp"])
     if inter[["user_id", "item_id", "rating", "timestamp"]].isna().any().any():
         raise ValueError(f"{data_path}: expected 4 tab-separated fields per line (user item rating timestamp)")
-    inter = _normalise_interactions(inter[["user_id", "item_id", "timestamp", "rating"]], str(data_path), duplicates)
+    inter = normalise_interactions(inter[["user_id", "item_id", "timestamp", "rating"]], str(data_path), duplicates)
     raw = pd.read_csv(item_path, sep="|", header=None, dtype=str, encoding="latin-1",
                       keep_default_na=False, na_values=[""])
     if raw.shape[1] < 5:
@@ -253,7 +254,7 @@ def load_amazon2014(reviews_path: str | os.PathLike, meta_path: str | os.PathLik
                 raise ValueError(f"{reviews_path}:{lineno}: missing field {exc.args[0]!r}") from exc
             ratings.append(rec.get("overall", np.nan))
     inter = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": times, "rating": ratings})
-    inter = _normalise_interactions(inter, str(reviews_path), duplicates)
+    inter = normalise_interactions(inter, str(reviews_path), duplicates)
     items_df = None
     if meta_path is not None:
         meta_path = Path(meta_path)

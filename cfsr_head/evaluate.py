@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .io import atomic_write_text
-from .split import SplitData, _as_rng, _sample_excluding
+from .split import SplitData, as_rng, sample_excluding
 
 __all__ = ["GroupSpec", "EvalResult", "evaluate", "paired_ttest", "metrics_from_ranks", "ranks_from_scores",
            "PopularityModel", "RandomModel", "GROUP_NAMES"]
@@ -185,7 +185,8 @@ def _json_default(o: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a model without either."""
     if isinstance(model, nn.Module):
         for p in model.parameters():
             return p.device
@@ -194,7 +195,8 @@ def _model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_max_len(model: Any) -> int | None:
+def model_max_len(model: Any) -> int | None:
+    """The input length ``model`` (or its encoder or config) declares as ``max_len``, or None."""
     for obj in (model, getattr(model, "encoder", None), getattr(model, "config", None)):
         v = getattr(obj, "max_len", None) if obj is not None else None
         if isinstance(v, int):
@@ -225,8 +227,8 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
     n_items = split_data.num_items
     if int(getattr(model, "num_items", n_items)) != n_items:
         raise ValueError(f"model has num_items={model.num_items} but the data has {n_items} items")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    L = max_len if max_len is not None else (_model_max_len(model) or split_data.max_len)
+    dev = torch.device(device) if device is not None else model_device(model)
+    L = max_len if max_len is not None else (model_max_len(model) or split_data.max_len)
     seq_all, target_all, user_ids = split_data.eval_inputs(split, L)
     targets_np = target_all.numpy()
     U = len(targets_np)
@@ -248,7 +250,7 @@ def evaluate(model: Any, split_data: SplitData, split: Literal["test", "valid"] 
                 if scores.shape != (seq.shape[0], n_items + 1):
                     raise ValueError(f"full_scores returned shape {tuple(scores.shape)}, expected "
                                      f"({seq.shape[0]}, {n_items + 1})")
-                r = _full_ranks(scores, tgt, history[sl], n_items)
+                r = full_ranks(scores, tgt, history[sl], n_items)
             else:
                 cands = cands_all[sl].to(dev)
                 scores = model.score(states, cands).float()
@@ -281,11 +283,11 @@ def sampled_candidates(split_data: SplitData, targets: torch.Tensor, n_negatives
     split_data.check_negatives("all")
     U = len(targets)
     rows = np.repeat(np.arange(U), n_negatives).reshape(U, n_negatives)
-    negs = _sample_excluding(_as_rng(seed), rows, split_data.num_items, split_data._keys("all"))
+    negs = sample_excluding(as_rng(seed), rows, split_data.num_items, split_data._keys("all"))
     return torch.from_numpy(np.concatenate([targets.numpy()[:, None], negs], axis=1))
 
 
-def _full_ranks(scores: torch.Tensor, tgt: torch.Tensor, history, n_items: int) -> torch.Tensor:
+def full_ranks(scores: torch.Tensor, tgt: torch.Tensor, history, n_items: int) -> torch.Tensor:
     """Pessimistic ranks over items 1..N with the history items (CSR rows) and column 0 left out,
     the target always kept. Equivalent to setting them to -inf, without copying ``scores``."""
     dev = scores.device

@@ -183,7 +183,7 @@ class DualViewConfig:
         return cls(**d)
 
 
-def _semantic_matrix(semantic: Any, what: str = "semantic table") -> tuple[Tensor, list[str] | None]:
+def as_semantic_matrix(semantic: Any, what: str = "semantic table") -> tuple[Tensor, list[str] | None]:
     """Accept an ItemEmbeddings-like object (``.ids``, ``.matrix``), a tensor or an array."""
     ids = None
     if hasattr(semantic, "matrix") and not isinstance(semantic, (np.ndarray, Tensor)):
@@ -279,7 +279,7 @@ class DualViewHead(nn.Module):
 
         table = None
         if semantic is not None:
-            table, _ = _semantic_matrix(semantic)
+            table, _ = as_semantic_matrix(semantic)
             if cfg.semantic_dim is not None and table.shape[1] != cfg.semantic_dim:
                 raise ValueError(f"embedding width mismatch: the config expects semantic_dim="
                                  f"{cfg.semantic_dim}, the semantic table has width {table.shape[1]}")
@@ -749,7 +749,7 @@ class DualViewHead(nn.Module):
         if self.config.collab_init != "random":
             raise ValueError("init_collaborative_from needs collab_init='random' (a PCA-initialised table is "
                              "the anchor and the cold-start projection; build the head with collab_init='random')")
-        rows, _ = _semantic_matrix(table, "collaborative table")
+        rows, _ = as_semantic_matrix(table, "collaborative table")
         n, d = self._num_items, self.item_embedding.weight.shape[1]
         if rows.shape == (n + 1, d):
             rows = rows[1:]
@@ -787,7 +787,7 @@ class DualViewHead(nn.Module):
         ``ItemIndex.extended``. The ID table becomes a new Parameter: rebuild optimizers afterwards."""
         if self.semantic_table is None:
             raise ValueError("add_items needs a head built with a semantic table")
-        rows, _ = _semantic_matrix(new_semantic_rows, "new semantic rows")
+        rows, _ = as_semantic_matrix(new_semantic_rows, "new semantic rows")
         if rows.shape[1] != self.semantic_table.shape[1]:
             raise ValueError(f"embedding width mismatch: new rows have width {rows.shape[1]}, the head's "
                              f"semantic table has width {self.semantic_table.shape[1]}")

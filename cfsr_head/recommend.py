@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import InteractionData, _normalise_interactions, _read_csv, _sort_within_user
-from .evaluate import _model_device, _model_max_len
+from .data import InteractionData, normalise_interactions, read_csv_columns, sort_within_user
+from .evaluate import model_device, model_max_len
 from .io import read_json
-from .split import ItemIndex, _gather_left_padded
+from .split import ItemIndex, gather_left_padded
 
 __all__ = ["Recommendations", "read_histories", "recommend"]
 
@@ -104,11 +104,11 @@ def read_histories(path: str | PathLike) -> dict[str, list[str]]:
     if suffix != ".csv":
         raise ValueError(f"{path}: histories are read from .csv (user_id,item_id[,timestamp]) or .json "
                          f"(user -> items), not {suffix or 'a file without a suffix'}")
-    df = _read_csv(path, ("user_id", "item_id"))
+    df = read_csv_columns(path, ("user_id", "item_id"))
     if "timestamp" not in df.columns:
         df["timestamp"] = np.arange(len(df))  # file order
     # the dataset reader's checks and order: users by first appearance, each by timestamp, ties in file order
-    df = _normalise_interactions(df, str(path), duplicates="keep")
+    df = normalise_interactions(df, str(path), duplicates="keep")
     codes, users = pd.factorize(df["user_id"], sort=False)
     per_user = np.split(df["item_id"].to_numpy(dtype=object), np.cumsum(np.bincount(codes))[:-1])
     return {user: items.tolist() for user, items in zip(users, per_user)}
@@ -128,7 +128,7 @@ def _flatten_histories(histories: Any) -> tuple[np.ndarray, Sequence[Any], np.nd
         return (np.arange(len(histories), dtype=np.int64).astype(object), histories[real].astype(np.int64),
                 real.sum(axis=1).astype(np.int64), True)
     if isinstance(histories, InteractionData):
-        df = _sort_within_user(histories.interactions)
+        df = sort_within_user(histories.interactions)
         codes, users = pd.factorize(df["user_id"], sort=False)
         return (np.asarray(users, dtype=object), df["item_id"].to_numpy(dtype=object),
                 np.bincount(codes, minlength=len(users)).astype(np.int64), False)
@@ -199,11 +199,11 @@ def recommend(model: Any, histories: Any, k: int = 10, *, item_index: ItemIndex 
     users, flat_raw, raw_lengths, are_indices = _flatten_histories(histories)
     flat, offsets = _index_histories(users, flat_raw, raw_lengths, n_items, item_index, unknown, are_indices)
     lengths = np.diff(offsets)  # after unknown items were skipped
-    L = max_len if max_len is not None else (_model_max_len(model) or int(lengths.max(initial=1)))
+    L = max_len if max_len is not None else (model_max_len(model) or int(lengths.max(initial=1)))
     if L < 1:
         raise ValueError(f"max_len must be >= 1, got {L}")
-    windows = torch.from_numpy(_gather_left_padded(flat, np.maximum(offsets[:-1], offsets[1:] - L), offsets[1:], L))
-    dev = torch.device(device) if device is not None else _model_device(model)
+    windows = torch.from_numpy(gather_left_padded(flat, np.maximum(offsets[:-1], offsets[1:] - L), offsets[1:], L))
+    dev = torch.device(device) if device is not None else model_device(model)
     U = len(users)
     top_idx = np.zeros((U, k), dtype=np.int64)
     top_scores = np.full((U, k), -np.inf, dtype=np.float32)

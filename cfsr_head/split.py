@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import InteractionData, _sort_within_user, drop_short_users
+from .data import InteractionData, drop_short_users, sort_within_user
 from .io import atomic_write_json, read_json
 
 __all__ = ["ItemIndex", "SplitData", "leave_one_out", "align_semantic"]
@@ -107,11 +107,12 @@ class ItemIndex:
         return f"ItemIndex(num_items={len(self)})"
 
 
-def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    """``rng`` itself, or a new generator seeded with it."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def _gather_left_padded(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
+def gather_left_padded(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
     """Rows ``flat[starts[r]:ends[r]]`` (each at most ``width`` long) left-padded with 0 -> [R, width]."""
     n = (ends - starts).astype(np.int64)
     if n.size and n.max(initial=0) > width:
@@ -127,8 +128,8 @@ def _gather_left_padded(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, 
     return out
 
 
-def _sample_excluding(rng: np.random.Generator, rows: np.ndarray, num_items: int, keys: np.ndarray,
-                      max_rounds: int = 1000) -> np.ndarray:
+def sample_excluding(rng: np.random.Generator, rows: np.ndarray, num_items: int, keys: np.ndarray,
+                     max_rounds: int = 1000) -> np.ndarray:
     """Uniform items in ``1..num_items`` for each entry of ``rows`` (user rows), rejecting items whose
     key ``row * (num_items + 1) + item`` is in sorted ``keys``. Vectorised rejection sampling."""
     out = rng.integers(1, num_items + 1, size=rows.shape, dtype=np.int64)
@@ -197,7 +198,7 @@ class SplitData:
     def sequences(self) -> np.ndarray:
         """Left-padded int64 matrix [U, max length] of the full sequences (built once)."""
         if "sequences" not in self._cache:
-            self._cache["sequences"] = _gather_left_padded(
+            self._cache["sequences"] = gather_left_padded(
                 self.items, self.offsets[:-1], self.offsets[1:], int(self.lengths.max(initial=0)))
         return self._cache["sequences"]
 
@@ -326,7 +327,7 @@ class SplitData:
         if length_buckets and drop_last:
             raise ValueError("drop_last=True does not apply to length_buckets > 0 (batches have varying row counts)")
         L = self._resolve_len(max_len, train=True)
-        rng = _as_rng(rng)
+        rng = as_rng(rng)
         rows, starts, ends = self._train_windows(L, sliding)
         order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
         if length_buckets:
@@ -341,16 +342,16 @@ class SplitData:
         self.check_negatives("train")
         for a, b in bounds:
             sel = order[a:b]
-            inp = _gather_left_padded(self.items, starts[sel], ends[sel] - 1, L)
-            pos = _gather_left_padded(self.items, starts[sel] + 1, ends[sel], L)
+            inp = gather_left_padded(self.items, starts[sel], ends[sel] - 1, L)
+            pos = gather_left_padded(self.items, starts[sel] + 1, ends[sel], L)
             valid = pos > 0
             row_of = np.broadcast_to(rows[sel][:, None], pos.shape)[valid]
             if n_negatives == 1:
                 neg = np.zeros_like(pos)
-                neg[valid] = _sample_excluding(rng, row_of, self.num_items, keys)
+                neg[valid] = sample_excluding(rng, row_of, self.num_items, keys)
             else:
                 neg = np.zeros((*pos.shape, n_negatives), dtype=np.int64)
-                neg[valid] = _sample_excluding(rng, np.repeat(row_of[:, None], n_negatives, axis=1),
+                neg[valid] = sample_excluding(rng, np.repeat(row_of[:, None], n_negatives, axis=1),
                                                self.num_items, keys)
             out = (torch.from_numpy(inp), torch.from_numpy(pos), torch.from_numpy(neg))
             yield out + (torch.from_numpy(rows[sel].copy()),) if with_users else out
@@ -391,7 +392,7 @@ class SplitData:
         L = self._resolve_len(max_len, train=False)
         ends = self.offsets[1:] - (2 if split == "valid" else 1)
         starts = np.maximum(self.offsets[:-1], ends - L)
-        seq = _gather_left_padded(self.items, starts, ends, L)
+        seq = gather_left_padded(self.items, starts, ends, L)
         return torch.from_numpy(seq), torch.from_numpy(target.copy()), self.user_ids.copy()
 
     # ---- persistence -------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def leave_one_out(data: InteractionData, max_len: int | None = None, *, item_ind
     if min_len < 3:
         raise ValueError("min_len must be >= 3 (train, validation and test need one item each)")
     data = drop_short_users(data, min_len)
-    df = _sort_within_user(data.interactions)
+    df = sort_within_user(data.interactions)
     if len(df) == 0:
         raise ValueError(f"no user has at least {min_len} interactions")
     if item_index is None:

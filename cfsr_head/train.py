@@ -265,11 +265,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
                .dot(np.array([1, 2**32], dtype=np.uint64)) % (2**63))
 
 
-def _to_jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
+    """``x`` made JSON-safe: dict keys as str, tuples as lists, numpy scalars and tensors as numbers or
+    lists, non-finite floats as None."""
     if isinstance(x, dict):
-        return {str(k): _to_jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     if isinstance(x, torch.Tensor):
@@ -288,8 +290,8 @@ def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], 
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{pid}.{key}"] = value.detach().cpu().clone()
             else:
-                scalars.setdefault(str(pid), {})[key] = _to_jsonable(value)
-    meta = {"param_groups": _to_jsonable(state_dict["param_groups"]), "scalars": scalars}
+                scalars.setdefault(str(pid), {})[key] = to_jsonable(value)
+    meta = {"param_groups": to_jsonable(state_dict["param_groups"]), "scalars": scalars}
     return tensors, meta
 
 
@@ -500,7 +502,7 @@ class Trainer:
             kwargs["groups"] = None  # only "Overall" is needed: skip the group bookkeeping
         result = self._evaluate("valid", cfg.eval_protocol, model=self._validation_model(), **kwargs)
         summary = result.summary() if hasattr(result, "summary") else result
-        return _find_metric(summary, cfg.metric_group, cfg.metric), _to_jsonable(summary)
+        return _find_metric(summary, cfg.metric_group, cfg.metric), to_jsonable(summary)
 
     def _validation_model(self) -> nn.Module:
         """The model the best epoch is chosen on: ``scoring_model``, with the logit-adjusted loss's
@@ -550,8 +552,8 @@ class Trainer:
         scaler = getattr(self.accelerator, "scaler", None)
         full = dict(state, optimizer=opt_meta, config=self.config.to_dict(), prior=self.prior_settings,
                     environment=self._environment(),
-                    scaler=_to_jsonable(scaler.state_dict()) if scaler is not None else None)
-        atomic_write_json(stage / "trainer_state.json", _to_jsonable(full))  # marks the stage complete
+                    scaler=to_jsonable(scaler.state_dict()) if scaler is not None else None)
+        atomic_write_json(stage / "trainer_state.json", to_jsonable(full))  # marks the stage complete
         if last.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(last, old)

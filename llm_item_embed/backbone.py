@@ -156,7 +156,7 @@ def _looks_like_path(name: str) -> bool:
     return not _HUB_ID.fullmatch(name) or name.endswith(".gguf")
 
 
-def _resolve_source(settings: BackboneSettings) -> tuple[str, str | None]:
+def resolve_source(settings: BackboneSettings) -> tuple[str, str | None]:
     """(folder or Hub id, gguf file name or None); raises :class:`ModelNotFoundError` early."""
     name = settings.model_name_or_path or default_model_path()
     gguf = settings.gguf_file
@@ -301,7 +301,7 @@ def _quiet_peft_deprecations() -> Iterator[None]:
 def _load_hf(settings: BackboneSettings) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
-    source, gguf = _resolve_source(settings)
+    source, gguf = resolve_source(settings)
     kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
     if gguf is not None:
         kwargs["gguf_file"] = gguf

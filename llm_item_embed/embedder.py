@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, _resolve_source,
-                       load_text_encoder, seed_untrained_lora)
+from .backbone import (BackboneSettings, LoraSettings, ModelNotFoundError, TextEncoder, load_text_encoder,
+                       resolve_source, seed_untrained_lora)
 from .io import (atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_staging_dir, move_tree,
                  read_json)
 from .prompts import PromptTemplate
@@ -141,7 +141,7 @@ class ItemEmbedder:
         self.loss_module: torch.nn.Module | None = None
         self._fitted_table: tuple[Any, str] | None = None  # (df, id_column) of the last fit, for encode()
         if _encoder is None:
-            _resolve_source(self.settings)  # unknown path / offline Hub id: fail now, not at fit time
+            resolve_source(self.settings)  # unknown path / offline Hub id: fail now, not at fit time
 
     # ------------------------------------------------------------------ model
     @property

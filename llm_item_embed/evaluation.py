@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .embeddings import ItemEmbeddings
-from .pairs import _histories
+from .pairs import user_histories
 
 __all__ = ["next_item_transitions", "neighbour_scores"]
 
@@ -49,11 +49,11 @@ def next_item_transitions(interactions: pd.DataFrame, *, holdout_last: int = 2, 
     if held_out:
         if holdout_last < 1:
             raise ValueError(f"held_out=True needs holdout_last >= 1, got {holdout_last}")
-        users, items = _histories(interactions, user_column, item_column, time_column, holdout_last - 1)
+        users, items = user_histories(interactions, user_column, item_column, time_column, holdout_last - 1)
         ends = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # each user's last kept row
         ends = ends[(ends > 0) & (users[np.maximum(ends - 1, 0)] == users[ends])]
         return items[ends - 1], items[ends]
-    users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
+    users, items = user_histories(interactions, user_column, item_column, time_column, holdout_last)
     same = users[1:] == users[:-1]
     return items[:-1][same], items[1:][same]
 

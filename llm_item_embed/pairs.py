@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # the return type only: embeddings.py is imported where it is
     from .embeddings import ItemEmbeddings
 
 
-def _histories(interactions: pd.DataFrame, user_column: str, item_column: str, time_column: str | None,
-               holdout_last: int) -> tuple[np.ndarray, np.ndarray]:
+def user_histories(interactions: pd.DataFrame, user_column: str, item_column: str, time_column: str | None,
+                   holdout_last: int) -> tuple[np.ndarray, np.ndarray]:
     """(user, item id as str) of every interaction in (user, time) order, each user's last
     ``holdout_last`` dropped; the columns are checked first."""
     for col in (user_column, item_column, *([time_column] if time_column else [])):
@@ -72,7 +72,7 @@ def sequence_pairs(interactions: pd.DataFrame, user_column: str = "user_id", ite
         raise ValueError(f"window must be >= 1, got {window}")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
-    users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
+    users, items = user_histories(interactions, user_column, item_column, time_column, holdout_last)
     left, right = [], []
     for _, a, b in _within_window(users, items, window):
         keep = a != b
@@ -106,7 +106,7 @@ def cooccurrence_embeddings(interactions: pd.DataFrame, ids: Sequence[str] | Non
 
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    users, items = _histories(interactions, user_column, item_column, time_column, holdout_last)
+    users, items = user_histories(interactions, user_column, item_column, time_column, holdout_last)
     ids = sorted(set(interactions[item_column].astype(str))) if ids is None else [str(i) for i in ids]
     rows = pd.Index(ids).get_indexer(items)
     if (rows < 0).any():
