@@ -13,7 +13,7 @@ import numpy as np
 from cfsr_head.io import atomic_write_json, atomic_write_text
 
 from .settings import DECODER_ROW, GROUPS, LOSSES, PARTS, PROTOCOLS, Study
-from .stats import best_loss, best_point, mean_and_std, mean_std, mean_test, paired_p, runs_p, valid_ndcg
+from .stats import best_loss, best_point, mean_and_std, mean_test, metric_mean_and_std, paired_p, runs_p, valid_ndcg
 
 
 def json_safe(obj: Any) -> Any:
@@ -36,7 +36,7 @@ def _fmt(mean: float, std: float, rank: int) -> str:
 def results_table(rows: list[tuple[str, list[dict]]], protocol: str) -> str:
     """Markdown table: one row per (variant, loss), H@10 / N@10 per group, bold best, italic second."""
     cols = [(g, m) for g in GROUPS for m in ("HR@10", "NDCG@10")]
-    values = [[mean_std(recs, protocol, g, m) for g, m in cols] for _, recs in rows]
+    values = [[metric_mean_and_std(recs, protocol, g, m) for g, m in cols] for _, recs in rows]
     header = "| model | " + " | ".join(f"{g} {m.replace('HR', 'H').replace('NDCG', 'N')}" for g, m in cols) + " |"
     lines = [header, "|" + "---|" * (len(cols) + 1)]
     order = [np.argsort([-values[r][c][0] for r in range(len(rows))]) for c in range(len(cols))]
@@ -60,7 +60,7 @@ def plot_bars(path: Path, rows: list[tuple[str, list[dict]]], title: str) -> Non
     x = np.arange(len(names))
     for ax, protocol in zip(axes, PROTOCOLS):
         for i, group in enumerate(("Overall", "Tail item")):
-            ms = [mean_std(recs, protocol, group, "NDCG@10") for _, recs in rows]
+            ms = [metric_mean_and_std(recs, protocol, group, "NDCG@10") for _, recs in rows]
             ax.bar(x + (i - 0.5) * 0.4, [m for m, _ in ms], 0.4, yerr=[s for _, s in ms], label=group)
         ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{title}: N@10, {protocol} ranking")
@@ -85,7 +85,8 @@ def plot_sensitivity(path: Path, r_rows: list[tuple[float, list[dict]]], k_rows:
         for row, protocol in enumerate(PROTOCOLS):
             ax = axes[row][col]
             for group, style in (("Overall", "-o"), ("Tail item", "--s")):
-                means, stds = zip(*(mean_std(recs, protocol, group, "NDCG@10") for _, recs in rows)) if rows else ((), ())
+                cells = [metric_mean_and_std(recs, protocol, group, "NDCG@10") for _, recs in rows]
+                means, stds = zip(*cells) if cells else ((), ())
                 ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=group)
             ax.set_xticks(xs)
             ax.set_xlabel(label)
@@ -310,7 +311,7 @@ def _sensitivity_section(study: Study, sens: dict[str, list]) -> tuple[list[str]
             lines.append(f"| {label}={x} | {recs[0]['stage2']['loss'].upper()} | {len(recs)} | "
                          + " | ".join(_fmt(*stats, rank=-1) for stats in
                                       [mean_and_std([valid_ndcg(rec) for rec in recs]),
-                                       *(mean_std(recs, pr, g, "NDCG@10") for pr, g in cells)]) + " |")
+                                       *(metric_mean_and_std(recs, pr, g, "NDCG@10") for pr, g in cells)]) + " |")
     plot_sensitivity(study.out_dir / f"{study.name}_sensitivity.png", sens.get("r", []), sens.get("k", []))
     lines += ["", f"![sensitivity]({study.name}_sensitivity.png)", ""]
     raw = {label: [{"value": x, "loss": recs[0]["stage2"]["loss"],

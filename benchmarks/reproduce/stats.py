@@ -29,14 +29,16 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
     return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
 
-def mean_std(records: list[dict], protocol: str, group: str, metric: str) -> tuple[float, float]:
+def metric_mean_and_std(records: list[dict], protocol: str, group: str, metric: str) -> tuple[float, float]:
+    """Mean and sample standard deviation over the runs of one test metric (e.g. full, Overall, NDCG@10)."""
     return mean_and_std([r["test"][protocol][group][metric] for r in records])
 
 
 def mean_test(records: list[dict]) -> dict:
     """The runs' test metrics averaged, in the records' own ``{protocol: {group: {metric: value}}}`` shape."""
     first = records[0]["test"]
-    return {protocol: {group: {metric: mean_std(records, protocol, group, metric)[0] for metric in metrics}
+    return {protocol: {group: {metric: metric_mean_and_std(records, protocol, group, metric)[0]
+                               for metric in metrics}
                        for group, metrics in groups.items()} for protocol, groups in first.items()}
 
 
