@@ -75,4 +75,12 @@ def test_cold_start_snippet_appends_the_new_items_in_their_order_and_recommends_
     assert recs.items.shape == (1, 10) and "B00NEW1" not in set(recs.items[0])          # seen: left out
     everything = recommend(head, {"u1": ["50", "172", "B00NEW1"]}, k=n + 2, item_index=namespace["index"],
                            exclude_seen=False)
-    assert {"B00NEW1", "B00NEW2"} <= set(everything.items[0])
+    # the new items are scored from their rows, and B00NEW1 is read in the history as item n + 1
+    head.eval()
+    with torch.no_grad():
+        seq = torch.tensor([[*split.item_index.index_of(["50", "172"]), n + 1]])
+        expected = head.full_scores(head.user_state(seq))[0]
+    got = dict(zip(everything.items[0], everything.scores[0]))
+    for new_id, index in (("B00NEW1", n + 1), ("B00NEW2", n + 2)):
+        assert got[new_id] == pytest.approx(float(expected[index]), rel=1e-5, abs=1e-6)
+    assert got["50"] == pytest.approx(float(expected[split.item_index.index_of(["50"])[0]]), rel=1e-5, abs=1e-6)
