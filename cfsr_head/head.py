@@ -103,6 +103,14 @@ class DualViewConfig:
       after training do. Evaluation always uses the trained rows. Measured
       (``benchmarks/bench_cold_start.py``) it is no general recipe: new items were reached 2-9x as
       often on MovieLens-100K and half as often under full ranking on Amazon Beauty.
+    - ``cold_items_as_negatives``: with ``cold_item_dropout`` > 0, whether a dropped item's cold row
+      also stands in for it where it is scored as a negative (True, DropoutNet's form) or only in
+      the inputs and where it is the target (False: every negative keeps its trained row, so the
+      model is taught to lift cold rows to their targets but never to push them down). Leave it
+      True: measured on MovieLens-100K (``benchmarks/bench_cold_start.py --spare-negatives``), False
+      puts the added items above nearly every known one (full-ranking N@10 of known targets about
+      0, of new targets 0.11-0.14 against 0.01-0.03); it exists to show that the cold rows scored as
+      negatives are what keeps added items in their place.
     - ``semantic_dim``: expected width of the semantic table (checked; filled in automatically).
     """
 
@@ -128,6 +136,7 @@ class DualViewConfig:
     view_loss_weight: float = 0.0
     collab_anchor_weight: float = 0.0
     cold_item_dropout: float = 0.0
+    cold_items_as_negatives: bool = True
     semantic_dim: int | None = None
     seed: int = 0
 
@@ -161,6 +170,8 @@ class DualViewConfig:
             raise ValueError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
         if self.cold_item_dropout > 0 and not self.use_collaborative:
             raise ValueError("cold_item_dropout > 0 needs the collaborative view (use_collaborative=True)")
+        if not self.cold_items_as_negatives and self.cold_item_dropout == 0:
+            raise ValueError("cold_items_as_negatives=False only applies with cold_item_dropout > 0")
         if not self.collab_anchor_weight >= 0:
             raise ValueError(f"collab_anchor_weight must be >= 0, got {self.collab_anchor_weight}")
         if self.collab_anchor_weight > 0 and not (self.use_collaborative and self.collab_init == "pca"):
@@ -615,9 +626,12 @@ class DualViewHead(nn.Module):
             ids, bad = torch.cat([item_seq.reshape(-1), p]), torch.cat([seq_invalid.reshape(-1), p_invalid])
         rows = self._rows(ids, bad)
         cold = self._cold_item_draw(pos.device) if self.training else None
-        if cold is not None:
-            rows = self._with_cold_rows(rows, ids.masked_fill(bad, 0), *cold)
         n_seq = item_seq.numel()
+        cold_negatives = cold is not None and self.config.cold_items_as_negatives
+        if cold is not None:  # the inputs and the targets, and the sampled negatives unless spared
+            swapped = ids.shape[0] if cold_negatives else n_seq + M
+            rows = torch.cat([self._with_cold_rows(rows[:swapped], ids[:swapped].masked_fill(bad[:swapped], 0), *cold),
+                              rows[swapped:]])
         # split (not slicing): its backward is one concatenation instead of zero-filled copies
         x, e_pos, e_neg = rows.split([n_seq, M, rows.shape[0] - n_seq - M])
         out = self._encode(x.view(*item_seq.shape, -1), padding_mask)
@@ -628,12 +642,15 @@ class DualViewHead(nn.Module):
             # the padding row away, rather than masking its column with -inf, spares an in-place
             # write and its zero-filled gradient copy over the [M, N] logits
             table = self._table(with_fallback=True)
-            if cold is not None:  # every row but the fallback, which no item index reaches
+            if cold_negatives:  # every row but the fallback, which no item index reaches
                 every_item = torch.arange(self._num_items + 1, device=table.device)
                 table = torch.cat([self._with_cold_rows(table[:-1], every_item, *cold), table[-1:]])
             has_fallback = self.fallback_se is not None or self.fallback_co is not None
             logit_sets = self._logit_sets(out[valid], table[1:] if has_fallback else table[1:-1])
             target = p.masked_fill(p_invalid, self._num_items + 1) - 1  # row i of the slice is item i+1
+            if cold is not None and not cold_negatives:  # a dropped target's column scores its cold row
+                logit_sets = self._with_cold_targets(logit_sets, out[valid], e_pos, target,
+                                                     cold[0][p.masked_fill(p_invalid, 0)])
             if logit_bias is not None:  # [N] or, with the fallback row, [N+1] (the fallback's bias 0)
                 bias = logit_bias[1: self._num_items + 1 + int(has_fallback)]
                 logit_sets = [logits + bias.to(logits.dtype) for logits in logit_sets]
@@ -680,6 +697,16 @@ class DualViewHead(nn.Module):
         if self.pca is not None:
             return dropped, self._pca_start()
         return dropped, self.item_embedding.weight.new_zeros(self.item_embedding.weight.shape)
+
+    def _with_cold_targets(self, logit_sets: list[Tensor], states: Tensor, e_pos: Tensor, target: Tensor,
+                           dropped: Tensor) -> list[Tensor]:
+        """Full-catalogue logits ``[M, C]`` with the target column ``target [M]`` of the rows whose
+        target was dropped (``dropped [M]``) scored against the target's cold row (in ``e_pos``);
+        every other column keeps the trained rows."""
+        cold_sets = self._logit_sets(states, e_pos.unsqueeze(1))  # each [M, 1]
+        column = target.unsqueeze(1)
+        return [logits.scatter(1, column, torch.where(dropped.unsqueeze(1), cold_logit, logits.gather(1, column)))
+                for logits, cold_logit in zip(logit_sets, cold_sets)]
 
     def _with_cold_rows(self, rows: Tensor, ids: Tensor, dropped: Tensor, cold: Tensor) -> Tensor:
         """``rows [n, D]`` of item indices ``ids [n]`` with the collaborative part (the last d

@@ -487,11 +487,66 @@ def test_cold_item_dropout_trains_dropped_items_on_their_cold_rows(monkeypatch, 
     torch.testing.assert_close(loss(head), loss(plain))
 
 
+@pytest.mark.parametrize("loss_type", ["ce", "bpr"])
+def test_cold_items_spared_as_negatives(monkeypatch, loss_type: str) -> None:
+    """With ``cold_items_as_negatives=False`` a dropped item keeps its trained row where it is a
+    negative: dropping only items that are neither inputs nor targets leaves the loss unchanged,
+    while the default form changes it; dropped targets are scored on their cold rows."""
+    seq = pad_batch(random_rows(4, [6, 3, 8, 5]), "left")
+    pos = (seq % N) + (seq > 0).long()
+    neg = torch.randint(1, N + 1, seq.shape, generator=torch.Generator().manual_seed(1))
+    is_input, is_target = torch.zeros(N + 1, dtype=torch.bool), torch.zeros(N + 1, dtype=torch.bool)
+    is_input[seq.flatten()] = True
+    is_target[pos.flatten()] = True
+    is_target[0] = False
+    used = is_input | is_target
+    used[0] = True
+    assert (~used).any() and (neg[pos > 0].unsqueeze(-1) == torch.nonzero(~used).flatten()).any()
+
+    def heads(dropped: torch.Tensor, *, trained_rows_are_cold: bool = False) -> dict[str, DualViewHead]:
+        made = {}
+        for name, spare in (("default", True), ("spared", False)):
+            head = make_head(**CONFIGS["concat"], cold_item_dropout=0.5, cold_items_as_negatives=spare)
+            cold_rows = head._cold_item_draw(torch.device("cpu"))[1]
+            with torch.no_grad():
+                head.item_embedding.weight[1:] += torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+                if trained_rows_are_cold:
+                    head.item_embedding.weight.copy_(cold_rows)
+            monkeypatch.setattr(head, "_cold_item_draw", lambda device, c=cold_rows: (dropped, c))
+            made[name] = head
+        plain = copy.deepcopy(made["default"])
+        plain.config.cold_item_dropout = 0.0
+        monkeypatch.setattr(plain, "_cold_item_draw", lambda device: None)
+        made["plain"] = plain
+        return made
+
+    def loss(model: DualViewHead) -> torch.Tensor:
+        torch.manual_seed(3)                                  # the encoder's dropout masks alike
+        return model.loss(seq, pos, neg, loss_type=loss_type)
+
+    unused = heads(~used)                                      # only items that appear as negatives
+    torch.testing.assert_close(loss(unused["spared"]), loss(unused["plain"]))
+    assert not torch.allclose(loss(unused["default"]), loss(unused["plain"]))
+    targets_only = heads(is_target & ~is_input)                 # the inputs unchanged: only targets move
+    assert (is_target & ~is_input).any()
+    assert not torch.allclose(loss(targets_only["spared"]), loss(targets_only["plain"]))
+    every = heads(torch.arange(N + 1) > 0)
+    assert not torch.allclose(loss(every["spared"]), loss(every["plain"]))
+    assert not torch.allclose(loss(every["spared"]), loss(every["default"]))
+    got = loss(every["spared"])
+    got.backward()                                             # trained rows learn only as negatives
+    assert every["spared"].item_embedding.weight.grad[1:].abs().sum() > 0
+    consistent = heads(torch.arange(N + 1) > 0, trained_rows_are_cold=True)
+    torch.testing.assert_close(loss(consistent["spared"]), loss(consistent["plain"]))
+
+
 def test_cold_item_dropout_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="cold_item_dropout must be in"):
         make_head(cold_item_dropout=1.0)
     with pytest.raises(ValueError, match="needs the collaborative view"):
         make_head(use_collaborative=False, cold_item_dropout=0.2)
+    with pytest.raises(ValueError, match="cold_items_as_negatives=False only applies"):
+        make_head(cold_items_as_negatives=False)
 
 
 def test_add_items_needs_a_semantic_table() -> None:
