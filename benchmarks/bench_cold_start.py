@@ -23,14 +23,22 @@ Rows, each trained with full-softmax CE and its learning rate chosen on validati
   items by text) and ``zeros`` (LLM2X's table is never trained, so it gets only ``projection``);
 - with ``--cold-item-dropout Q ...``, SAID and the concatenation dual view trained with
   ``cold_item_dropout=Q`` (each step, an item's row is replaced by its projection with probability
-  Q), as ``SAID-coldQ`` and ``dual-concat-coldQ``, extended the same four ways.
+  Q), as ``SAID-coldQ`` and ``dual-concat-coldQ``, extended the same four ways; with
+  ``--spare-negatives`` also trained with ``cold_items_as_negatives=False`` (a dropped item keeps
+  its trained row where it is a negative), as ``SAID-coldQ-spared`` and ``dual-concat-coldQ-spared``;
+- with ``--offset-steps S ...``, each trained row's ``projection`` and ``mapping`` extensions also
+  with one score offset added to every new item (``NewItemOffset``), S times the spread of the
+  model's scores, S chosen on the whole data's validation split (full ranking, all users: its
+  targets include new items, as logged traffic after the items were added would), as
+  ``..., projection +offset``: is the level of the new items' scores simply mis-set?
 
 Prints test N@10 (full ranking, and 100 sampled negatives) for all users, known-item targets and
 new-item targets, mean ± std over seeds, for each extended row the other extensions against
-``projection``, and each ``-coldQ`` row against the same model trained without it (paired
-t-test on per-user N@10 averaged over the seeds); writes the numbers to
-``<workdir>/<dataset>-cold<fraction>-seed<cold seed>/results.json``. Runs keep their checkpoints,
-so a rerun resumes::
+``projection``, each ``-coldQ`` row against the same model trained without it and each
+``-spared`` row against the ``-coldQ`` row it spares, each ``+offset`` row against the same
+extension without it (paired t-test on per-user N@10 averaged over
+the seeds); writes the numbers to ``<workdir>/<dataset>-cold<fraction>-seed<cold seed>/results.json``.
+Runs keep their checkpoints, so a rerun resumes::
 
     python -m benchmarks.bench_cold_start --dataset ml-100k --seeds 0 1 2
 """
@@ -101,6 +109,44 @@ class ContentKNN(nn.Module):
         return (self.table[candidates] * states[:, None]).sum(-1)
 
 
+class NewItemOffset(nn.Module):
+    """``model`` with ``offset`` added to the scores of the items after the first ``known`` (the
+    items added after training), so that new items can be lifted or lowered as a whole."""
+
+    def __init__(self, model: nn.Module, known: int, offset: float) -> None:
+        super().__init__()
+        self.model, self.known, self.offset = model, int(known), float(offset)
+        self.num_items = int(model.num_items)
+
+    def user_state(self, item_seq: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.user_state(item_seq, padding_mask)
+
+    def full_scores(self, states: torch.Tensor) -> torch.Tensor:
+        scores = self.model.full_scores(states)
+        return torch.cat([scores[:, : self.known + 1], scores[:, self.known + 1:] + self.offset], 1)
+
+    def score(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.model.score(states, candidates) + self.offset * (candidates > self.known)
+
+
+def calibrated_offset(model: nn.Module, full: SplitData, known: int, steps: tuple[float, ...]) -> tuple[float, float]:
+    """``(offset, valid N@10)``: the new-item offset, from ``steps`` times the spread of the model's
+    scores, with the best full-ranking N@10 on ``full``'s validation split (every user, the whole
+    catalogue: validation targets include new items, as a period of logged traffic after the items
+    were added would)."""
+    seq, _, _ = full.eval_inputs("valid", MAX_LEN)
+    with torch.no_grad():
+        sample = seq[torch.randperm(len(seq), generator=torch.Generator().manual_seed(0))[:256]]
+        spread = float(model.full_scores(model.user_state(sample, sample == 0))[:, 1:].std())
+    found = {}
+    for step in steps:
+        wrapped = NewItemOffset(model, known, step * spread)
+        found[step * spread] = evaluate(wrapped, full, split="valid", protocol="full", groups=None) \
+            .summary()["Overall"]["NDCG@10"]
+    best = max(found, key=lambda b: (found[b], -abs(b)))
+    return best, found[best]
+
+
 def withhold_items(data: InteractionData, fraction: float, seed: int) -> tuple[InteractionData, list[str]]:
     """The data without the interactions of a random ``fraction`` of its items, and those items."""
     items = np.sort(data.interactions["item_id"].unique())
@@ -130,6 +176,12 @@ def with_new_items(model: DualViewHead, new_rows: np.ndarray, how: str) -> DualV
     return out.eval()
 
 
+def cold_suffix(q: float, as_negatives: bool) -> str:
+    """The row-name suffix of a model trained with ``cold_item_dropout=q``: ``-cold0.2``, and
+    ``-cold0.2-spared`` with ``cold_items_as_negatives=False``."""
+    return f"-cold{q:g}" + ("" if as_negatives else "-spared")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-100k", help="dataset folder, or a name under CFSR_DATA_DIR")
@@ -143,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="batches of similar-length sequences (TrainConfig.length_buckets; 16 on the Amazon sets)")
     p.add_argument("--cold-item-dropout", type=float, nargs="*", default=[], metavar="Q",
                    help="also train SAID and the concatenation dual view with DualViewConfig.cold_item_dropout=Q")
+    p.add_argument("--spare-negatives", action="store_true",
+                   help="with --cold-item-dropout, also train each of those rows with cold_items_as_negatives=False "
+                        "(a dropped item keeps its trained row where it is a negative)")
+    p.add_argument("--offset-steps", type=float, nargs="*", default=[], metavar="S",
+                   help="also give each trained row's projection and mapping extensions a new-item score offset, "
+                        "S times the spread of its scores, the S chosen on the whole data's validation split")
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "cold_start"))
     a = p.parse_args(argv)
     folder = Path(a.dataset) if Path(a.dataset).is_dir() else default_data_dir() / a.dataset
@@ -175,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         "dual-concat": lambda: DualViewHead(encoder(), semantic, d=D, fusion="concat", dropout=DROPOUT),
         "dual-cross": lambda: DualViewHead(encoder(), semantic, d=D, fusion="cross", dropout=DROPOUT),
     }
-    for q in a.cold_item_dropout:
-        builds[f"SAID-cold{q:g}"] = lambda q=q: DualViewHead(encoder(), semantic, d=D, use_semantic=False,
-                                                             dropout=DROPOUT, cold_item_dropout=q)
-        builds[f"dual-concat-cold{q:g}"] = lambda q=q: DualViewHead(encoder(), semantic, d=D, fusion="concat",
-                                                                    dropout=DROPOUT, cold_item_dropout=q)
+    cold_forms = [(q, as_negatives) for q in a.cold_item_dropout
+                  for as_negatives in ((True, False) if a.spare_negatives else (True,))]
+    for q, as_negatives in cold_forms:
+        cold = dict(dropout=DROPOUT, cold_item_dropout=q, cold_items_as_negatives=as_negatives)
+        suffix = cold_suffix(q, as_negatives)
+        builds[f"SAID{suffix}"] = lambda c=cold: DualViewHead(encoder(), semantic, d=D, use_semantic=False, **c)
+        builds[f"dual-concat{suffix}"] = lambda c=cold: DualViewHead(encoder(), semantic, d=D, fusion="concat", **c)
     budget = dict(lrs=a.lrs, workdir=workdir, epochs=a.epochs, patience=a.patience, length_buckets=a.length_buckets)
     runs: dict[str, list[dict[str, Any]]] = {}
 
@@ -196,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
                 record(name, KnownItemsOnly(model, full.num_items), seed)
                 continue
             for how in (("projection",) if name == "LLM2X" else EXTENSIONS):
-                record(f"{name}, {how}", with_new_items(model, new_rows, how), seed)
+                extended = with_new_items(model, new_rows, how)
+                record(f"{name}, {how}", extended, seed)
+                if a.offset_steps and how in ("projection", "mapping") and name != "LLM2X":
+                    offset, valid = calibrated_offset(extended, full, known.num_items, tuple(a.offset_steps))
+                    print(f"  seed {seed} {name}, {how}: new-item offset {offset:+.3f} (valid {valid:.4f})", flush=True)
+                    record(f"{name}, {how} +offset", NewItemOffset(extended, known.num_items, offset), seed)
 
     def per_user(name: str, protocol: str, group: str) -> np.ndarray:
         return np.mean([t[protocol].metric("NDCG@10")[masks[group]] for t in runs[name]], axis=0)
@@ -204,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [(pr, g) for pr in PROTOCOLS for g in GROUPS]
     print(f"\nTest N@10 over the whole catalogue, mean ± std over {len(a.seeds)} seeds "
           f"(users: {', '.join(f'{g} {int(m.sum())}' for g, m in masks.items())}):")
-    print(f"  {'row':<32}" + "".join(f"{pr + ' ' + g:>24}" for pr, g in columns))
+    print(f"  {'row':<46}" + "".join(f"{pr + ' ' + g:>24}" for pr, g in columns))
     table: dict[str, dict[str, list[float]]] = {}
     for name, tests in runs.items():
         cells = []
@@ -212,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             values = [float(t[pr].metric("NDCG@10")[masks[g]].mean()) for t in tests]
             table.setdefault(name, {})[f"{pr} {g}"] = values
             cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}")
-        print(f"  {name:<32}" + "".join(f"{c:>24}" for c in cells))
+        print(f"  {name:<46}" + "".join(f"{c:>24}" for c in cells))
     def against(row: str, ref_row: str) -> str:
         """``row``'s ratio to ``ref_row`` in every column, with the paired t-test over users."""
         cells = []
@@ -227,12 +292,24 @@ def main(argv: list[str] | None = None) -> int:
         for how in EXTENSIONS[1:]:
             if f"{name}, {how}" in runs:
                 print(f"  {name}, {how}: " + against(f"{name}, {how}", f"{name}, projection"))
-    trained_with = [(name, q) for q in a.cold_item_dropout for name in ("SAID", "dual-concat")]
+    if a.offset_steps:
+        print("\nWith the new-item offset chosen on validation against the same extension without it:")
+        for name in builds:
+            for how in ("projection", "mapping"):
+                if f"{name}, {how} +offset" in runs:
+                    print(f"  {name}, {how} +offset: " + against(f"{name}, {how} +offset", f"{name}, {how}"))
+    trained_with = [name + cold_suffix(*form) for form in cold_forms for name in ("SAID", "dual-concat")]
     if trained_with:
         print("\nTrained with cold_item_dropout against the same model trained without it, both extended by "
               "projection (same test):")
-    for name, q in trained_with:
-        print(f"  {name}-cold{q:g}: " + against(f"{name}-cold{q:g}, projection", f"{name}, projection"))
+    for name in trained_with:
+        print(f"  {name}: " + against(f"{name}, projection", f"{name.split('-cold')[0]}, projection"))
+    if a.spare_negatives:
+        print("\nNegatives spared against the same dropout with cold negatives, both extended by projection:")
+        for q in a.cold_item_dropout:
+            for name in ("SAID", "dual-concat"):
+                spared, cold = name + cold_suffix(q, False), name + cold_suffix(q, True)
+                print(f"  {spared}: " + against(f"{spared}, projection", f"{cold}, projection"))
     atomic_write_json(workdir / "results.json", {
         "dataset": folder.name, "cold_fraction": a.cold_fraction, "cold_seed": a.cold_seed, "seeds": a.seeds,
         "lrs": a.lrs, "epochs": a.epochs, "patience": a.patience, "users": {g: int(m.sum()) for g, m in masks.items()},

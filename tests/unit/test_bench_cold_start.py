@@ -83,15 +83,20 @@ def test_every_row_is_reported_written_and_resumed(tmp_path, monkeypatch, capsys
     table = ItemEmbeddings(ids, np.random.default_rng(0).normal(size=(len(ids), 80)).astype(np.float32))
     monkeypatch.setattr(bcs, "frozen_embeddings", lambda data, workdir: table)   # no language model here
     argv = ["--dataset", str(data), "--seeds", "0", "--lrs", "1e-2", "--epochs", "2", "--cold-fraction", "0.2",
-            "--cold-item-dropout", "0.5", "--workdir", str(tmp_path / "work")]
+            "--cold-item-dropout", "0.5", "--spare-negatives", "--offset-steps", "-1", "0", "1",
+            "--workdir", str(tmp_path / "work")]
     assert bcs.main(argv) == 0
     out = capsys.readouterr().out
-    rows = ["Pop", "Content kNN", "SASRec", "LLM2X, projection"] + [
-        f"{m}, {how}" for m in ("SAID", "dual-concat", "dual-cross", "SAID-cold0.5", "dual-concat-cold0.5")
-        for how in bcs.EXTENSIONS]
+    rows = ["Pop", "Content kNN", "SASRec", "LLM2X, projection"]
+    for m in ("SAID", "dual-concat", "dual-cross", "SAID-cold0.5", "dual-concat-cold0.5", "SAID-cold0.5-spared",
+              "dual-concat-cold0.5-spared"):
+        rows += [f"{m}, {how}" for how in bcs.EXTENSIONS[:1]] + [f"{m}, projection +offset"]
+        rows += [f"{m}, {how}" for how in bcs.EXTENSIONS[1:2]] + [f"{m}, mapping +offset"]
+        rows += [f"{m}, {how}" for how in bcs.EXTENSIONS[2:]]
     lines = out.split("Test N@10")[1].split("Against")[0].splitlines()
-    assert [ln[2:34].strip() for ln in lines[1:] if "±" in ln] == rows
+    assert [ln[2:48].strip() for ln in lines[1:] if "±" in ln] == rows
     assert "dual-cross, neighbours: full All" in out
+    assert "SAID-cold0.5-spared: full All" in out and "dual-concat, mapping +offset: full All" in out
     result = json.loads((tmp_path / "work" / "cyclic-cold0.2-seed0" / "results.json").read_text())
     assert set(result["test_ndcg10"]) == set(rows) and result["new_items"] == 18
     # ID-only rows never reach a new target; the text rows can
@@ -107,6 +112,36 @@ def test_every_row_is_reported_written_and_resumed(tmp_path, monkeypatch, capsys
         assert not torch.equal(weights[0]["item_embedding.weight"], weights[1]["item_embedding.weight"])
     assert bcs.main(argv) == 0                                             # a rerun trains nothing
     assert capsys.readouterr().out.split("Test N@10")[1] == out.split("Test N@10")[1]
+
+
+def test_new_item_offset_moves_only_the_new_items_and_is_chosen_on_validation() -> None:
+    from benchmarks.bench_cold_start import NewItemOffset, calibrated_offset, split_pair
+
+    data = InteractionData(cyclic_interactions(40, n_users=150))
+    known, full = split_pair(data, 0.2, seed=1)
+    n = known.num_items
+    torch.manual_seed(0)
+    model = DualViewHead(SASRecEncoder(d=8, n_layers=1, n_heads=2, max_len=12), num_items=full.num_items, d=8,
+                         use_semantic=False, collab_init="random").eval()
+    shifted = NewItemOffset(model, n, 2.5)
+    seq = torch.tensor([[0, 3, n + 2, 5], [0, 0, 2, 4]])
+    with torch.no_grad():
+        states = shifted.user_state(seq, seq == 0)
+        torch.testing.assert_close(states, model.user_state(seq, seq == 0))
+        base, got = model.full_scores(states), shifted.full_scores(states)
+        torch.testing.assert_close(got[:, : n + 1], base[:, : n + 1])
+        torch.testing.assert_close(got[:, n + 1:], base[:, n + 1:] + 2.5)
+        cands = torch.tensor([[1, n + 1, 4], [full.num_items, 2, n]])
+        torch.testing.assert_close(shifted.score(states, cands) - model.score(states, cands),
+                                   2.5 * (cands > n).float())
+    # the chosen offset is the grid point with the best validation N@10, and validation only
+    def valid_ndcg(m) -> float:
+        return evaluate(m, full, split="valid", groups=None).summary()["Overall"]["NDCG@10"]
+
+    offset, valid = calibrated_offset(model, full, n, (-4.0, 0.0, 4.0))
+    assert valid == pytest.approx(valid_ndcg(NewItemOffset(model, n, offset)))
+    assert valid >= valid_ndcg(model)                                   # 0 is on the grid
+    assert calibrated_offset(model, full, n, (0.0,)) == (0.0, pytest.approx(valid_ndcg(model)))
 
 
 def test_known_items_only_evaluates_like_the_model_on_known_targets() -> None:
