@@ -36,9 +36,9 @@ Prints test N@10 (full ranking, and 100 sampled negatives) for all users, known-
 new-item targets, mean ± std over seeds, for each extended row the other extensions against
 ``projection``, each ``-coldQ`` row against the same model trained without it and each
 ``-spared`` row against the ``-coldQ`` row it spares, each ``+offset`` row against the same
-extension without it (paired t-test on per-user N@10 averaged over
-the seeds); writes the numbers to ``<workdir>/<dataset>-cold<fraction>-seed<cold seed>/results.json``.
-Runs keep their checkpoints, so a rerun resumes::
+extension without it (paired t-test on per-user N@10 averaged over the seeds); writes the numbers
+to ``<workdir>/<dataset>-cold<fraction>-seed<cold seed>/results.json``. Runs keep their
+checkpoints, so a rerun resumes (the offsets are chosen again)::
 
     python -m benchmarks.bench_cold_start --dataset ml-100k --seeds 0 1 2
 """
