@@ -629,9 +629,10 @@ class DualViewHead(nn.Module):
         n_seq = item_seq.numel()
         cold_negatives = cold is not None and self.config.cold_items_as_negatives
         if cold is not None:  # the inputs and the targets, and the sampled negatives unless spared
-            swapped = ids.shape[0] if cold_negatives else n_seq + M
-            rows = torch.cat([self._with_cold_rows(rows[:swapped], ids[:swapped].masked_fill(bad[:swapped], 0), *cold),
-                              rows[swapped:]])
+            swap_ids = ids.masked_fill(bad, 0)  # index 0 is never dropped: those rows stay as they are
+            if not cold_negatives:
+                swap_ids[n_seq + M:] = 0
+            rows = self._with_cold_rows(rows, swap_ids, *cold)
         # split (not slicing): its backward is one concatenation instead of zero-filled copies
         x, e_pos, e_neg = rows.split([n_seq, M, rows.shape[0] - n_seq - M])
         out = self._encode(x.view(*item_seq.shape, -1), padding_mask)
