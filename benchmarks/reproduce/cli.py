@@ -122,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
                    help="stage-2 learning rates searched with the dropout grid, per variant and loss on validation "
                         f"N@10 (default {FULL_GRID['lr']}; --quick: Stage2's single lr {Stage2.lr})")
+    p.add_argument("--max-len-grid", type=int, nargs="+", default=None, metavar="N",
+                   help="stage-2 history lengths (the encoder's max_len) searched with the dropout and learning-rate "
+                        "grids, per variant and loss on validation N@10 (default: --max-len alone, "
+                        f"{Stage2.max_len} unless given)")
     p.add_argument("--length-buckets", type=int, default=None,
                    help="batches of similar-length sequences, sorted within chunks of this many batches "
                         "(TrainConfig.length_buckets; 0 = plain shuffle)")
@@ -203,6 +207,10 @@ def parse_args(argv: list[str] | None = None) -> Study:
         if min(a.lr_grid) <= 0:
             p.error(f"--lr-grid: learning rates must be positive, got {a.lr_grid}")
         grid["lr"] = tuple(dict.fromkeys(a.lr_grid))
+    if a.max_len_grid:
+        if min(a.max_len_grid) < 1:
+            p.error(f"--max-len-grid: history lengths must be positive, got {a.max_len_grid}")
+        grid["max_len"] = tuple(dict.fromkeys(a.max_len_grid))
     if a.sensitivity_r and not all(0 < r < 1 for r in a.sensitivity_r):
         p.error(f"--sensitivity-r: drop probabilities must lie in (0, 1), got {a.sensitivity_r}")
     if not 1 <= a.sensitivity_seeds <= len(a.seeds or seeds):

@@ -168,7 +168,9 @@ def _header(study: Study, stage1_rows: dict[str, tuple]) -> list[str]:
             + (" Each seed of a fine-tuned row fits its own CFT, seeded with the run's seed, so its spread and"
                " p-values count the CFT run too." if study.stage1_seed_per_run else "")
             + _stage1_rows_sentence(stage1_rows),
-            f"Stage 2: d={study.stage2.d}, max_len={study.stage2.max_len}, {study.stage2.n_layers} layers, "
+            f"Stage 2: d={study.stage2.d}, "
+            + ("max_len from the grid" if "max_len" in study.grid else f"max_len={study.stage2.max_len}")
+            + f", {study.stage2.n_layers} layers, "
             f"{study.stage2.n_heads} heads, Adam" + ("" if "lr" in study.grid else f" lr {study.stage2.lr}")
             + f", batch {study.stage2.batch_size}, "
             f"up to {study.stage2.epochs} epochs, early stopping (patience {study.stage2.patience}) on "

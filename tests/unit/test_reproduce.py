@@ -615,6 +615,45 @@ def test_lr_grid_is_searched_beside_dropout_and_leaves_the_default_runs_keys_alo
         rp.parse_args([*args, "--lr-grid", "0"])
 
 
+def test_max_len_grid_is_searched_with_the_learning_rates_and_builds_each_point_at_its_length(tmp_path, monkeypatch):
+    import pytest
+
+    from benchmarks import reproduce as rp
+
+    data = toy_dataset(tmp_path, {"item_id": ["a", "b", "c"], "title": ["x", "y", "z"]},
+                       {"user_id": ["u"] * 3 + ["v"] * 3, "item_id": ["a", "b", "c"] * 2, "timestamp": [0, 1, 2] * 2})
+    args = ["--dataset", str(data), "--seeds", "0", "1", "--quick", "--losses", "ce", "--workdir", str(tmp_path / "w"),
+            "--out", str(tmp_path / "out")]
+    study = rp.parse_args([*args, "--lr-grid", "0.001", "0.003", "--max-len-grid", "50", "200", "200"])
+    assert study.grid == {"dropout": (0.2,), "lr": (0.001, 0.003), "max_len": (50, 200)}
+    valid = {(0.001, 50): 0.05, (0.003, 50): 0.06, (0.001, 200): 0.07, (0.003, 200): 0.04}
+    trained = []
+
+    def fake_run(study, variant, s2, split, semantic, key, prior_table=None):
+        model = rp.build_model(variant, s2, split, semantic)
+        trained.append((s2.lr, s2.max_len, s2.seed, model.max_len))
+        return {**record(valid[s2.lr, s2.max_len] - 0.01 * s2.seed, 0.1), "stage2": dataclasses.asdict(s2)}
+
+    monkeypatch.setattr(rp.runner, "run_stage2", fake_run)
+    runner = rp.Runner(study)
+    runs = runner.run(rp.VARIANTS["SASRec"], (0, 1))
+    # every point on seed 0, each model built at its point's length; seed 1 only at the point kept
+    assert sorted(trained) == [(0.001, 50, 0, 50), (0.001, 200, 0, 200), (0.001, 200, 1, 200),
+                               (0.003, 50, 0, 50), (0.003, 200, 0, 200)]
+    assert [r["stage2"]["max_len"] for r in runs["ce"]] == [200, 200]
+    assert rp.reported_runs([r for _, r in runner.searched["SASRec"]["ce"]] + runs["ce"][1:], study.grid, 0) == runs["ce"]
+    text = rp.write_report(study, {"SASRec": runs}, {}, searched=runner.searched).read_text()
+    assert "max_len from the grid" in text and "max_len=50" not in text
+    table = text.split("## Grid search")[1]
+    assert "| dropout 0.2, lr 0.001, max_len 50 | dropout 0.2, lr 0.001, max_len 200 | dropout 0.2, lr 0.003, " \
+           "max_len 50 | dropout 0.2, lr 0.003, max_len 200 |" in table
+    assert "| SASRec | CE | 0.0500 | **0.0700** | 0.0600 | 0.0400 |" in table
+    # the grid's default point is the study's own Stage2, so runs cached before the grid keep their keys
+    assert dataclasses.replace(study.stage2, lr=0.001, max_len=50) == rp.parse_args(args).stage2
+    with pytest.raises(SystemExit):
+        rp.parse_args([*args, "--max-len-grid", "0", "50"])
+
+
 def test_text_max_length_sets_the_stage1_token_limit_and_keys_the_embeddings_by_it(tmp_path):
     from benchmarks import reproduce as rp
 
