@@ -112,7 +112,7 @@ def make_trainer(variant: Variant, s2: Stage2, split: SplitData, semantic: np.nd
 
 def run_label(variant: Variant, s2: Stage2) -> str:
     """One run as the progress lines and the report's missing-run list name it."""
-    return f"{variant.name} loss={s2.loss} dropout={s2.dropout:g} lr={s2.lr:g} seed={s2.seed}"
+    return f"{variant.name} loss={s2.loss} dropout={s2.dropout:g} lr={s2.lr:g} max_len={s2.max_len} seed={s2.seed}"
 
 
 def run_stage2(study: Study, variant: Variant, s2: Stage2, split: SplitData,
