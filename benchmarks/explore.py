@@ -123,14 +123,11 @@ EXPLORATORY: dict[str, Variant] = {v.name: v for v in [
     *[Variant(f"SAID anchor{a} cos0.1", semantic="frozen",
               head=(*rp.VARIANTS["SAID"].head, ("score_temperature", 0.1), ("collab_anchor_weight", float(a))))
       for a in (0.1, 1, 10)],
-    # DropoutNet-style training (DualViewConfig.cold_item_dropout) on the best dual view and SAID: at
-    # each step an item's ID row is replaced by its PCA projection with probability Q, so that items
-    # whose rows are rarely trained (the tail) are also ranked from their text
+    # DropoutNet-style training (DualViewConfig.cold_item_dropout) on the best dual view: at each step
+    # an item's ID row is replaced by its PCA projection with probability Q, so that items whose rows
+    # are rarely trained (the tail) are also ranked from their text
     *[Variant(f"w/o Cro frozen vloss0.5 cos0.1 cold{q}", semantic="frozen",
               head=(CONCAT, ("score_temperature", 0.1), ("view_loss_weight", 0.5), ("cold_item_dropout", q)))
-      for q in (0.2, 0.5)],
-    *[Variant(f"SAID cos0.1 cold{q}", semantic="frozen",
-              head=(*rp.VARIANTS["SAID"].head, ("score_temperature", 0.1), ("cold_item_dropout", q)))
       for q in (0.2, 0.5)],
 ]}
 
