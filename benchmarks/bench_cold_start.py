@@ -45,7 +45,9 @@ checkpoints, so a rerun resumes (the offsets are chosen again)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,18 @@ class NewItemOffset(nn.Module):
         return self.model.score(states, candidates) + self.offset * (candidates > self.known)
 
 
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients for the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def valid_ndcg_by_offset(model: nn.Module, full: SplitData, known: int, offsets: list[float],
                          batch_size: int = 256) -> dict[float, float]:
     """Full-ranking N@10 on ``full``'s validation split of ``NewItemOffset(model, known, o)`` for
@@ -141,18 +155,13 @@ def valid_ndcg_by_offset(model: nn.Module, full: SplitData, known: int, offsets:
     history = full.history("valid")
     is_new = torch.arange(full.num_items + 1) > known
     totals = dict.fromkeys(offsets, 0.0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in range(0, len(target_all), batch_size):
-                sl = slice(b, b + batch_size)
-                scores = model.full_scores(model.user_state(seq_all[sl], seq_all[sl] == 0))
-                for offset in offsets:
-                    ranks = full_ranks(scores + offset * is_new, target_all[sl], history[sl], full.num_items)
-                    totals[offset] += float(metrics_from_ranks(ranks.numpy(), (10,))[1][10].sum())
-    finally:
-        model.train(was_training)
+    with scoring(model):
+        for b in range(0, len(target_all), batch_size):
+            sl = slice(b, b + batch_size)
+            scores = model.full_scores(model.user_state(seq_all[sl], seq_all[sl] == 0))
+            for offset in offsets:
+                ranks = full_ranks(scores + offset * is_new, target_all[sl], history[sl], full.num_items)
+                totals[offset] += float(metrics_from_ranks(ranks.numpy(), (10,))[1][10].sum())
     return {offset: total / len(target_all) for offset, total in totals.items()}
 
 
@@ -163,11 +172,8 @@ def calibrated_offset(model: nn.Module, full: SplitData, known: int, steps: tupl
     were added would); ties go to the smaller offset."""
     seq, _, _ = full.eval_inputs("valid", model_max_len(model) or full.max_len)
     sample = seq[torch.randperm(len(seq), generator=torch.Generator().manual_seed(0))[:256]]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with scoring(model):
         spread = float(model.full_scores(model.user_state(sample, sample == 0))[:, 1:].std())
-    model.train(was_training)
     found = valid_ndcg_by_offset(model, full, known, [step * spread for step in steps])
     best = max(found, key=lambda b: (found[b], -abs(b)))
     return best, found[best]
@@ -324,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             for how in ("projection", "mapping"):
                 if f"{name}, {how} +offset" in runs:
                     print(f"  {name}, {how} +offset: " + against(f"{name}, {how} +offset", f"{name}, {how}"))
-    trained_with = [name + cold_suffix(*form) for form in cold_forms for name in ("SAID", "dual-concat")]
+    trained_with = [(base + cold_suffix(*form), base) for form in cold_forms for base in ("SAID", "dual-concat")]
     if trained_with:
         print("\nTrained with cold_item_dropout against the same model trained without it, both extended by "
               "projection (same test):")
-    for name in trained_with:
-        print(f"  {name}: " + against(f"{name}, projection", f"{name.split('-cold')[0]}, projection"))
+    for name, base in trained_with:
+        print(f"  {name}: " + against(f"{name}, projection", f"{base}, projection"))
     if a.spare_negatives:
         print("\nNegatives spared against the same dropout with cold negatives, both extended by projection:")
         for q in a.cold_item_dropout:
